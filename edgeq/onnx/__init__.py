@@ -1,0 +1,1 @@
+"""Everything that touches ONNX graphs: export, the MatMulNBits rewrite, reading plans back."""

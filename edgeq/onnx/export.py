@@ -1,0 +1,59 @@
+"""FP32 ONNX export of a loaded encoder with dynamic batch and sequence axes.
+
+Exporter: ``torch.onnx.export(dynamo=False)`` (the TorchScript path) with transformers 4.57.
+Why: it is in the pinned stack already (no optimum at convert time), it handles bare encoders
+and heads alike, node names keep the module paths (``/m/bert/encoder/layer.0/.../MatMul``) and
+the graph is deterministic; ``dynamo=True`` produced an invalid BERT graph here and renames
+every node.  Linear weights are found again by content, not by these names (see rewrite.py).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from edgeq.hf_model import LoadedModel
+
+
+def export_fp32(loaded: LoadedModel, opset: int = 17):
+    """Export ``loaded.model`` and return the ``onnx.ModelProto`` (FP32, dynamic axes)."""
+    import onnx
+    import torch
+
+    names = list(loaded.input_names)
+    outputs = list(loaded.output_names)
+
+    class _Wrapper(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.m = model
+
+        def forward(self, *args):
+            out = self.m(**dict(zip(names, args)), return_dict=True)
+            return tuple(out[o] for o in outputs)
+
+    enc = loaded.tokenizer(
+        ["edgeq exports this sentence.", "and this one, which is a little longer than the first."],
+        ["a second segment", "another"],
+        padding=True,
+        return_tensors="pt",
+    )
+    args = tuple(enc[n] for n in names)
+    dynamic_axes = {n: {0: "batch", 1: "sequence"} for n in names}
+    for o in outputs:
+        dynamic_axes[o] = {0: "batch", 1: "sequence"} if o == "last_hidden_state" else {0: "batch"}
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _Wrapper(loaded.model),
+            args,
+            buf,
+            dynamo=False,
+            input_names=names,
+            output_names=outputs,
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=True,
+        )
+    return onnx.load_from_string(buf.getvalue())

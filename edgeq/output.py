@@ -1,0 +1,83 @@
+"""Atomic output: nothing appears at the final path unless the whole write succeeded.
+
+Files are written into a hidden temporary directory beside the target and moved into place with
+``os.replace`` (atomic on one filesystem) only at ``commit()``; on any error, Ctrl-C or SIGTERM
+the temporary directory is removed and the target is left as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from edgeq.errors import EdgeqError, UsageError
+
+
+def check_output_path(out: Path, inputs: list[Path], force: bool) -> None:
+    """Refuse outputs that would overwrite an input, land in a missing dir, or clobber a file."""
+    out_res = out.resolve()
+    for p in inputs:
+        p_res = p.resolve()
+        if out_res == p_res or p_res in out_res.parents:
+            raise UsageError(f"output {out} is inside or equal to input {p}; choose another output path")
+    parent = out_res.parent
+    if not parent.is_dir():
+        raise UsageError(f"output directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"output directory {parent} is not writable; choose another output path")
+    if out.is_dir():
+        raise UsageError(f"output {out} is a directory; give a file name ending in .onnx")
+    if out.exists() and not force:
+        raise UsageError(f"output {out} already exists; pass --force to overwrite it")
+
+
+class StagedOutput:
+    """A temporary directory whose files are moved to ``targets`` on ``commit``."""
+
+    def __init__(self, parent: Path):
+        self.dir = Path(tempfile.mkdtemp(prefix=".edgeq-tmp-", dir=parent))
+        self.targets: dict[Path, Path] = {}
+
+    def path(self, final: Path) -> Path:
+        staged = self.dir / final.name
+        self.targets[staged] = final
+        return staged
+
+    def commit(self) -> None:
+        # data files first, the .onnx (what users open) last
+        for staged, final in sorted(self.targets.items(), key=lambda kv: kv[1].suffix == ".onnx"):
+            if staged.exists():
+                os.replace(staged, final)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextmanager
+def staged_output(parent: Path):
+    """Yield a :class:`StagedOutput`; SIGTERM is treated like Ctrl-C while it is open."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not the main thread
+        previous = None
+    stage = StagedOutput(parent)
+    try:
+        yield stage
+    except OSError as e:
+        stage.discard()
+        if e.errno == 28:  # ENOSPC
+            raise EdgeqError(f"no space left on the device while writing to {parent}; free space and retry") from None
+        raise
+    finally:
+        stage.discard()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

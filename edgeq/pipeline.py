@@ -1,0 +1,208 @@
+"""``convert`` and ``validate``: load → export → plan → rewrite → check → write, with timings."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgeq import __version__
+from edgeq.config import ConvertConfig
+from edgeq.errors import EdgeqError, ValidationFailed
+from edgeq.validate import Check, ParityReport
+
+EXPORT_TOLERANCE = 1e-4  # FP32 ONNX vs PyTorch, max|Δ| (relative to max(1, max|ref|))
+PLAN_TOLERANCE = 1e-4  # quantized ONNX vs same-quantization PyTorch, max|Δ| / max|ref|
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    plan_rel_diff: float = PLAN_TOLERANCE
+    min_agreement: float | None = None
+    max_abs_diff: float | None = None
+
+
+@dataclass
+class Timer:
+    log: Callable[[str], None] = lambda s: None
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def run(self, name: str, fn, *args, **kwargs):
+        self.log(f"{name} ...")
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.stages[name] = round(time.perf_counter() - t0, 3)
+        self.log(f"{name}: {self.stages[name]:.1f} s")
+        return out
+
+
+def parity_checks(loaded, session, fp32_out, ref_weights, batches, thresholds: Thresholds, source: str) -> ParityReport:
+    """(a) ONNX vs PyTorch with ``ref_weights``; (b) ONNX vs the FP32 outputs ``fp32_out``."""
+    from edgeq.validate import fidelity, reference_model, relative_max_diff, run_onnx, run_torch
+
+    got = run_onnx(session, batches)
+    ref = run_torch(reference_model(loaded, ref_weights), loaded, batches)
+    report = ParityReport(examples=len(next(iter(fp32_out.values()))) if batches else 0, source=source)
+    report.examples = int(sum(len(b["input_ids"]) for b in batches))
+    for name, rel in relative_max_diff(got, ref).items():
+        report.checks.append(Check(f"plan parity: {name} max|d|/max|ref|", rel, thresholds.plan_rel_diff))
+    fid = fidelity(got, fp32_out)
+    out = fid["output"]
+    report.checks.append(Check(f"vs fp32: {out} max|d|", fid["max_abs_diff"], thresholds.max_abs_diff))
+    report.checks.append(Check(f"vs fp32: {out} mean|d|", fid["mean_abs_diff"], None))
+    report.checks.append(Check(f"vs fp32: {out} mean cosine", fid["mean_cosine"], None, True))
+    if fid["top1_agreement"] is not None:
+        report.checks.append(Check("vs fp32: top-1 agreement", fid["top1_agreement"], thresholds.min_agreement, True))
+    elif thresholds.min_agreement is not None:
+        raise EdgeqError("--min-agreement needs a classification model (this one has no logits)")
+    return report
+
+
+def convert(
+    model_dir: Path,
+    out: Path,
+    config: ConvertConfig,
+    data: Path | None = None,
+    limit: int | None = None,
+    thresholds: Thresholds = Thresholds(),
+    threads: int | None = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict:
+    """Convert ``model_dir`` to ``out`` (atomically) and return the report (also written as JSON)."""
+    import onnx
+
+    from edgeq.data import validation_texts
+    from edgeq.hf_model import load_model
+    from edgeq.onnx.export import export_fp32
+    from edgeq.onnx.rewrite import read_back, rewrite_linears
+    from edgeq.output import staged_output
+    from edgeq.plan import build_plan
+    from edgeq.report import size_by_component
+    from edgeq.validate import encode_batches, make_session, run_onnx, run_torch
+
+    t_start = time.perf_counter()
+    timer = Timer(log)
+    loaded = timer.run("load", load_model, model_dir, config.allow_pickle)
+    texts, source = validation_texts(data, limit)
+    batches = encode_batches(loaded, texts)
+    fp32_out = run_torch(loaded.model, loaded, batches)
+
+    model = timer.run("export", export_fp32, loaded, config.opset)
+    fp32_got = run_onnx(make_session(model.SerializeToString(), threads or 0), batches)
+    export_diff = {k: float(np.max(np.abs(fp32_got[k] - v))) for k, v in fp32_out.items()}
+    for k, d in export_diff.items():
+        scale = max(1.0, float(np.max(np.abs(fp32_out[k]))))
+        if d > EXPORT_TOLERANCE * scale:
+            raise EdgeqError(f"FP32 export does not match PyTorch ({k} max|d| = {d:.3g}); please report this model")
+    fp32_sizes = size_by_component(model)
+
+    weights = loaded.linear_weights()
+    plan = timer.run("plan", build_plan, weights, config)
+    result = timer.run("rewrite", rewrite_linears, model, plan, weights, config.accuracy_level)
+    if result.count != len(plan.layers):
+        raise EdgeqError(f"rewrote {result.count} Linears but the plan has {len(plan.layers)}; please report this")
+    planned = {name: lp.quant.dequantize() for name, lp in plan.layers.items()}
+    decoded = read_back(model)
+    bad = [n for n in planned if not np.array_equal(planned[n], decoded[n])]
+    if bad:
+        raise EdgeqError(f"the written graph does not encode the plan for {', '.join(bad[:3])}; please report this")
+
+    meta = {"edgeq.version": __version__, "edgeq.config": json.dumps(config.to_dict(), sort_keys=True)}
+    for key, value in meta.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    model.producer_name, model.producer_version = "edgeq", __version__
+
+    report_path = out.with_suffix(".json")
+    with staged_output(out.resolve().parent) as stage:
+        tmp_model = stage.path(out)
+        tmp_report = stage.path(report_path)
+        large = model.ByteSize() > config.external_data_threshold
+        timer.run("save", _save, model, tmp_model, large)
+        session = make_session(str(tmp_model), threads or 0)
+        parity = timer.run(
+            "validate", parity_checks, loaded, session, fp32_out, planned, batches, thresholds, source
+        )
+        report = {
+            "edgeq_version": __version__,
+            "model_dir": str(model_dir),
+            "model_type": loaded.model_type,
+            "head": loaded.head,
+            "output": str(out),
+            "config": config.to_dict(),
+            "linears_total": len(weights),
+            "linears_quantized": result.count,
+            "linears_excluded": list(plan.excluded),
+            "external_data": large,
+            "export_max_abs_diff": export_diff,
+            "recon_error_total": plan.total_recon_error,
+            "layers": {name: lp.stats() for name, lp in plan.layers.items()},
+            "size_bytes": size_by_component(model),
+            "size_bytes_fp32": fp32_sizes,
+            "file_bytes": tmp_model.stat().st_size,
+            "parity": parity.to_dict(),
+            "timings_s": {**timer.stages, "total": round(time.perf_counter() - t_start, 3)},
+        }
+        if not parity.ok:
+            raise ValidationFailed(
+                "validation failed, no output written:\n" + parity.table()
+            )
+        tmp_report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        stage.commit()
+    return report
+
+
+def _save(model, path: Path, large: bool) -> None:
+    import onnx
+
+    if large:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def validate_file(
+    model_dir: Path,
+    onnx_path: Path,
+    data: Path | None = None,
+    limit: int | None = None,
+    thresholds: Thresholds = Thresholds(),
+    threads: int | None = None,
+    allow_pickle: bool = False,
+) -> ParityReport:
+    """Check an edgeq ONNX file against its source model: plan parity (decoded from the file) and fidelity."""
+    import onnx
+
+    from edgeq.data import validation_texts
+    from edgeq.hf_model import load_model
+    from edgeq.onnx.rewrite import read_back
+    from edgeq.validate import encode_batches, make_session, run_torch
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad input
+        raise EdgeqError(f"{onnx_path} is not a readable ONNX file ({type(e).__name__}); pass an edgeq .onnx file") from None
+    onnx.load_external_data_for_model(model, str(onnx_path.parent)) if _has_external(model) else None
+    loaded = load_model(model_dir, allow_pickle)
+    try:
+        decoded = read_back(model)
+    except ValueError as e:
+        raise EdgeqError(f"{onnx_path}: {e}") from None
+    missing = [n for n in decoded if n not in dict(loaded.model.named_modules())]
+    if missing:
+        raise EdgeqError(f"{onnx_path} does not belong to {model_dir}: no Linear named {missing[0]}")
+    texts, source = validation_texts(data, limit)
+    batches = encode_batches(loaded, texts)
+    fp32_out = run_torch(loaded.model, loaded, batches)
+    session = make_session(str(onnx_path), threads or 0)
+    return parity_checks(loaded, session, fp32_out, decoded, batches, thresholds, source)
+
+
+def _has_external(model) -> bool:
+    from onnx.external_data_helper import uses_external_data
+
+    return any(uses_external_data(t) for t in model.graph.initializer)

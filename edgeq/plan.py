@@ -1,0 +1,103 @@
+"""The quantization plan: which entries of each Linear stay FP32 and the int4 codes of the rest.
+
+For every targeted Linear ``W [N, K]``: score with the configured saliency method, select the
+top-k flat indices S (``k`` clipped to N·K), then ``quantize_rtn(W, S)`` (see
+``edgeq.quant.int4``).  The plan is pure data: numpy/torch in, dataclasses out; the ONNX rewrite
+and the PyTorch reference both consume it, which is what makes their comparison meaningful.
+
+Per-layer statistics recorded: k, the reconstruction error ``‖W − Ŵ‖²_F`` and that of plain
+int4 (k = 0) on the same quantizer, the number of distinct rows/columns the selection touches,
+and the SVD spectral gap ``σ_r / σ_{r+1}`` when the method is svd (ALGORITHMS.md §2 pitfall 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeq.config import ConvertConfig
+from edgeq.quant.int4 import QuantizedLinear, quantize_rtn
+from edgeq.saliency import ScoreContext, get_method, topk_flat
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    name: str
+    quant: QuantizedLinear
+    recon_error: float  # ‖W − Ŵ‖²_F
+    recon_error_int4: float  # same quantizer with k = 0
+    rows_touched: int
+    cols_touched: int
+
+    def stats(self) -> dict:
+        n, k_in = self.quant.shape
+        return {
+            "shape": [n, k_in],
+            "k": self.quant.k,
+            "block_size": self.quant.block_size,
+            "recon_error": self.recon_error,
+            "recon_error_int4": self.recon_error_int4,
+            "rows_touched": self.rows_touched,
+            "cols_touched": self.cols_touched,
+        }
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    layers: dict[str, LayerPlan]
+    excluded: tuple[str, ...]  # Linears kept FP32 by --exclude
+
+    @property
+    def total_recon_error(self) -> float:
+        return float(sum(p.recon_error for p in self.layers.values()))
+
+
+def plan_layer(name: str, weight: np.ndarray, config: ConvertConfig, stats=None) -> LayerPlan:
+    import torch
+
+    w = np.ascontiguousarray(weight, dtype=np.float32)
+    method = get_method(config.method)
+    k = min(config.k, w.size)
+    if k == 0:
+        idx = np.empty(0, dtype=np.int64)
+    elif k == w.size:
+        idx = np.arange(k, dtype=np.int64)
+    else:
+        ctx = ScoreContext(layer=name, rank=config.rank, seed=config.seed, stats=stats)
+        score = method.score(torch.from_numpy(w), ctx)
+        idx = topk_flat(score, k).numpy()
+    quant = quantize_rtn(w, idx, config.granularity, config.exclude_salient_from_scale)
+    base = quantize_rtn(w, idx[:0], config.granularity)
+    n, k_in = w.shape
+    return LayerPlan(
+        name=name,
+        quant=quant,
+        recon_error=float(np.sum((w.astype(np.float64) - quant.dequantize()) ** 2)),
+        recon_error_int4=float(np.sum((w.astype(np.float64) - base.dequantize()) ** 2)),
+        rows_touched=int(np.unique(idx // k_in).size),
+        cols_touched=int(np.unique(idx % k_in).size),
+    )
+
+
+def build_plan(
+    weights: Mapping[str, np.ndarray],
+    config: ConvertConfig,
+    stats: Mapping[str, object] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> QuantPlan:
+    """Plan every Linear in ``weights`` (name → ``[N, K]``) except those ``--exclude`` keeps FP32."""
+    method = get_method(config.method)
+    if method.needs_calibration and not stats:
+        raise ValueError(f"--method {config.method} needs calibration data (--calib)")
+    layers: dict[str, LayerPlan] = {}
+    excluded = []
+    for name, w in weights.items():
+        if config.is_excluded(name):
+            excluded.append(name)
+            continue
+        layers[name] = plan_layer(name, w, config, (stats or {}).get(name))
+        if progress:
+            progress(name)
+    return QuantPlan(layers=layers, excluded=tuple(excluded))

@@ -1,0 +1,154 @@
+"""Symmetric int4 (Q4-sym-7) weight quantization with k exact FP32 entries.
+
+For a Linear weight ``W`` of shape ``[N, K]`` (``nn.Linear.weight``: N = out_features,
+K = in_features) and a scale group ``G`` (a block of ``block_size`` consecutive inputs of
+one row, a whole row, or the whole tensor)::
+
+    s_G  = max_{(i,j) in G, (i,j) not excluded} |W_ij| / 7
+    q_ij = clamp(rint(W_ij / s_G), -7, 7)           # half-to-even rounding (np.rint)
+    code_ij = q_ij + 8  in [1, 15]                  # MatMulNBits storage, zero point 8
+    Ŵ_ij = (code_ij - 8) * s_G                      # what ONNX Runtime computes
+
+The ``k`` salient entries S (flat indices ``i*K + j``) get ``code = 8`` (they contribute
+0 to the int4 part) and are carried exactly by the FP32 correction::
+
+    Ŵ = (1 - M) ⊙ s·q + M ⊙ W
+
+"excluded" above is empty by default (the paper's reading: scales see every weight); with
+``exclude_salient_from_scale`` the salient entries do not take part in ``s_G`` (SpQR's rule,
+ALGORITHMS.md §1.1 rule 4).  A group whose remaining entries are all zero gets ``s_G = 0``.
+
+Every granularity is represented exactly by MatMulNBits, whose scales are per (row, block of
+``export_block`` inputs): a per-row or per-tensor scale is repeated in every block of the row.
+Pure numpy; no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+QMAX = 7
+ZERO_POINT = 8
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits CPU fast path (MLAS)
+
+
+@dataclass(frozen=True)
+class Granularity:
+    """Scale granularity: ``block`` (block_size inputs of one row), ``channel`` or ``tensor``."""
+
+    kind: str
+    block_size: int | None = None
+
+    @staticmethod
+    def parse(text: str | int) -> Granularity:
+        s = str(text).strip().lower()
+        if s in ("per-channel", "channel", "per-row"):
+            return Granularity("channel")
+        if s in ("per-tensor", "tensor"):
+            return Granularity("tensor")
+        if s.isdigit() and int(s) in BLOCK_SIZES:
+            return Granularity("block", int(s))
+        raise ValueError(
+            f"invalid block size {text!r}: use one of {', '.join(map(str, BLOCK_SIZES))}, "
+            "per-channel or per-tensor"
+        )
+
+    def __str__(self) -> str:
+        return str(self.block_size) if self.kind == "block" else f"per-{self.kind}"
+
+    def export_block(self, k_in: int) -> int:
+        """The MatMulNBits ``block_size`` that carries this granularity for K = ``k_in``."""
+        if self.kind == "block":
+            return int(self.block_size)
+        # one scale repeated per block: the largest fast-path block that divides K (fewest
+        # repeated scales, no padding); 32 when none does
+        for b in reversed(BLOCK_SIZES):
+            if k_in % b == 0:
+                return b
+        return 32
+
+
+@dataclass(frozen=True)
+class QuantizedLinear:
+    """The int4 codes, scales and exact FP32 entries of one Linear weight ``[N, K]``."""
+
+    codes: np.ndarray  # uint8 [N, K], values 1..15, salient entries = 8
+    scales: np.ndarray  # float32 [N, n_blocks], MatMulNBits layout (blocks along K)
+    block_size: int  # MatMulNBits block_size
+    salient_index: np.ndarray  # int64 [k], sorted flat indices i*K + j
+    salient_values: np.ndarray  # float32 [k], W at those indices (exact)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    @property
+    def k(self) -> int:
+        return int(self.salient_index.size)
+
+    def dequantize_int4(self) -> np.ndarray:
+        """The int4 part alone, ``(code - 8) * scale`` (salient entries contribute 0)."""
+        n, k_in = self.codes.shape
+        scale = np.repeat(self.scales, self.block_size, axis=1)[:, :k_in]
+        return ((self.codes.astype(np.float32) - ZERO_POINT) * scale).astype(np.float32)
+
+    def dequantize(self) -> np.ndarray:
+        """Ŵ: the int4 part with the salient entries replaced by their exact FP32 values."""
+        w = self.dequantize_int4()
+        w.reshape(-1)[self.salient_index] = self.salient_values
+        return w
+
+
+def _group_amax(a: np.ndarray, gran: Granularity) -> np.ndarray:
+    """max|a| per scale group, broadcast back to ``[N, n_blocks]`` of the export layout."""
+    n, k_in = a.shape
+    b = gran.export_block(k_in)
+    n_blocks = -(-k_in // b)
+    if gran.kind == "tensor":
+        return np.full((n, n_blocks), a.max(initial=0.0), dtype=np.float32)
+    if gran.kind == "channel":
+        return np.repeat(a.max(axis=1, initial=0.0)[:, None], n_blocks, axis=1)
+    padded = np.zeros((n, n_blocks * b), dtype=np.float32)
+    padded[:, :k_in] = a
+    return padded.reshape(n, n_blocks, b).max(axis=2)
+
+
+def quantize_rtn(
+    weight: np.ndarray,
+    salient_index: np.ndarray,
+    granularity: Granularity,
+    exclude_salient_from_scale: bool = False,
+) -> QuantizedLinear:
+    """Round-to-nearest Q4-sym-7 of ``weight [N, K]`` keeping ``salient_index`` exact."""
+    w = np.ascontiguousarray(weight, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
+    n, k_in = w.shape
+    idx = np.unique(np.asarray(salient_index, dtype=np.int64))
+    if idx.size and (idx[0] < 0 or idx[-1] >= w.size):
+        raise ValueError(f"salient index out of range for a {n}x{k_in} weight")
+    mask = np.zeros(w.size, dtype=bool)
+    mask[idx] = True
+    mask = mask.reshape(n, k_in)
+
+    absw = np.abs(w)
+    if exclude_salient_from_scale:
+        absw = np.where(mask, np.float32(0), absw)
+    b = granularity.export_block(k_in)
+    scales = (_group_amax(absw, granularity) / np.float32(QMAX)).astype(np.float32)
+
+    s_full = np.repeat(scales, b, axis=1)[:, :k_in]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(s_full > 0, np.rint(w / s_full), 0.0)
+    q = np.clip(q, -QMAX, QMAX)
+    codes = (q + ZERO_POINT).astype(np.uint8)
+    codes[mask] = ZERO_POINT
+    return QuantizedLinear(
+        codes=codes,
+        scales=scales,
+        block_size=b,
+        salient_index=idx,
+        salient_values=w.reshape(-1)[idx].copy(),
+    )
