@@ -102,7 +102,10 @@ def convert(
 
     weights = loaded.linear_weights()
     plan = timer.run("plan", build_plan, weights, config)
-    result = timer.run("rewrite", rewrite_linears, model, plan, weights, config.accuracy_level)
+    try:
+        result = timer.run("rewrite", rewrite_linears, model, plan, weights, config.accuracy_level)
+    except ValueError as e:
+        raise EdgeqError(f"{e}; exclude them with --exclude REGEX or report this model") from None
     if result.count != len(plan.layers):
         raise EdgeqError(f"rewrote {result.count} Linears but the plan has {len(plan.layers)}; please report this")
     planned = {name: lp.quant.dequantize() for name, lp in plan.layers.items()}

@@ -39,7 +39,7 @@ class LinearMatch:
     node: onnx.NodeProto
     weight: str  # initializer name of the Linear weight
     transposed: bool  # True when the initializer is [K, N] (MatMul, or Gemm transB=0)
-    bias: str | None  # Gemm bias initializer (MatMul biases are a separate Add, kept as is)
+    bias: str | None  # Gemm's C input (MatMul biases are a separate Add node, kept as is)
 
 
 @dataclass
@@ -89,12 +89,6 @@ def check_candidate(node, inits, consumers) -> tuple[str | None, bool, str | Non
         return "Gemm with alpha or beta other than 1", False, None
     transposed = _attr(node, "transB", 0) == 0
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    if bias is not None:
-        n_out = w.dims[1] if transposed else w.dims[0]
-        if bias not in inits or list(inits[bias].dims) not in ([n_out], [1, n_out]):
-            return f"Gemm bias {bias} is not a constant vector of length {n_out}", False, None
-        if consumers.get(bias, 0) != 1:
-            return f"Gemm bias {bias} is shared with other nodes", False, None
     return None, transposed, bias
 
 
@@ -162,6 +156,8 @@ def rewrite_linears(
     graph = model.graph
     result = RewriteResult(refused=[r for r in refused if "activation" not in r[1]])
     node_to_layer = {id(m.node): m for name, m in matches.items() if name in plan.layers}
+    inits = {t.name: t for t in graph.initializer}
+    consumers = _consumers(graph)
     drop_inits: set[str] = set()
     new_inits: list[onnx.TensorProto] = []
     new_nodes: list[onnx.NodeProto] = []
@@ -175,15 +171,23 @@ def rewrite_linears(
         x, y = node.input[0], node.output[0]
         y_q = f"/{layer}/MatMulNBits_output" if q.k else y
         inputs = [x, f"{layer}.qweight", f"{layer}.scales"]
-        if match.bias:
-            inputs += ["", "", f"{layer}.bias"]
-            bias = numpy_helper.to_array(next(t for t in graph.initializer if t.name == match.bias))
-            new_inits.append(numpy_helper.from_array(bias.reshape(-1).astype(np.float32), f"{layer}.bias"))
-            drop_inits.add(match.bias)
+        bias_add = None
+        if match.bias:  # Gemm's C: MatMulNBits' own bias input when it is a private vector, else an Add
+            c = inits.get(match.bias)
+            if c is not None and consumers.get(match.bias) == 1 and list(c.dims) in ([n_out], [1, n_out]):
+                inputs += ["", "", f"{layer}.bias"]
+                new_inits.append(numpy_helper.from_array(
+                    numpy_helper.to_array(c).reshape(-1).astype(np.float32), f"{layer}.bias"))
+                drop_inits.add(match.bias)
+            else:
+                y_mm = f"/{layer}/MatMulNBits_nobias"
+                bias_add = helper.make_node("Add", [y_mm, match.bias], [y_q], name=f"/{layer}/BiasAdd")
         new_nodes.append(helper.make_node(
-            "MatMulNBits", inputs, [y_q], name=f"/{layer}/MatMulNBits", domain=MS_DOMAIN,
-            K=k_in, N=n_out, bits=4, block_size=q.block_size, accuracy_level=accuracy_level,
+            "MatMulNBits", inputs, [y_mm if bias_add else y_q], name=f"/{layer}/MatMulNBits",
+            domain=MS_DOMAIN, K=k_in, N=n_out, bits=4, block_size=q.block_size, accuracy_level=accuracy_level,
         ))
+        if bias_add is not None:
+            new_nodes.append(bias_add)
         new_inits += [
             numpy_helper.from_array(pack_int4(q.codes, q.block_size), f"{layer}.qweight"),
             numpy_helper.from_array(q.scales.astype(np.float32), f"{layer}.scales"),
