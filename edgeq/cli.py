@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -17,13 +18,48 @@ from edgeq.saliency import SALIENCY_METHODS
 BLOCK_CHOICES = [str(b) for b in BLOCK_SIZES] + ["per-channel", "per-tensor"]
 
 
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")
+
+
+def _install_sigterm():
+    """SIGTERM behaves like Ctrl-C (staged output is discarded); returns the previous handler."""
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        return previous
+    except ValueError:  # not the main thread
+        return None
+
+
 class _Cli(click.Group):
     """Turns EdgeqError into one line on stderr and its exit code (traceback only with --debug)."""
 
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        # click's own usage errors become one line too (exit code 2)
+        try:
+            rv = super().main(args, prog_name or "edgeq", complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            click.echo(e.ctx.get_help())
+            sys.exit(0)
+        except click.ClickException as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if getattr(e, "ctx", None) else ""
+            click.echo(f"edgeq: error: {e.format_message()}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("edgeq: interrupted; no output was written", err=True)
+            sys.exit(130)
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
     def invoke(self, ctx):
         debug = "--debug" in sys.argv or bool((ctx.obj or {}).get("debug"))
+        previous = _install_sigterm()
         try:
             return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit):
+            raise  # usage errors: one line, printed by main()
         except EdgeqError as e:
             if debug:
                 raise
@@ -34,9 +70,24 @@ class _Cli(click.Group):
                 raise
             click.echo(f"edgeq: error: {e}", err=True)
             ctx.exit(2)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (see _on_sigterm)
             click.echo("edgeq: interrupted; no output was written", err=True)
-            ctx.exit(130)
+            ctx.exit(143 if "SIGTERM" in str(e) else 130)
+        except OSError as e:  # disk full, permission denied, ... while reading or writing
+            if debug:
+                raise
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            click.echo(f"edgeq: error: {e.strerror or e}{where}; check the path, free space and permissions", err=True)
+            ctx.exit(1)
+        except Exception as e:  # noqa: BLE001 - a bug: still one line, traceback with --debug
+            if debug:
+                raise
+            click.echo(f"edgeq: internal error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}; "
+                       "rerun with --debug for the traceback and report it", err=True)
+            ctx.exit(1)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
@@ -97,7 +148,8 @@ def _thresholds(max_plan_diff, min_agreement, max_abs_diff):
 @click.option("--method", type=click.Choice(sorted(SALIENCY_METHODS)), default="svd", show_default=True,
               help="Saliency method that picks the k FP32 entries.")
 @click.option("--rank", type=int, default=8, show_default=True, help="SVD rank r of the svd method.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random method.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the random method and of the calibration sample.")
 @click.option("--block-size", type=click.Choice(BLOCK_CHOICES), default="32", show_default=True,
               help="Scale granularity: block of N inputs, per-channel or per-tensor.")
 @click.option("--exclude-salient-from-scale", is_flag=True,
@@ -106,13 +158,25 @@ def _thresholds(max_plan_diff, min_agreement, max_abs_diff):
               help="Keep Linears whose name matches REGEX in FP32 (repeatable).")
 @click.option("--accuracy-level", type=click.Choice(["0", "1", "2", "3", "4"]), default="0", show_default=True,
               help="MatMulNBits accuracy_level (4: int8 activations).")
+@click.option("--calib", metavar="TASK_OR_FILE", default=None,
+              help="Calibration data for awq/spqr: a GLUE task name (its train split, e.g. rte) or a text/TSV file.")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Calibration examples (a --seed sample).")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="GLUE directory for --calib TASK (default: $EDGEQ_GLUE_DIR, else ../shared/data/glue).")
+@click.option("--percdamp", type=click.FloatRange(min=0), default=0.01, show_default=True,
+              help="Hessian damping of spqr, relative to mean diag(H).")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickle .bin checkpoints (runs their code!).")
+@click.option("--external-data-threshold", type=click.IntRange(min=1), default=None, hidden=True, expose_value=False,
+              callback=lambda ctx, p, v: ctx.meta.__setitem__("external_data_threshold", v),
+              help="Write weights as external data above this many bytes (default 2e9; for tests).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "json_out", is_flag=True, help="Print the report as JSON on stdout.")
 @_threshold_options
 def convert(model_dir, out, k, method, rank, seed, block_size, exclude_salient_from_scale, exclude,
             accuracy_level, allow_pickle, force, quiet, json_out, data, limit, threads,
+            calib, calib_samples, data_dir, percdamp,
             max_plan_diff, min_agreement, max_abs_diff):
     """Convert MODEL_DIR (a Hugging Face directory) to a 4-bit ONNX file OUT.
 
@@ -128,7 +192,7 @@ def convert(model_dir, out, k, method, rank, seed, block_size, exclude_salient_f
       edgeq convert ./model out.onnx --data glue/RTE/dev.tsv --min-agreement 0.95
     """
     from edgeq.config import ConvertConfig
-    from edgeq.hf_model import default_model_dir
+    from edgeq.hf_model import check_model_dir, default_model_dir
     from edgeq.output import check_output_path
     from edgeq.pipeline import convert as run_convert
 
@@ -148,14 +212,21 @@ def convert(model_dir, out, k, method, rank, seed, block_size, exclude_salient_f
         method=method, k=k, rank=rank, seed=seed, block_size=block_size,
         exclude_salient_from_scale=exclude_salient_from_scale, exclude=tuple(exclude),
         accuracy_level=int(accuracy_level), allow_pickle=allow_pickle,
+        calib=calib, calib_samples=calib_samples, data_dir=str(data_dir) if data_dir else None, percdamp=percdamp,
+        **({"external_data_threshold": t} if (t := click.get_current_context().meta.get("external_data_threshold")) else {}),
     )
+    check_model_dir(model_dir, allow_pickle)
     inputs = [model_dir] + ([data] if data else [])
     check_output_path(out, inputs, force)
     if data is not None and not data.is_file():
         raise UsageError(f"--data {data} is not a file; pass a GLUE TSV such as glue/RTE/dev.tsv")
+    if calib:
+        from edgeq.calib import resolve_calib_source
+
+        resolve_calib_source(calib, data_dir)  # fail before loading the model
     log = _log(quiet)
     report = run_convert(model_dir, out, config, data, limit, _thresholds(max_plan_diff, min_agreement, max_abs_diff),
-                         threads, log)
+                         threads, log, progress=not quiet)
     if json_out:
         click.echo(json.dumps(report, indent=2))
     elif not quiet:
@@ -172,6 +243,9 @@ def _print_summary(report: dict) -> None:
     click.echo(f"  validation on {report['parity']['examples']} examples ({report['parity']['source']}):")
     for c in report["parity"]["checks"]:
         click.echo(f"    {c['name']:<46} {c['value']:.6g}")
+    if report.get("calibration"):
+        c = report["calibration"]
+        click.echo(f"  calibration: {c['samples']} examples of {c['source']} (seed {c['seed']}), {c['tokens']} tokens")
     click.echo(f"  time: {report['timings_s']['total']:.1f} s")
 
 
@@ -209,3 +283,8 @@ def validate(model_dir, model_onnx, allow_pickle, json_out, data, limit, threads
         names = ", ".join(c.name for c in report.failures())
         click.echo(f"edgeq: validation failed: {names}", err=True)
         sys.exit(1)
+
+
+from edgeq.commands.eval import eval_cmd  # noqa: E402
+
+main.add_command(eval_cmd)
