@@ -24,6 +24,10 @@ class ConvertConfig:
     opset: int = 17
     allow_pickle: bool = False
     external_data_threshold: int = 2_000_000_000  # bytes; larger models use external data
+    calib: str | None = None  # calibration data: GLUE task name (train split) or a text/TSV file
+    calib_samples: int = 128  # calibration examples (seeded sample, --seed)
+    data_dir: str | None = None  # GLUE directory for task names (default: $EDGEQ_GLUE_DIR or ../shared/data/glue)
+    percdamp: float = 0.01  # relative Hessian damping (spqr)
     granularity: Granularity = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -37,6 +41,12 @@ class ConvertConfig:
             raise ValueError(f"--rank must be a positive integer, got {self.rank!r}")
         object.__setattr__(self, "granularity", Granularity.parse(self.block_size))
         object.__setattr__(self, "block_size", str(self.granularity))
+        if SALIENCY_METHODS[self.method].needs_calibration and not self.calib:
+            raise ValueError(f"--method {self.method} needs calibration data; pass --calib TASK_OR_FILE (e.g. --calib rte)")
+        if isinstance(self.calib_samples, bool) or not isinstance(self.calib_samples, int) or self.calib_samples < 1:
+            raise ValueError(f"--calib-samples must be a positive integer, got {self.calib_samples!r}")
+        if not self.percdamp >= 0:
+            raise ValueError(f"--percdamp must be >= 0, got {self.percdamp!r}")
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise ValueError(f"--accuracy-level must be one of {ACCURACY_LEVELS}, got {self.accuracy_level}")
         if self.opset < 17:

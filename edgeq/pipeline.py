@@ -71,6 +71,7 @@ def convert(
     thresholds: Thresholds = Thresholds(),
     threads: int | None = None,
     log: Callable[[str], None] = lambda s: None,
+    progress: bool = False,
 ) -> dict:
     """Convert ``model_dir`` to ``out`` (atomically) and return the report (also written as JSON)."""
     import onnx
@@ -87,6 +88,12 @@ def convert(
     t_start = time.perf_counter()
     timer = Timer(log)
     loaded = timer.run("load", load_model, model_dir, config.allow_pickle)
+    calibration = None
+    if config.calib:  # statistics of every Linear input (edgeq.calib), for calibration-based methods
+        from edgeq.calib import calibrate
+
+        calibration = timer.run("calibrate", calibrate, loaded, config.calib, config.calib_samples, config.seed,
+                                config.data_dir, progress=progress)
     texts, source = validation_texts(data, limit)
     batches = encode_batches(loaded, texts)
     fp32_out = run_torch(loaded.model, loaded, batches)
@@ -101,7 +108,7 @@ def convert(
     fp32_sizes = size_by_component(model)
 
     weights = loaded.linear_weights()
-    plan = timer.run("plan", build_plan, weights, config)
+    plan = timer.run("plan", build_plan, weights, config, calibration.stats if calibration else None)
     try:
         result = timer.run("rewrite", rewrite_linears, model, plan, weights, config.accuracy_level)
     except ValueError as e:
@@ -136,6 +143,7 @@ def convert(
             "head": loaded.head,
             "output": str(out),
             "config": config.to_dict(),
+            "calibration": calibration.info() if calibration else None,
             "linears_total": len(weights),
             "linears_quantized": result.count,
             "linears_excluded": list(plan.excluded),

@@ -65,7 +65,7 @@ def plan_layer(name: str, weight: np.ndarray, config: ConvertConfig, stats=None)
     elif k == w.size:
         idx = np.arange(k, dtype=np.int64)
     else:
-        ctx = ScoreContext(layer=name, rank=config.rank, seed=config.seed, stats=stats)
+        ctx = ScoreContext(layer=name, rank=config.rank, seed=config.seed, stats=stats, percdamp=config.percdamp)
         score = method.score(torch.from_numpy(w), ctx)
         idx = topk_flat(score, k).numpy()
     quant = quantize_rtn(w, idx, config.granularity, config.exclude_salient_from_scale)

@@ -22,6 +22,7 @@ class ScoreContext:
     rank: int = 8  # SVD rank r
     seed: int = 0  # for the random baseline
     stats: Any = None  # calibration statistics of the layer's input (calibration methods)
+    percdamp: float = 0.01  # relative Hessian damping of the spqr method (× mean diag H)
 
 
 ScoreFn = Callable[["torch.Tensor", ScoreContext], "torch.Tensor"]
