@@ -54,7 +54,7 @@ class _Cli(click.Group):
         return rv
 
     def invoke(self, ctx):
-        debug = "--debug" in sys.argv or bool((ctx.obj or {}).get("debug"))
+        debug = "--debug" in sys.argv or bool(ctx.params.get("debug")) or bool((ctx.obj or {}).get("debug"))
         previous = _install_sigterm()
         try:
             return super().invoke(ctx)

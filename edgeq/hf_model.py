@@ -93,6 +93,7 @@ def read_config(model_dir: Path) -> dict:
 
 def _check_weight_files(model_dir: Path, allow_pickle: bool) -> bool:
     """Return True when safetensors are used; refuse pickle checkpoints unless allowed."""
+    _check_paths_inside(model_dir)
     safetensors = sorted(model_dir.glob("*.safetensors"))
     pickles = sorted(p for p in model_dir.glob("*.bin") if p.name.startswith("pytorch_model"))
     if safetensors:
@@ -105,11 +106,53 @@ def _check_weight_files(model_dir: Path, allow_pickle: bool) -> bool:
                 f"{model_dir} has only a pickle checkpoint ({pickles[0].name}), which can execute code "
                 "when loaded; convert it to safetensors, or pass --allow-pickle if you trust its source"
             )
-        import click
+        if pickles[0].resolve() not in _PICKLE_WARNED:  # once per file, though checked twice
+            import click
 
-        click.echo(f"warning: loading pickle checkpoint {pickles[0].name} (--allow-pickle)", err=True)
+            _PICKLE_WARNED.add(pickles[0].resolve())
+            click.echo(f"warning: loading pickle checkpoint {pickles[0].name}, which can execute code "
+                       "(--allow-pickle); prefer safetensors", err=True)
         return False
     raise EdgeqError(f"{model_dir} has no *.safetensors weights; export the model with safetensors")
+
+
+_PICKLE_WARNED: set[Path] = set()
+_FILE_KEYS = ("tokenizer_file", "vocab_file", "merges_file", "spm_file", "sentencepiece_model_file")
+
+
+def _inside(model_dir: Path, name: object) -> bool:
+    """True when ``name`` is a relative path that stays inside ``model_dir`` (no ``..``, not absolute)."""
+    if not isinstance(name, str) or not name:
+        return False
+    p = Path(name)
+    if p.is_absolute() or ".." in p.parts or "\\" in name:
+        return False
+    root = model_dir.resolve()
+    return root in (root / p).resolve().parents
+
+
+def _check_paths_inside(model_dir: Path) -> None:
+    """File names read from the directory's JSON files (shard index, tokenizer config) cannot escape it."""
+    for index in sorted(model_dir.glob("*.index.json")):
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise EdgeqError(f"{index} is not a valid shard index; re-save the model") from None
+        bad = next((f for f in dict(weight_map).values() if not _inside(model_dir, f)), None)
+        if bad is not None:
+            raise EdgeqError(f"{index} points at {bad!r}, outside {model_dir}; refusing to load it "
+                             "(shard files must be plain names in the model directory)")
+    tok_cfg = model_dir / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        try:
+            cfg = json.loads(tok_cfg.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise EdgeqError(f"{tok_cfg} is not valid JSON; re-save the tokenizer") from None
+        for key in _FILE_KEYS:
+            value = cfg.get(key) if isinstance(cfg, dict) else None
+            if value is not None and not _inside(model_dir, value):
+                raise EdgeqError(f"{tok_cfg}: {key} = {value!r} points outside {model_dir}; "
+                                 "remove the key or make it a plain file name")
 
 
 def _check_safetensors_header(path: Path) -> None:
@@ -130,11 +173,17 @@ def _check_safetensors_header(path: Path) -> None:
         raise EdgeqError(f"{path} is truncated ({size} bytes, header needs {8 + n + end}); re-download it")
 
 
+def check_model_dir(model_dir: str | Path, allow_pickle: bool = False) -> tuple[dict, bool]:
+    """Cheap checks before any work: (config dict, whether safetensors are used)."""
+    model_dir = Path(model_dir)
+    cfg = read_config(model_dir)
+    return cfg, _check_weight_files(model_dir, allow_pickle)
+
+
 def load_model(model_dir: str | Path, allow_pickle: bool = False) -> LoadedModel:
     """Load ``model_dir`` in float32 with its tokenizer, refusing anything unsafe or unsupported."""
     model_dir = Path(model_dir)
-    cfg = read_config(model_dir)
-    use_safetensors = _check_weight_files(model_dir, allow_pickle)
+    cfg, use_safetensors = check_model_dir(model_dir, allow_pickle)
     model_type = cfg["model_type"]
     archs = cfg.get("architectures") or []
     head = "sequence-classification" if any(a.endswith("ForSequenceClassification") for a in archs) else None
@@ -159,10 +208,27 @@ def load_model(model_dir: str | Path, allow_pickle: bool = False) -> LoadedModel
             trust_remote_code=False,
             use_safetensors=use_safetensors,
             local_files_only=True,
+            output_loading_info=True,
         )
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EdgeqError(f"could not load the weights in {model_dir}: {msg[:300]}") from None
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+        mismatch = next((ln for ln in lines if ln.startswith("size mismatch")), None)
+        if mismatch:
+            raise EdgeqError(f"tensor shapes in {model_dir} disagree with its config.json ({mismatch[:240]}); "
+                             "use the config.json saved with these weights") from None
+        raise EdgeqError(f"could not load the weights in {model_dir}: {lines[0][:300]}") from None
+    model, info = model
+    missing = list(info.get("missing_keys") or [])
+    if missing and head == "encoder" and all(k.startswith("pooler.") for k in missing):
+        model.pooler = None  # a checkpoint saved without the pooler: do not export a random one
+        missing = []
+    if missing or info.get("mismatched_keys"):
+        first = (missing or [str(m) for m in info["mismatched_keys"]])[0]
+        raise EdgeqError(
+            f"{model_dir}: {len(missing) or len(info['mismatched_keys'])} weight(s) of the architecture in "
+            f"config.json are not in the checkpoint (first: {first}); they would be random — "
+            "use the config.json and weights saved together"
+        )
     model.eval()
     _check_finite(model, model_dir)
 
@@ -171,9 +237,11 @@ def load_model(model_dir: str | Path, allow_pickle: bool = False) -> LoadedModel
             model_dir, trust_remote_code=False, local_files_only=True
         )
     except (OSError, ValueError, TypeError, KeyError) as e:
+        tok_files = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+        why = "no tokenizer files" if not any((model_dir / f).exists() for f in tok_files) else (
+            str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
         raise EdgeqError(
-            f"{model_dir} has no usable tokenizer ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); "
-            "save the tokenizer (tokenizer.json) next to the model"
+            f"{model_dir} has no usable tokenizer ({why}); save the tokenizer (tokenizer.json) next to the model"
         ) from None
     names = [n for n in tokenizer.model_input_names if n in DEFAULT_INPUT_NAMES["bert"]]
     if model_type != "bert":

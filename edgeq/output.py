@@ -7,6 +7,7 @@ the temporary directory is removed and the target is left as it was.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -31,8 +32,9 @@ def check_output_path(out: Path, inputs: list[Path], force: bool) -> None:
         raise UsageError(f"output directory {parent} is not writable; choose another output path")
     if out.is_dir():
         raise UsageError(f"output {out} is a directory; give a file name ending in .onnx")
-    if out.exists() and not force:
-        raise UsageError(f"output {out} already exists; pass --force to overwrite it")
+    for existing in (out, out.with_suffix(".json"), out.with_name(out.name + ".data")):
+        if existing.exists() and not force:
+            raise UsageError(f"output {existing} already exists; pass --force to overwrite it")
 
 
 class StagedOutput:
@@ -48,17 +50,51 @@ class StagedOutput:
         return staged
 
     def commit(self) -> None:
-        # data files first, the .onnx (what users open) last
-        for staged, final in sorted(self.targets.items(), key=lambda kv: kv[1].suffix == ".onnx"):
-            if staged.exists():
-                os.replace(staged, final)
+        """Move every staged file into place; Ctrl-C/SIGTERM wait until it is done (or undone)."""
+        moved: list[Path] = []
+        with _signals_blocked():
+            try:
+                # data files first, the .onnx (what users open) last
+                for staged, final in sorted(self.targets.items(), key=lambda kv: kv[1].suffix == ".onnx"):
+                    if staged.exists():
+                        os.replace(staged, final)
+                        moved.append(final)
+                if _interrupt_pending():  # Ctrl-C/SIGTERM arrived meanwhile: the run was interrupted
+                    raise KeyboardInterrupt("during commit")
+            except BaseException:
+                for final in moved:  # all or nothing
+                    final.unlink(missing_ok=True)
+                raise
 
     def discard(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        with _signals_blocked():
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _interrupt_pending() -> bool:
+    try:
+        return bool(signal.sigpending() & {signal.SIGINT, signal.SIGTERM})
+    except AttributeError:
+        return False
+
+
+@contextmanager
+def _signals_blocked():
+    """Defer SIGINT/SIGTERM (delivered on exit) so a move or clean-up is never cut in half."""
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    except (AttributeError, ValueError, OSError):  # no pthread_sigmask (Windows)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise KeyboardInterrupt("SIGTERM")
 
 
 @contextmanager
@@ -69,15 +105,17 @@ def staged_output(parent: Path):
         signal.signal(signal.SIGTERM, _raise_interrupt)
     except ValueError:  # not the main thread
         previous = None
-    stage = StagedOutput(parent)
+    stage = None
     try:
+        with _signals_blocked():  # an interrupt right after mkdtemp must not leak the directory
+            stage = StagedOutput(parent)
         yield stage
     except OSError as e:
-        stage.discard()
-        if e.errno == 28:  # ENOSPC
+        if e.errno == errno.ENOSPC:
             raise EdgeqError(f"no space left on the device while writing to {parent}; free space and retry") from None
         raise
     finally:
-        stage.discard()
+        if stage is not None:
+            stage.discard()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

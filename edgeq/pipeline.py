@@ -12,7 +12,7 @@ import numpy as np
 
 from edgeq import __version__
 from edgeq.config import ConvertConfig
-from edgeq.errors import EdgeqError, ValidationFailed
+from edgeq.errors import EdgeqError, UsageError, ValidationFailed
 from edgeq.validate import Check, ParityReport
 
 EXPORT_TOLERANCE = 1e-4  # FP32 ONNX vs PyTorch, max|Δ| (relative to max(1, max|ref|))
@@ -80,6 +80,7 @@ def convert(
     from edgeq.hf_model import load_model
     from edgeq.onnx.export import export_fp32
     from edgeq.onnx.rewrite import read_back, rewrite_linears
+    from edgeq.onnx.safe_load import save_onnx, weight_bytes
     from edgeq.output import staged_output
     from edgeq.plan import build_plan
     from edgeq.report import size_by_component
@@ -98,8 +99,8 @@ def convert(
     batches = encode_batches(loaded, texts)
     fp32_out = run_torch(loaded.model, loaded, batches)
 
-    model = timer.run("export", export_fp32, loaded, config.opset)
-    fp32_got = run_onnx(make_session(model.SerializeToString(), threads or 0), batches)
+    model = timer.run("export", export_fp32, loaded, config.opset, config.external_data_threshold)
+    fp32_got = run_onnx(_session(model, threads or 0, config.external_data_threshold), batches)
     export_diff = {k: float(np.max(np.abs(fp32_got[k] - v))) for k, v in fp32_out.items()}
     for k, d in export_diff.items():
         scale = max(1.0, float(np.max(np.abs(fp32_out[k]))))
@@ -109,6 +110,8 @@ def convert(
 
     weights = loaded.linear_weights()
     plan = timer.run("plan", build_plan, weights, config, calibration.stats if calibration else None)
+    if not plan.layers:
+        raise UsageError(f"no Linear left to quantize (--exclude keeps all {len(weights)} in FP32); loosen --exclude")
     try:
         result = timer.run("rewrite", rewrite_linears, model, plan, weights, config.accuracy_level)
     except ValueError as e:
@@ -130,8 +133,9 @@ def convert(
     with staged_output(out.resolve().parent) as stage:
         tmp_model = stage.path(out)
         tmp_report = stage.path(report_path)
-        large = model.ByteSize() > config.external_data_threshold
-        timer.run("save", _save, model, tmp_model, large)
+        large = weight_bytes(model) > config.external_data_threshold
+        tmp_data = stage.path(out.with_name(out.name + ".data")) if large else None
+        timer.run("save", save_onnx, model, tmp_model, large)
         session = make_session(str(tmp_model), threads or 0)
         parity = timer.run(
             "validate", parity_checks, loaded, session, fp32_out, planned, batches, thresholds, source
@@ -153,27 +157,32 @@ def convert(
             "layers": {name: lp.stats() for name, lp in plan.layers.items()},
             "size_bytes": size_by_component(model),
             "size_bytes_fp32": fp32_sizes,
-            "file_bytes": tmp_model.stat().st_size,
+            "file_bytes": tmp_model.stat().st_size + (tmp_data.stat().st_size if tmp_data else 0),
             "parity": parity.to_dict(),
             "timings_s": {**timer.stages, "total": round(time.perf_counter() - t_start, 3)},
         }
         if not parity.ok:
-            raise ValidationFailed(
-                "validation failed, no output written:\n" + parity.table()
-            )
+            log("validation:\n" + parity.table())
+            failed = "; ".join(f"{c.name} = {c.value:.4g}, limit {c.limit:.4g}" for c in parity.failures())
+            raise ValidationFailed(f"validation failed, no output written ({failed}); relax the threshold or raise --k")
         tmp_report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         stage.commit()
     return report
 
 
-def _save(model, path: Path, large: bool) -> None:
-    import onnx
+def _session(model, threads: int, external_data_threshold: int):
+    """An ORT session of an in-memory model; above the threshold via a temporary file (2 GB limit)."""
+    import tempfile
 
-    if large:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
+    from edgeq.onnx.safe_load import save_onnx, weight_bytes
+    from edgeq.validate import make_session
+
+    if weight_bytes(model) <= external_data_threshold:
+        return make_session(model.SerializeToString(), threads)
+    with tempfile.TemporaryDirectory(prefix="edgeq-fp32-") as d:
+        path = Path(d) / "fp32.onnx"
+        save_onnx(model, path, True)
+        return make_session(str(path), threads)  # ORT has read the weights; the files can go
 
 
 def validate_file(
@@ -186,18 +195,13 @@ def validate_file(
     allow_pickle: bool = False,
 ) -> ParityReport:
     """Check an edgeq ONNX file against its source model: plan parity (decoded from the file) and fidelity."""
-    import onnx
-
     from edgeq.data import validation_texts
     from edgeq.hf_model import load_model
     from edgeq.onnx.rewrite import read_back
+    from edgeq.onnx.safe_load import load_onnx
     from edgeq.validate import encode_batches, make_session, run_torch
 
-    try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - any parse failure is a bad input
-        raise EdgeqError(f"{onnx_path} is not a readable ONNX file ({type(e).__name__}); pass an edgeq .onnx file") from None
-    onnx.load_external_data_for_model(model, str(onnx_path.parent)) if _has_external(model) else None
+    model = load_onnx(onnx_path)  # refuses external data outside the file's directory
     loaded = load_model(model_dir, allow_pickle)
     try:
         decoded = read_back(model)

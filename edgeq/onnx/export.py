@@ -10,13 +10,20 @@ every node.  Linear weights are found again by content, not by these names (see 
 from __future__ import annotations
 
 import io
+import tempfile
 import warnings
+from pathlib import Path
 
 from edgeq.hf_model import LoadedModel
 
 
-def export_fp32(loaded: LoadedModel, opset: int = 17):
-    """Export ``loaded.model`` and return the ``onnx.ModelProto`` (FP32, dynamic axes)."""
+def export_fp32(loaded: LoadedModel, opset: int = 17, external_data_threshold: int = 2_000_000_000):
+    """Export ``loaded.model`` and return the ``onnx.ModelProto`` (FP32, dynamic axes).
+
+    Models whose parameters exceed ``external_data_threshold`` bytes are exported into a temporary
+    directory (the exporter writes external data above 2 GB, which an in-memory buffer cannot
+    hold) and loaded back with their external data.
+    """
     import onnx
     import torch
 
@@ -42,13 +49,15 @@ def export_fp32(loaded: LoadedModel, opset: int = 17):
     dynamic_axes = {n: {0: "batch", 1: "sequence"} for n in names}
     for o in outputs:
         dynamic_axes[o] = {0: "batch", 1: "sequence"} if o == "last_hidden_state" else {0: "batch"}
-    buf = io.BytesIO()
+    large = sum(p.numel() * 4 for p in loaded.model.parameters()) > external_data_threshold
+    tmp = tempfile.TemporaryDirectory(prefix="edgeq-export-") if large else None
+    buf = Path(tmp.name) / "fp32.onnx" if tmp else io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             _Wrapper(loaded.model),
             args,
-            buf,
+            str(buf) if tmp else buf,
             dynamo=False,
             input_names=names,
             output_names=outputs,
@@ -56,4 +65,7 @@ def export_fp32(loaded: LoadedModel, opset: int = 17):
             opset_version=opset,
             do_constant_folding=True,
         )
-    return onnx.load_from_string(buf.getvalue())
+    if tmp is None:
+        return onnx.load_from_string(buf.getvalue())
+    with tmp:
+        return onnx.load(str(buf), load_external_data=True)  # exporter-written, trusted locations
