@@ -1,0 +1,74 @@
+"""Same inputs and options → byte-identical out.onnx and the same report apart from timings.
+
+Across runs in one process, across processes (another PYTHONHASHSEED) and across thread counts
+(ONNX Runtime ``--threads`` 1 vs 2, PyTorch intra-op threads 1 vs 2).  The svd method is used
+because its scores come from an SVD, the step most likely to depend on threading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgeq.cli import main
+from tests.conftest import REPO
+
+ARGS = ["--k", "32", "--method", "svd", "--block-size", "32"]
+
+
+def sha256(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def comparable(report_path: Path) -> dict:
+    r = json.loads(report_path.read_text())
+    r.pop("timings_s")
+    r.pop("output")  # the path differs between runs by construction
+    return r
+
+
+def convert_in_process(model: Path, out: Path, threads: int, torch_threads: int) -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)
+    try:
+        res = CliRunner().invoke(main, ["convert", "-q", *ARGS, "--threads", str(threads), str(model), str(out)])
+    finally:
+        torch.set_num_threads(before)
+    assert res.exit_code == 0, res.stderr
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from tests.conftest import make_tiny_model
+
+    base = tmp_path_factory.mktemp("determinism")
+    model = make_tiny_model(base / "model", hidden=64)
+    outs = {}
+    for name, threads in (("a", 1), ("b", 2)):
+        outs[name] = base / name / "model.onnx"
+        outs[name].parent.mkdir()
+        convert_in_process(model, outs[name], threads, threads)
+    outs["c"] = base / "c" / "model.onnx"
+    outs["c"].parent.mkdir()
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "2"}
+    subprocess.run([sys.executable, "-m", "edgeq", "convert", "-q", *ARGS, "--threads", "2", str(model),
+                    str(outs["c"])], check=True, cwd=REPO, env=env, capture_output=True)
+    return outs
+
+
+def test_same_bytes_across_runs_threads_and_processes(runs):
+    digests = {name: sha256(p) for name, p in runs.items()}
+    assert len(set(digests.values())) == 1, digests
+
+
+def test_same_report_apart_from_timings(runs):
+    reports = {name: comparable(p.with_suffix(".json")) for name, p in runs.items()}
+    assert reports["a"] == reports["b"] == reports["c"]
