@@ -288,3 +288,7 @@ def validate(model_dir, model_onnx, allow_pickle, json_out, data, limit, threads
 from edgeq.commands.eval import eval_cmd  # noqa: E402
 
 main.add_command(eval_cmd)
+
+from edgeq.commands.saliency import saliency_cmd  # noqa: E402
+
+main.add_command(saliency_cmd)
