@@ -289,6 +289,10 @@ from edgeq.commands.eval import eval_cmd  # noqa: E402
 
 main.add_command(eval_cmd)
 
+from edgeq.commands.sweep import sweep_cmd  # noqa: E402
+
+main.add_command(sweep_cmd)
+
 from edgeq.commands.saliency import saliency_cmd  # noqa: E402
 
 main.add_command(saliency_cmd)

@@ -1,0 +1,96 @@
+"""``edgeq sweep``: Table I and Figure 1 — every saliency method × k converted and scored in-process."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from edgeq.errors import UsageError
+from edgeq.quant.int4 import BLOCK_SIZES
+
+BLOCK_CHOICES = [str(b) for b in BLOCK_SIZES] + ["per-channel", "per-tensor"]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--k {text!r}: give comma-separated integers, e.g. 0,1,16,256") from None
+    if not vals:
+        raise UsageError("--k needs at least one value")
+    return list(dict.fromkeys(vals))
+
+
+@click.command("sweep")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--task", required=True, metavar="TASK", help="GLUE task (RTE, MRPC, SST-2, QNLI, CoLA, WNLI).")
+@click.option("--methods", default="svd,awq,spqr,magnitude,random", show_default=True,
+              help="Comma-separated saliency methods.")
+@click.option("--k", "k_list", default="0,1,16,64,256,1024,4096", show_default=True,
+              help="Comma-separated FP32 entries per Linear (0: the plain int4 row).")
+@click.option("--block-size", type=click.Choice(BLOCK_CHOICES), default="32", show_default=True,
+              help="Scale granularity: block of N inputs, per-channel or per-tensor.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Output directory (cells/, table1.md/.csv/.json, figure1.png); rerun to resume.")
+@click.option("--rank", type=int, default=8, show_default=True, help="SVD rank r of the svd method.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random and of the calibration sample.")
+@click.option("--exclude-salient-from-scale", is_flag=True, help="Compute scales without the k FP32 entries.")
+@click.option("--calib", default=None, metavar="TASK_OR_FILE",
+              help="Calibration data for awq/spqr: a GLUE task name (its train split) or a file.")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--percdamp", type=float, default=0.01, show_default=True, help="Hessian damping of spqr.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="GLUE directory (default: $EDGEQ_GLUE_DIR, else ../shared/data/glue).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use the first N dev examples only.")
+@click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True,
+              help="ONNX Runtime / PyTorch intra-op threads.")
+@click.option("--max-length", type=click.IntRange(min=8), default=128, show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+def sweep_cmd(model_dir, task, methods, k_list, block_size, out, rank, seed, exclude_salient_from_scale, calib,
+              calib_samples, percdamp, data_dir, limit, threads, max_length, quiet):
+    """Convert and evaluate MODEL_DIR for every method × k; write Table I and Figure 1 to --out.
+
+    Everything runs in one process: the model is loaded and exported once, each method
+    scores each Linear once, and every k reuses that score. Finished cells are stored in
+    OUT/cells/ and not recomputed when the command is run again.
+
+    \b
+    Example:
+      edgeq sweep ../shared/models/minilm-l6-rte --task RTE --methods svd,magnitude,random \\
+          --block-size 32 --threads 1 --out results/rte-b32
+    """
+    from edgeq.glue import get_task
+    from edgeq.sweep import SweepSettings, run_sweep
+    from edgeq.table1 import write_outputs
+
+    spec = get_task(task)
+    method_list = list(dict.fromkeys(m.strip() for m in methods.split(",") if m.strip()))
+    ks = _ints(k_list)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a directory")
+    if not Path(model_dir).is_dir():
+        raise UsageError(f"{model_dir} is not a model directory; the sweep converts a Hugging Face model directory")
+    settings = SweepSettings(
+        model_dir=str(model_dir), task=spec.name, block_size=block_size, rank=rank, seed=seed,
+        exclude_salient_from_scale=exclude_salient_from_scale, limit=limit, max_length=max_length,
+        calib=calib, calib_samples=calib_samples, percdamp=percdamp,
+    )
+    start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        if not quiet:
+            click.echo(f"[{time.perf_counter() - start:7.1f}s] {msg}", err=True)
+
+    run = run_sweep(settings, method_list, ks, out, data_dir, threads, quiet, log)
+    title = f"{spec.name} dev, {Path(model_dir).resolve().name}, block {settings.block_size}"
+    meta = {"command": "edgeq " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "settings": settings.key(),
+            "calib": settings.calib_key(), "methods": method_list, "k": ks}
+    paths = write_outputs(out, run.cells, method_list, ks, spec, title, meta)
+    (out / "COMMAND").write_text(meta["command"] + "\n", encoding="utf-8")
+    click.echo(paths["md"].read_text(encoding="utf-8"))
+    click.echo(f"{len(run.computed)} cells computed, {len(run.reused)} reused; "
+               f"wrote {', '.join(str(p) for p in paths.values())}", err=True)

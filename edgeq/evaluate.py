@@ -1,0 +1,261 @@
+"""GLUE dev-set evaluation of an ONNX file (ONNX Runtime, CPU) or a PyTorch model directory.
+
+Examples are tokenised once with the model's own tokenizer (truncated to ``max_length``),
+sorted by length and cut into batches padded to their longest member, so little compute goes
+to padding; results are put back in file order.  The logit column of each class comes from
+the model's ``id2label`` (:func:`edgeq.glue.label_ids`).  Prediction = argmax of the logits
+(regression: the single output).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeq import metrics
+from edgeq.errors import EdgeqError, UsageError
+from edgeq.glue import Examples, TaskSpec, label_ids
+
+BATCH_SIZE = 32
+MAX_LENGTH = 128
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+
+
+@dataclass
+class EvalResult:
+    task: str
+    model: str
+    engine: str  # "onnxruntime" or "pytorch"
+    examples: int
+    metrics: dict[str, float]
+    correct: int | None  # classification only
+    predictions: list  # label names (classification) or scores (regression), in file order
+    source: str
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def headline(self) -> str:
+        return next(iter(self.metrics))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        lines = [f"{self.task} dev: {self.examples} examples ({self.engine}, {self.model})"]
+        for name, value in self.metrics.items():
+            extra = ""
+            if name == "accuracy" and self.correct is not None:
+                se = metrics.binomial_se(value, self.examples)
+                extra = f"   ({self.correct}/{self.examples}, ± {100 * se:.2f} s.e.)"
+            lines.append(f"  {name:<10} {100 * value:7.2f}{extra}")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ tokenisation and batching
+
+
+def encode_sorted(tokenizer, texts: Sequence[tuple[str, str | None]], input_names: Sequence[str],
+                  max_length: int = MAX_LENGTH, batch_size: int = BATCH_SIZE) -> list[tuple[np.ndarray, dict]]:
+    """[(example indices, feed dict)] with examples grouped by token length, padded per batch."""
+    a = [t[0] for t in texts]
+    b = [t[1] or "" for t in texts] if any(t[1] is not None for t in texts) else None
+    enc = tokenizer(a, b, truncation=True, max_length=max_length)
+    ids = enc["input_ids"]
+    types = enc.get("token_type_ids")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    batches = []
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(ids[i]) for i in idx)
+        feed = {
+            "input_ids": np.full((len(idx), width), pad, dtype=np.int64),
+            "attention_mask": np.zeros((len(idx), width), dtype=np.int64),
+            "token_type_ids": np.zeros((len(idx), width), dtype=np.int64),
+        }
+        for row, i in enumerate(idx):
+            n = len(ids[i])
+            feed["input_ids"][row, :n] = ids[i]
+            feed["attention_mask"][row, :n] = 1
+            if types is not None:
+                feed["token_type_ids"][row, :n] = types[i]
+        batches.append((idx, {k: v for k, v in feed.items() if k in input_names}))
+    return batches
+
+
+def run_batches(predict: Callable[[dict], np.ndarray], batches, n: int, quiet: bool = True,
+                desc: str = "eval") -> np.ndarray:
+    """Logits ``[n, C]`` in file order."""
+    from tqdm import tqdm
+
+    out: np.ndarray | None = None
+    with tqdm(total=n, desc=desc, unit="ex", disable=True if quiet else None, leave=False) as bar:
+        for idx, feed in batches:
+            logits = np.asarray(predict(feed), dtype=np.float64).reshape(len(idx), -1)
+            if out is None:
+                out = np.zeros((n, logits.shape[1]), dtype=np.float64)
+            out[idx] = logits
+            bar.update(len(idx))
+    assert out is not None
+    return out
+
+
+# ------------------------------------------------------------------ scoring
+
+
+def score(task: TaskSpec, ex: Examples, logits: np.ndarray, id2label: dict[int, str] | None) -> tuple[dict, int | None, list]:
+    """(metrics, correct count or None, predictions in file order) of ``logits`` on ``ex``."""
+    ids = label_ids(task, id2label, logits.shape[1])
+    if task.is_regression:
+        pred = logits[:, 0]
+        fns = {"pearson": metrics.pearson, "spearman": metrics.spearman}
+        return {m: fns[m](pred, ex.gold) for m in task.metrics}, None, [float(x) for x in pred]
+    col_to_label = {i: name for name, i in ids.items()}
+    pred_names = [col_to_label[int(c)] for c in logits.argmax(axis=1)]
+    index = {name: i for i, name in enumerate(task.labels)}  # F1's positive class is task label 1
+    p = np.array([index[x] for x in pred_names])
+    y = np.array([index[x] for x in ex.gold])
+    fns = {"accuracy": metrics.accuracy, "f1": metrics.f1_binary, "matthews": metrics.matthews}
+    return {m: fns[m](p, y) for m in task.metrics}, int(np.sum(p == y)), pred_names
+
+
+def agreement(a: Sequence, b: Sequence) -> float:
+    """Fraction of examples on which two runs predict the same label."""
+    if len(a) != len(b):
+        raise ValueError("prediction lists differ in length")
+    return float(np.mean([x == y for x, y in zip(a, b)]))
+
+
+# ------------------------------------------------------------------ engines
+
+
+def onnx_session(model, threads: int = 1):
+    """CPU ONNX Runtime session of a path or serialized bytes; ``threads`` 0 = runtime default."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - ORT raises several types for unreadable models
+        where = model if isinstance(model, (str, Path)) else "the model"
+        raise EdgeqError(f"ONNX Runtime cannot load {where}: {str(e).splitlines()[0][:200]}") from None
+
+
+def onnx_predictor(session) -> tuple[Callable[[dict], np.ndarray], tuple[str, ...]]:
+    outputs = [o.name for o in session.get_outputs()]
+    out = "logits" if "logits" in outputs else outputs[0]
+    inputs = tuple(i.name for i in session.get_inputs())
+    return (lambda feed: session.run([out], feed)[0]), inputs
+
+
+def torch_predictor(model) -> Callable[[dict], np.ndarray]:
+    import torch
+
+    def predict(feed):
+        with torch.no_grad():
+            res = model(**{k: torch.from_numpy(v) for k, v in feed.items()}, return_dict=True)
+        if "logits" not in res:
+            raise EdgeqError("the model has no classification head (no logits); evaluate a fine-tuned task model")
+        return res["logits"].float().numpy()
+
+    return predict
+
+
+def find_assets(onnx_path: Path, tokenizer_dir: Path | None) -> Path:
+    """The directory holding the tokenizer and config.json that belong to ``onnx_path``.
+
+    ``--tokenizer DIR``; else the ONNX file's own directory; else ``model_dir`` recorded in the
+    edgeq report next to it (``<stem>.json`` or ``edgeq_report.json``).
+    """
+    def ok(d: Path) -> bool:
+        return d.is_dir() and (d / "config.json").is_file() and any((d / f).is_file() for f in TOKENIZER_FILES)
+
+    if tokenizer_dir is not None:
+        if not ok(tokenizer_dir):
+            raise UsageError(f"--tokenizer {tokenizer_dir} must be a directory with the tokenizer files and config.json "
+                             "(the original model directory)")
+        return tokenizer_dir
+    if ok(onnx_path.parent):
+        return onnx_path.parent
+    for report in (onnx_path.with_suffix(".json"), onnx_path.parent / "edgeq_report.json"):
+        if not report.is_file():
+            continue
+        try:
+            recorded = json.loads(report.read_text(encoding="utf-8")).get("model_dir")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            recorded = None
+        if recorded:
+            for cand in (Path(recorded), report.parent / recorded):
+                if ok(cand):
+                    return cand
+    raise UsageError(f"no tokenizer found for {onnx_path}; pass --tokenizer MODEL_DIR (the model it was converted from)")
+
+
+def load_tokenizer(model_dir: Path):
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise EdgeqError(f"{model_dir} has no usable tokenizer ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); "
+                         "save tokenizer.json next to the model") from None
+
+
+def read_id2label(model_dir: Path) -> dict[int, str] | None:
+    from edgeq.hf_model import read_config
+
+    cfg = read_config(model_dir)
+    raw = cfg.get("id2label")
+    return {int(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else None
+
+
+def evaluate(task: TaskSpec, ex: Examples, predict: Callable[[dict], np.ndarray], batches,
+             id2label: dict[int, str] | None, model_name: str, engine: str, quiet: bool = True) -> EvalResult:
+    t0 = time.perf_counter()
+    logits = run_batches(predict, batches, len(ex.texts), quiet, desc=f"{task.name} {engine}")
+    values, correct, preds = score(task, ex, logits, id2label)
+    return EvalResult(task.name, model_name, engine, len(ex.texts), values, correct, preds, ex.source,
+                      round(time.perf_counter() - t0, 3))
+
+
+def evaluate_path(model: Path, task: TaskSpec, ex: Examples, threads: int = 1, tokenizer_dir: Path | None = None,
+                  max_length: int = MAX_LENGTH, batch_size: int = BATCH_SIZE, quiet: bool = True,
+                  allow_pickle: bool = False) -> EvalResult:
+    """Evaluate an ``.onnx`` file (ONNX Runtime) or a Hugging Face directory (PyTorch FP32)."""
+    if model.is_dir() and (model / "model.onnx").is_file() and not any(model.glob("*.safetensors")):
+        model = model / "model.onnx"  # a folder written by edgeq convert (Hugging Face layout)
+    if model.is_dir():
+        import torch
+
+        from edgeq.hf_model import load_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        loaded = load_model(model, allow_pickle)
+        if loaded.head != "sequence-classification":
+            raise EdgeqError(f"{model} is a bare encoder (no classification head); evaluate a fine-tuned task model")
+        tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else loaded.tokenizer
+        batches = encode_sorted(tok, ex.texts, loaded.input_names, max_length, batch_size)
+        return evaluate(task, ex, torch_predictor(loaded.model), batches, loaded.id2label, str(model), "pytorch", quiet)
+    if not model.is_file():
+        raise UsageError(f"{model} does not exist; pass an .onnx file or a model directory")
+    if model.suffix != ".onnx":
+        raise UsageError(f"{model} is not an .onnx file; pass an .onnx file or a Hugging Face model directory")
+    assets = find_assets(model, tokenizer_dir)
+    session = onnx_session(str(model), threads)
+    predict, inputs = onnx_predictor(session)
+    batches = encode_sorted(load_tokenizer(assets), ex.texts, inputs, max_length, batch_size)
+    result = evaluate(task, ex, predict, batches, read_id2label(assets), str(model), "onnxruntime", quiet)
+    result.extra["tokenizer"] = str(assets)
+    return result

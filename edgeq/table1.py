@@ -1,0 +1,135 @@
+"""Table I (Markdown, CSV, JSON) and Figure 1 (PNG) from the cells of a sweep.
+
+Rows: FP32, int4 (k = 0), then each method × k.  Each row gives the task's metrics (%), the
+correct count out of n, the binomial standard error ``sqrt(p(1−p)/n)`` of the accuracy, and the
+agreement with the FP32 model's predictions with its own standard error.  Figure 1 plots the
+headline metric against k (log x) with ±1 s.e. bars, one line per method; FP32 and int4 are
+horizontal lines.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from edgeq.sweep import FP32, INT4, cell_id
+
+
+def rows(cells: dict[str, dict], methods: Sequence[str], ks: Sequence[int]) -> list[dict]:
+    out = []
+    order = [(FP32, "FP32", None)] + ([(INT4, "int4", 0)] if INT4 in cells else [])
+    order += [(cell_id(m, k), m, k) for m in methods for k in ks if k > 0]
+    for cid, label, k in order:
+        c = cells.get(cid)
+        if c is None:
+            continue
+        row = {"row": label, "k": k, "examples": c["examples"], "correct": c.get("correct")}
+        for name, v in c["metrics"].items():
+            row[name] = v
+        row["accuracy_se"] = c.get("accuracy_se")
+        row["agreement"] = c.get("agreement")
+        row["agreement_se"] = c.get("agreement_se")
+        if cid == FP32:
+            row["pytorch_correct"] = c.get("pytorch_correct")
+        out.append(row)
+    return out
+
+
+def _pct(v) -> str:
+    return "" if v is None else f"{100 * v:.2f}"
+
+
+def markdown(rs: list[dict], metric_names: Sequence[str], title: str) -> str:
+    head = ["row", "k"] + [m for m in metric_names] + ["± s.e.", "correct / n", "agree w/ FP32", "± s.e."]
+    lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rs:
+        vals = [r["row"], "" if r["k"] is None else str(r["k"])]
+        vals += [_pct(r.get(m)) for m in metric_names]
+        vals += [_pct(r.get("accuracy_se")), f"{r['correct']} / {r['examples']}" if r["correct"] is not None else "",
+                 _pct(r.get("agreement")), _pct(r.get("agreement_se"))]
+        lines.append("| " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def pivot_markdown(cells: dict[str, dict], methods: Sequence[str], ks: Sequence[int], metric: str) -> str:
+    """Methods × k grid of ``metric`` (%) ± s.e. (accuracy only), FP32 and int4 in the caption."""
+    pos = [k for k in ks if k > 0]
+    lines = ["| method | " + " | ".join(f"k={k}" for k in pos) + " |", "|---|" + "---|" * len(pos)]
+    for m in methods:
+        vals = []
+        for k in pos:
+            c = cells.get(cell_id(m, k))
+            if c is None:
+                vals.append("")
+                continue
+            se = c.get("accuracy_se") if metric == "accuracy" else None
+            vals.append(_pct(c["metrics"][metric]) + (f" ± {_pct(se)}" if se is not None else ""))
+        lines.append(f"| {m} | " + " | ".join(vals) + " |")
+    ref = []
+    for cid, name in ((FP32, "FP32"), (INT4, "int4 k=0")):
+        if cid in cells:
+            ref.append(f"{name} {_pct(cells[cid]['metrics'][metric])}")
+    return "\n".join(lines) + ("\n\n" + "; ".join(ref) + f" ({metric}, %)\n" if ref else "\n")
+
+
+def to_csv(rs: list[dict]) -> str:
+    keys: list[str] = []
+    for r in rs:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    w.writeheader()
+    for r in rs:
+        w.writerow({k: ("" if r.get(k) is None else r[k]) for k in keys})
+    return buf.getvalue()
+
+
+def figure(cells: dict[str, dict], methods: Sequence[str], ks: Sequence[int], metric: str, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"svd": "tab:blue", "awq": "tab:green", "spqr": "tab:red", "magnitude": "tab:orange", "random": "tab:gray"}
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    pos = [k for k in ks if k > 0]
+    for m in methods:
+        pts = [(k, cells[cell_id(m, k)]) for k in pos if cell_id(m, k) in cells]
+        if not pts:
+            continue
+        x = [k for k, _ in pts]
+        y = [100 * c["metrics"][metric] for _, c in pts]
+        err = [100 * (c.get("accuracy_se") or 0) if metric == "accuracy" else 0 for _, c in pts]
+        ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=2, lw=1.4, label=m, color=colors.get(m))
+    for cid, name, style in ((FP32, "FP32", "--"), (INT4, "int4 (k=0)", ":")):
+        if cid in cells:
+            ax.axhline(100 * cells[cid]["metrics"][metric], color="black", ls=style, lw=1, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("k (FP32 entries kept per Linear)")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_outputs(out: Path, cells: dict[str, dict], methods: Sequence[str], ks: Sequence[int], task, title: str,
+                  meta: dict) -> dict[str, Path]:
+    """Write table1.md/.csv/.json and figure1.png into ``out``; returns their paths."""
+    rs = rows(cells, methods, ks)
+    metric = task.metrics[0]
+    paths = {"md": out / "table1.md", "csv": out / "table1.csv", "json": out / "table1.json", "png": out / "figure1.png"}
+    md = markdown(rs, task.metrics, title)
+    md += "\n" + pivot_markdown(cells, methods, ks, metric)
+    md += ("\nAccuracy ± binomial standard error sqrt(p(1-p)/n); agreement = share of dev examples on which the "
+           "cell predicts the same label as the FP32 model.\n")
+    paths["md"].write_text(md, encoding="utf-8")
+    paths["csv"].write_text(to_csv(rs), encoding="utf-8")
+    paths["json"].write_text(json.dumps({**meta, "rows": rs}, indent=1) + "\n", encoding="utf-8")
+    figure(cells, methods, ks, metric, title, paths["png"])
+    return paths

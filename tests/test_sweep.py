@@ -1,0 +1,104 @@
+"""`edgeq sweep` on a tiny model: cells match `edgeq.plan`, resumability, Table I / Figure 1 files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgeq.cli import main
+from edgeq.errors import UsageError
+from edgeq.sweep import FP32, INT4, SweepSettings, _Context, run_sweep
+from tests.conftest import make_tiny_model
+from tests.test_eval import RTE_LABELS, set_labels, write_rte
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    model = make_tiny_model(root / "model", seed=5, hidden=64)
+    set_labels(model, RTE_LABELS)
+    write_rte(root / "glue", n=20, seed=1)
+    return root, model
+
+
+def test_selection_reused_across_k_equals_build_plan(tiny):
+    """order[:k] of one score per layer must equal what `edgeq.plan.build_plan` selects for each k."""
+    from edgeq.config import ConvertConfig
+    from edgeq.plan import build_plan
+
+    root, model = tiny
+    ctx = _Context(SweepSettings(str(model), "RTE", block_size="16"), root / "glue", 1, True, lambda s: None)
+    for method in ("svd", "magnitude", "random"):
+        orders = ctx.orders(method, 200)
+        for k in (1, 7, 200):
+            plan = build_plan(ctx.weights, ConvertConfig(method=method, k=k, block_size="16"))
+            for name, lp in plan.layers.items():
+                got = np.sort(orders[name][: min(k, lp.quant.codes.size)])
+                assert np.array_equal(got, lp.quant.salient_index), (method, k, name)
+
+
+def test_sweep_resumes_without_recomputing(tiny, tmp_path):
+    root, model = tiny
+    settings = SweepSettings(str(model), "RTE", block_size="16")
+    out = tmp_path / "sweep"
+    methods, ks = ["svd", "random"], [0, 1, 64]
+    logs: list[str] = []
+    first = run_sweep(settings, methods, ks, out, root / "glue", 1, True, logs.append)
+    assert sorted(first.computed) == sorted([FP32, INT4, "svd-k1", "svd-k64", "random-k1", "random-k64"])
+    cells = first.cells
+    fp32 = cells[FP32]
+    assert fp32["correct"] == fp32["pytorch_correct"]  # exported FP32 graph == PyTorch on every example
+    assert fp32["examples"] == 20 and len(fp32["predictions"]) == 20
+    for c in cells.values():
+        p = c["metrics"]["accuracy"]
+        assert c["accuracy_se"] == pytest.approx(np.sqrt(p * (1 - p) / 20))
+        assert c["correct"] == round(p * 20)
+    for cid in ("svd-k64", "random-k1"):
+        assert cells[cid]["linears"] == 14  # 2 layers × 6 + pooler + classifier, all rewritten
+        assert cells[cid]["fp32_entries"] == sum(min(int(cid.split("k")[-1]), n) for n in
+                                                 [64 * 64] * 4 * 2 + [128 * 64] * 2 * 2 + [64 * 64, 2 * 64])
+        agree = np.mean([a == b for a, b in zip(cells[cid]["predictions"], fp32["predictions"])])
+        assert cells[cid]["agreement"] == pytest.approx(agree)
+    assert cells["svd-k64"]["recon_error_total"] < cells[INT4]["recon_error_total"]
+
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
+    second = run_sweep(settings, methods, ks, out, root / "glue", 1, True, logs.append)
+    assert second.computed == [] and sorted(second.reused) == sorted(first.computed)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()} == mtimes
+
+    # an interrupted sweep: a lost cell is recomputed, and only that one
+    os.remove(out / "cells" / "random-k64.json")
+    third = run_sweep(settings, methods, ks + [16], out, root / "glue", 1, True, logs.append)
+    assert sorted(third.computed) == ["random-k16", "random-k64", "svd-k16"]
+    assert third.cells["random-k64"]["predictions"] == cells["random-k64"]["predictions"]
+
+    with pytest.raises(UsageError, match="different sweep"):
+        run_sweep(SweepSettings(str(model), "RTE", block_size="32"), methods, ks, out, root / "glue", 1, True)
+
+
+def test_sweep_cli_writes_table_and_figure(tiny, tmp_path):
+    root, model = tiny
+    out = tmp_path / "t1"
+    args = ["sweep", str(model), "--task", "RTE", "--methods", "svd,magnitude", "--k", "0,4,32",
+            "--block-size", "per-channel", "--data-dir", str(root / "glue"), "--out", str(out), "-q"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    for name in ("table1.md", "table1.csv", "table1.json", "figure1.png", "COMMAND"):
+        assert (out / name).is_file(), name
+    table = json.loads((out / "table1.json").read_text())
+    assert [r["row"] for r in table["rows"]] == ["FP32", "int4", "svd", "svd", "magnitude", "magnitude"]
+    assert [r["k"] for r in table["rows"]] == [None, 0, 4, 32, 4, 32]
+    md = (out / "table1.md").read_text()
+    assert "| FP32 |" in md and "agree w/ FP32" in md
+    assert (out / "figure1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0 and "0 cells computed, 6 reused" in res.output
+
+    res = CliRunner().invoke(main, args[:-3] + ["--methods", "awq", "--out", str(tmp_path / "t2")])
+    assert res.exit_code == 2 and "--calib" in res.output
+    res = CliRunner().invoke(main, args[:4] + ["--methods", "nope", "--out", str(tmp_path / "t3")])
+    assert res.exit_code == 2 and "unknown saliency method" in res.output
