@@ -504,7 +504,7 @@ def run_case(case: Case, ctx: Ctx) -> Outcome:
     args = [a.format(**places) for a in case.args]
     watched = (ctx.dir, ctx.tiny, ctx.tiny_onnx.parent)
     before = tree_digest(*watched)
-    res = CliRunner().invoke(main, args)
+    res = CliRunner().invoke(main, args, prog_name="edgeq")
     after = tree_digest(*watched)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     lines = [ln for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith(("[", "warning:"))]

@@ -8,6 +8,7 @@ line, and whether the run left the case directory and the inputs byte-identical.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import tempfile
@@ -57,6 +58,9 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     print(f"\n{len(CASES) - bad} of {len(CASES)} cases behave as specified.")
+    if os.geteuid() == 0:
+        print("\nRun as root: `chmod 555` does not stop root from writing, so the 'output dir read-only' case "
+              "simulates what the OS reports to other users (`os.access(dir, W_OK)` is False for that directory).")
     return 1 if bad else 0
 
 
