@@ -171,11 +171,13 @@ def _thresholds(max_plan_diff, min_agreement, max_abs_diff):
               callback=lambda ctx, p, v: ctx.meta.__setitem__("external_data_threshold", v),
               help="Write weights as external data above this many bytes (default 2e9; for tests).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--ort-format", is_flag=True,
+              help="Also write the ONNX Runtime Mobile .ort file and its required_operators.config (reduced builds).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "json_out", is_flag=True, help="Print the report as JSON on stdout.")
 @_threshold_options
 def convert(model_dir, out, k, method, rank, seed, block_size, exclude_salient_from_scale, exclude,
-            accuracy_level, allow_pickle, force, quiet, json_out, data, limit, threads,
+            accuracy_level, allow_pickle, force, ort_format, quiet, json_out, data, limit, threads,
             calib, calib_samples, data_dir, percdamp,
             max_plan_diff, min_agreement, max_abs_diff):
     """Convert MODEL_DIR (a Hugging Face directory) to a 4-bit ONNX file OUT.
@@ -185,11 +187,16 @@ def convert(model_dir, out, k, method, rank, seed, block_size, exclude_salient_f
     a JSON report is written next to it (same stem). The result is validated
     against the original model before anything is written.
 
+    OUT without the .onnx extension is a folder in the Hugging Face layout
+    (model.onnx, config.json, tokenizer files, edgeq_report.json) that
+    optimum.onnxruntime.ORTModelForSequenceClassification.from_pretrained loads.
+
     \b
     Examples:
       edgeq convert --k 256 ../shared/models/minilm-l6-rte out.onnx
       edgeq convert --method magnitude --block-size per-channel ./model out.onnx
       edgeq convert ./model out.onnx --data glue/RTE/dev.tsv --min-agreement 0.95
+      edgeq convert ./model out/ --ort-format          # folder + model.ort for ORT Mobile
     """
     from edgeq.config import ConvertConfig
     from edgeq.hf_model import check_model_dir, default_model_dir
@@ -204,8 +211,9 @@ def convert(model_dir, out, k, method, rank, seed, block_size, exclude_salient_f
     else:
         name = model_dir.resolve().name
     out = out or Path(f"{name}-int4.onnx")
-    if out.suffix != ".onnx":
-        raise UsageError(f"output {out} must end in .onnx")
+    from edgeq.deploy import check_folder_output, is_folder_output
+
+    folder = is_folder_output(out)  # refuses other extensions
     if k < 0:
         raise UsageError(f"--k must be >= 0, got {k}")
     config = ConvertConfig(
@@ -217,7 +225,7 @@ def convert(model_dir, out, k, method, rank, seed, block_size, exclude_salient_f
     )
     check_model_dir(model_dir, allow_pickle)
     inputs = [model_dir] + ([data] if data else [])
-    check_output_path(out, inputs, force)
+    (check_folder_output if folder else check_output_path)(out, inputs, force)
     if data is not None and not data.is_file():
         raise UsageError(f"--data {data} is not a file; pass a GLUE TSV such as glue/RTE/dev.tsv")
     if calib:
@@ -226,7 +234,7 @@ def convert(model_dir, out, k, method, rank, seed, block_size, exclude_salient_f
         resolve_calib_source(calib, data_dir)  # fail before loading the model
     log = _log(quiet)
     report = run_convert(model_dir, out, config, data, limit, _thresholds(max_plan_diff, min_agreement, max_abs_diff),
-                         threads, log, progress=not quiet)
+                         threads, log, progress=not quiet, ort_format=ort_format)
     if json_out:
         click.echo(json.dumps(report, indent=2))
     elif not quiet:
@@ -246,6 +254,12 @@ def _print_summary(report: dict) -> None:
     if report.get("calibration"):
         c = report["calibration"]
         click.echo(f"  calibration: {c['samples']} examples of {c['source']} (seed {c['seed']}), {c['tokens']} tokens")
+    if report.get("deployment"):
+        d = report["deployment"]
+        click.echo(f"  files: {', '.join(d['files'])}")
+        if d.get("ort"):
+            diff = max(d["ort"]["max_abs_diff_vs_onnx"].values(), default=0.0)
+            click.echo(f"  .ort vs .onnx: max|d| {diff:.3g} on {d['ort']['examples']} examples")
     click.echo(f"  time: {report['timings_s']['total']:.1f} s")
 
 
@@ -268,6 +282,8 @@ def validate(model_dir, model_onnx, allow_pickle, json_out, data, limit, threads
     """
     from edgeq.pipeline import validate_file
 
+    if model_onnx.is_dir() and (model_onnx / "edgeq_report.json").is_file():  # a folder written by edgeq convert
+        model_onnx = model_onnx / "model.onnx"
     if model_onnx.is_dir() or (model_onnx.exists() and model_onnx.suffix != ".onnx" and (model_onnx / "config.json").exists()):
         raise UsageError(f"{model_onnx} is a model directory; the second argument is the .onnx file")
     if not model_onnx.is_file():

@@ -72,6 +72,7 @@ def convert(
     threads: int | None = None,
     log: Callable[[str], None] = lambda s: None,
     progress: bool = False,
+    ort_format: bool = False,
 ) -> dict:
     """Convert ``model_dir`` to ``out`` (atomically) and return the report (also written as JSON)."""
     import onnx
@@ -81,7 +82,7 @@ def convert(
     from edgeq.onnx.export import export_fp32
     from edgeq.onnx.rewrite import read_back, rewrite_linears
     from edgeq.onnx.safe_load import save_onnx, weight_bytes
-    from edgeq.output import staged_output
+    from edgeq.deploy import Layout, stage_deployment, staged
     from edgeq.plan import build_plan
     from edgeq.report import size_by_component
     from edgeq.validate import encode_batches, make_session, run_onnx, run_torch
@@ -129,12 +130,12 @@ def convert(
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     model.producer_name, model.producer_version = "edgeq", __version__
 
-    report_path = out.with_suffix(".json")
-    with staged_output(out.resolve().parent) as stage:
-        tmp_model = stage.path(out)
-        tmp_report = stage.path(report_path)
+    layout = Layout.for_output(out)  # one .onnx file, or a Hugging Face folder (edgeq.deploy)
+    with staged(layout) as stage:
+        tmp_model = stage.path(layout.model)
+        tmp_report = stage.path(layout.report)
         large = weight_bytes(model) > config.external_data_threshold
-        tmp_data = stage.path(out.with_name(out.name + ".data")) if large else None
+        tmp_data = stage.path(layout.data) if large else None
         timer.run("save", save_onnx, model, tmp_model, large)
         session = make_session(str(tmp_model), threads or 0)
         parity = timer.run(
@@ -165,6 +166,10 @@ def convert(
             log("validation:\n" + parity.table())
             failed = "; ".join(f"{c.name} = {c.value:.4g}, limit {c.limit:.4g}" for c in parity.failures())
             raise ValidationFailed(f"validation failed, no output written ({failed}); relax the threshold or raise --k")
+        if layout.folder is not None or ort_format:
+            report["deployment"] = timer.run("package", stage_deployment, stage, layout, loaded, model, tmp_model,
+                                             session, batches, large, ort_format, threads or 0)
+            report["timings_s"].update(package=timer.stages["package"], total=round(time.perf_counter() - t_start, 3))
         tmp_report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         stage.commit()
     return report

@@ -1,0 +1,199 @@
+"""Deployment layouts of ``edgeq convert``: one ``.onnx`` file, or a Hugging Face / Optimum folder,
+optionally with the ONNX Runtime Mobile format (``.ort``) and its reduced-build operator config.
+
+A folder ``OUT_DIR/`` holds ``model.onnx``, ``config.json``, the tokenizer files and
+``edgeq_report.json`` — what ``optimum.onnxruntime.ORTModelFor*.from_pretrained(OUT_DIR)`` and
+transformers' ``AutoTokenizer.from_pretrained(OUT_DIR)`` read. ``--ort-format`` adds ``model.ort``
+(ONNX Runtime's own converter: optimization level "all", fixed style, no NCHWc layout so the file is
+portable to ARM) and ``model.required_operators.config`` (the ops a reduced ORT build must keep).
+Every file is staged by :mod:`edgeq.output` and appears together with the others, or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeq.errors import EdgeqError, UsageError
+
+MODEL_NAME = "model.onnx"
+REPORT_NAME = "edgeq_report.json"
+ORT_TOLERANCE = 1e-4  # .ort vs .onnx outputs, max|Δ| / max(1, max|ref|)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each output file goes; ``folder`` is None for single-file output."""
+
+    model: Path
+    report: Path
+    folder: Path | None = None
+
+    @classmethod
+    def for_output(cls, out: Path) -> Layout:
+        if is_folder_output(out):
+            return cls(out / MODEL_NAME, out / REPORT_NAME, out)
+        return cls(out, out.with_suffix(".json"))
+
+    @property
+    def data(self) -> Path:
+        return self.model.with_name(self.model.name + ".data")
+
+    @property
+    def ort(self) -> Path:
+        return self.model.with_suffix(".ort")
+
+    @property
+    def required_operators(self) -> Path:
+        return self.model.with_suffix(".required_operators.config")
+
+
+def is_folder_output(out: Path) -> bool:
+    """``x.onnx`` is a file; an existing directory or a name without extension is a folder."""
+    if out.suffix == ".onnx":
+        return False
+    if out.is_dir() or out.suffix == "":
+        return True
+    raise UsageError(f"output {out} must end in .onnx (one file) or name a folder (no extension, or an existing "
+                     "directory) for the Hugging Face layout")
+
+
+def check_folder_output(out: Path, inputs: list[Path], force: bool) -> None:
+    """Refuse a folder that is (inside) an input, lacks a writable parent, is a file, or is not empty."""
+    out_res = out.resolve()
+    for p in inputs:
+        p_res = p.resolve()
+        if out_res == p_res or p_res in out_res.parents or out_res in p_res.parents:
+            raise UsageError(f"output folder {out} overlaps input {p}; choose another output folder")
+    parent = out_res if out.is_dir() else out_res.parent
+    if not parent.is_dir():
+        raise UsageError(f"directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{parent} is not writable; choose another output folder")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {out} is a file; give a folder name or a path ending in .onnx")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UsageError(f"output folder {out} is not empty; pass --force to overwrite its files or choose a new folder")
+
+
+@contextlib.contextmanager
+def staged(layout: Layout) -> Iterator:
+    """:func:`edgeq.output.staged_output` beside the model file; a folder made for it goes again on failure."""
+    from edgeq.output import staged_output
+
+    made = layout.folder is not None and not layout.folder.exists()
+    if made:
+        layout.folder.mkdir()
+    try:
+        with staged_output(layout.model.resolve().parent) as stage:
+            yield stage
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):
+                layout.folder.rmdir()  # only if empty: nothing of ours was committed
+        raise
+
+
+def stage_hf_files(stage, layout: Layout, loaded) -> list[Path]:
+    """Stage ``config.json`` and the tokenizer files of ``loaded`` for ``layout.folder``."""
+    tmp = stage.dir / ".hf"
+    tmp.mkdir()
+    loaded.model.config.to_json_file(str(tmp / "config.json"))
+    loaded.tokenizer.save_pretrained(str(tmp))
+    finals = []
+    for f in sorted(tmp.iterdir()):
+        final = layout.folder / f.name
+        if final in (layout.model, layout.report):
+            raise EdgeqError(f"the tokenizer writes {f.name}, which clashes with edgeq's own file; please report this")
+        os.replace(f, stage.path(final))
+        finals.append(final)
+    tmp.rmdir()
+    return finals
+
+
+def stage_ort_format(stage, layout: Layout, staged_model: Path) -> tuple[Path, Path]:
+    """Convert the staged ``.onnx`` with ONNX Runtime's converter; stage ``.ort`` and its operator config."""
+    import logging
+
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)  # its INFO lines would bypass --quiet
+    tmp = stage.dir / ".ort"
+    with contextlib.redirect_stdout(io.StringIO()) as said:  # the tool prints progress; keep --json clean
+        try:
+            convert_onnx_models_to_ort(staged_model, output_dir=tmp, optimization_styles=[OptimizationStyle.Fixed],
+                                       target_platform="arm")
+        except Exception as e:  # noqa: BLE001 - the tool raises plain exceptions
+            last = (said.getvalue().strip().splitlines() or [str(e)])[-1]
+            raise EdgeqError(f"ONNX Runtime could not convert the model to the .ort format ({last[:200]}); "
+                             "convert without --ort-format") from None
+    ort_file = tmp / staged_model.with_suffix(".ort").name
+    config = tmp / staged_model.with_suffix(".required_operators.config").name
+    if not (ort_file.is_file() and config.is_file()):
+        raise EdgeqError(f"ONNX Runtime's converter did not write {ort_file.name} and {config.name}; please report this")
+    staged_ort, staged_config = stage.path(layout.ort), stage.path(layout.required_operators)
+    os.replace(ort_file, staged_ort)
+    os.replace(config, staged_config)
+    return staged_ort, staged_config
+
+
+def read_required_operators(config_file: Path) -> dict[str, list[str]]:
+    """``{domain: [op, ...]}`` from a ``required_operators.config`` (lines ``domain;opset;Op1,Op2``)."""
+    ops: dict[str, set[str]] = {}
+    for line in config_file.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        domain, _opset, names = line.split(";", 2)
+        ops.setdefault(domain, set()).update(n.strip() for n in names.split(",") if n.strip())
+    return {d: sorted(v) for d, v in sorted(ops.items())}
+
+
+def graph_ops(model) -> dict[str, list[str]]:
+    """``{domain: [op_type, ...]}`` of an ONNX model's main graph (``ai.onnx`` for the default domain)."""
+    ops: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        ops.setdefault(node.domain or "ai.onnx", set()).add(node.op_type)
+    return {d: sorted(v) for d, v in sorted(ops.items())}
+
+
+def stage_deployment(stage, layout: Layout, loaded, model, staged_model: Path, session, batches, large: bool,
+                     ort_format: bool, threads: int = 0) -> dict:
+    """Stage the folder's Hugging Face files and/or the ``.ort`` file (checked against the ``.onnx``)."""
+    files = [layout.model, layout.report] + ([layout.data] if large else [])
+    info: dict = {"layout": "folder" if layout.folder is not None else "file", "ops": graph_ops(model)}
+    if layout.folder is not None:
+        files += stage_hf_files(stage, layout, loaded)
+    if ort_format:
+        if large:
+            raise EdgeqError("--ort-format cannot hold a model over 2 GB (FlatBuffers limit); convert without it")
+        staged_ort, staged_config = stage_ort_format(stage, layout, staged_model)
+        info["ort"] = {**check_ort(session, staged_ort, batches, threads),
+                       "required_operators": read_required_operators(staged_config),
+                       "optimization": "all (fixed), target arm",
+                       "bytes": staged_ort.stat().st_size}
+        files += [layout.ort, layout.required_operators]
+    base = layout.folder if layout.folder is not None else layout.model.parent
+    info["files"] = sorted(str(f.relative_to(base)) for f in files)
+    return info
+
+
+def check_ort(onnx_session, ort_path: Path, batches, threads: int = 0) -> dict:
+    """Outputs of the ``.ort`` file vs the ``.onnx`` session on ``batches``; refuse a mismatch."""
+    import numpy as np
+
+    from edgeq.validate import make_session, run_onnx
+
+    ref = run_onnx(onnx_session, batches)
+    got = run_onnx(make_session(str(ort_path), threads), batches)
+    diffs = {k: float(np.max(np.abs(got[k] - v))) if v.size else 0.0 for k, v in ref.items()}
+    for k, d in diffs.items():
+        limit = ORT_TOLERANCE * max(1.0, float(np.max(np.abs(ref[k]))) if ref[k].size else 1.0)
+        if d > limit:
+            raise EdgeqError(f"the .ort file disagrees with the .onnx file ({k} max|d| = {d:.3g} > {limit:.3g}); "
+                             "please report this model, or convert without --ort-format")
+    return {"max_abs_diff_vs_onnx": diffs, "examples": int(sum(len(b["input_ids"]) for b in batches))}

@@ -1,0 +1,219 @@
+"""Deployment: the Hugging Face / Optimum folder, the .ort (ORT Mobile) file, and JavaScript clients.
+
+Tiny random models check the layout, refusals and all-or-nothing writes; the shared RTE model
+(k=256) is run in onnxruntime-node (native), onnxruntime-web (WASM, in Node), the .ort file and
+Optimum, each against Python ONNX Runtime on the same tokenised RTE dev inputs.
+Under CI=1 a missing optimum, node or tests/node/node_modules fails instead of skipping.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgeq.cli import main
+
+from .conftest import REPO, shared_path
+
+NODE_DIR = REPO / "tests" / "node"
+TOL = 1e-4  # JavaScript / .ort logits vs Python ONNX Runtime, max|Δ|
+
+
+def _need_module(name: str):
+    if os.environ.get("CI"):
+        return importlib.import_module(name)  # CI installs the deploy extra: fail, do not skip
+    return pytest.importorskip(name)
+
+
+def _need_node() -> str:
+    node = shutil.which("node")
+    missing = ("node is not on PATH" if node is None else
+               None if (NODE_DIR / "node_modules" / "onnxruntime-node").is_dir() else
+               "tests/node/node_modules is missing (cd tests/node && npm ci --ignore-scripts)")
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+    return node
+
+
+def _convert(*args: str):
+    return CliRunner().invoke(main, ["convert", "-q", *args], catch_exceptions=False)
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _encode(folder: Path, pairs, batch: int = 16) -> list[dict[str, np.ndarray]]:
+    """Tokenise with the tokenizer saved in the output folder (as a client would)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    out = []
+    for i in range(0, len(pairs), batch):
+        a, b = zip(*pairs[i : i + batch])
+        enc = tok(list(a), list(b) if b[0] is not None else None, padding=True, truncation=True, max_length=128,
+                  return_tensors="np")
+        out.append({k: v.astype(np.int64) for k, v in enc.items()})
+    return out
+
+
+def _run(session, batches) -> np.ndarray:
+    names = {i.name for i in session.get_inputs()}
+    return np.concatenate([session.run(["logits"], {k: v for k, v in b.items() if k in names})[0] for b in batches])
+
+
+# ---------------------------------------------------------------- tiny models: layout, refusals, atomicity
+
+def test_folder_layout_loads_in_optimum(tiny_bert, tmp_path):
+    out = tmp_path / "deploy"
+    res = _convert("--k", "16", "--ort-format", str(tiny_bert), str(out))
+    assert res.exit_code == 0, res.output
+    names = sorted(p.name for p in out.iterdir())
+    for f in ("model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json", "edgeq_report.json",
+              "model.ort", "model.required_operators.config"):
+        assert f in names, names
+    assert not [n for n in names if n.startswith(".")], names  # no staging leftovers
+    report = json.loads((out / "edgeq_report.json").read_text())
+    assert sorted(report["deployment"]["files"]) == names
+    assert report["deployment"]["ops"]["com.microsoft"] == ["MatMulNBits"]
+
+    optimum_ort = _need_module("optimum.onnxruntime")
+    model = optimum_ort.ORTModelForSequenceClassification.from_pretrained(out)
+    batches = _encode(out, [("the quick brown fox", "jumps over the lazy dog"), ("a man is playing guitar", None)], 1)
+    want = _run(_session(out / "model.onnx"), batches)
+    got = np.concatenate([np.asarray(model(**b).logits) for b in batches])
+    np.testing.assert_array_equal(got, want)  # the same file in the same runtime: bit-identical
+
+
+def test_folder_output_validate_accepts_folder(tiny_bert, tmp_path):
+    out = tmp_path / "deploy"
+    assert _convert("--k", "4", str(tiny_bert), str(out)).exit_code == 0
+    res = CliRunner().invoke(main, ["validate", str(tiny_bert), str(out)])
+    assert res.exit_code == 0, res.output
+
+
+def test_folder_refusals(tiny_bert, tmp_path):
+    bad_ext = _convert(str(tiny_bert), str(tmp_path / "model.json"))
+    assert bad_ext.exit_code == 2 and "must end in .onnx" in bad_ext.output and not (tmp_path / "model.json").exists()
+    inside = _convert(str(tiny_bert), str(tiny_bert / "out"))
+    assert inside.exit_code == 2 and "overlaps input" in inside.output and not (tiny_bert / "out").exists()
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep")
+    res = _convert(str(tiny_bert), str(busy))
+    assert res.exit_code == 2 and "not empty" in res.output
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+    res = _convert("--force", "--k", "4", str(tiny_bert), str(busy))
+    assert res.exit_code == 0, res.output
+    assert (busy / "model.onnx").is_file() and (busy / "notes.txt").read_text() == "keep"
+
+
+def test_folder_failed_convert_leaves_nothing(tiny_bert, tmp_path):
+    out = tmp_path / "deploy"
+    res = _convert("--k", "0", "--max-abs-diff", "1e-9", str(tiny_bert), str(out))  # validation fails
+    assert res.exit_code != 0
+    assert not out.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = _convert("--k", "0", "--max-abs-diff", "1e-9", str(tiny_bert), str(empty))
+    assert res.exit_code != 0 and list(empty.iterdir()) == []
+
+
+def test_ort_format_single_file(tiny_bert, tmp_path):
+    out = tmp_path / "m.onnx"
+    res = _convert("--k", "16", "--ort-format", "--json", str(tiny_bert), str(out))
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)  # the converter's own prints must not pollute --json
+    assert (tmp_path / "m.ort").is_file() and (tmp_path / "m.required_operators.config").is_file()
+    assert "MatMulNBits" in report["deployment"]["ort"]["required_operators"]["com.microsoft"]
+    batches = _encode(tiny_bert, [("she bought three apples", "at market"), ("service slow", "food arrived cold")])
+    np.testing.assert_allclose(_run(_session(tmp_path / "m.ort"), batches), _run(_session(out), batches),
+                               rtol=0, atol=TOL)
+
+
+# ---------------------------------------------------------------- the shared RTE model in each client
+
+@pytest.fixture(scope="module")
+def rte(tmp_path_factory):
+    """The shared RTE model at k=256 as a folder with model.ort; the RTE dev inputs; Python ORT logits."""
+    from edgeq.data import read_glue_texts
+
+    model_dir = shared_path("models", "minilm-l6-rte")
+    dev = shared_path("data", "glue", "RTE", "dev.tsv")
+    out = tmp_path_factory.mktemp("rte") / "minilm-l6-rte-int4"
+    res = _convert("--k", "256", "--ort-format", "--data", str(dev), "--limit", "32", str(model_dir), str(out))
+    assert res.exit_code == 0, res.output
+    batches = _encode(out, read_glue_texts(dev))
+    return out, batches, _run(_session(out / "model.onnx"), batches)
+
+
+def _node_run(folder: Path, batches, backend: str) -> np.ndarray:
+    node = _need_node()
+    work = folder.parent / f"node-{backend}"
+    work.mkdir(exist_ok=True)
+    spec = {"model": str(folder / "model.onnx"), "output": "logits", "batches": [
+        {k: {"dims": list(v.shape), "data": v.ravel().tolist()} for k, v in b.items()} for b in batches]}
+    (work / "inputs.json").write_text(json.dumps(spec))
+    proc = subprocess.run([node, str(NODE_DIR / "run.mjs"), str(work), "--backend", backend],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads((work / f"outputs-{backend}.json").read_text())
+    assert got["runtime"] == f"onnxruntime-{backend}"
+    return np.concatenate([np.asarray(b["data"], np.float32).reshape(b["dims"]) for b in got["batches"]])
+
+
+@pytest.mark.real
+@pytest.mark.deploy
+def test_rte_onnxruntime_node_matches_python(rte):
+    folder, batches, want = rte
+    got = _node_run(folder, batches, "node")
+    assert got.shape == want.shape == (277, 2)
+    assert np.max(np.abs(got - want)) <= TOL
+    np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
+
+
+@pytest.mark.real
+@pytest.mark.deploy
+def test_rte_onnxruntime_web_wasm_matches_python(rte):
+    folder, batches, want = rte
+    n = 4  # 64 examples: the single-threaded WASM build is ~6x slower than native
+    got = _node_run(folder, batches[:n], "web")
+    sub = want[: sum(len(b["input_ids"]) for b in batches[:n])]
+    assert got.shape == sub.shape
+    assert np.max(np.abs(got - sub)) <= TOL
+    np.testing.assert_array_equal(got.argmax(1), sub.argmax(1))
+
+
+@pytest.mark.real
+def test_rte_ort_format_matches_onnx(rte):
+    folder, batches, want = rte
+    got = _run(_session(folder / "model.ort"), batches)
+    assert np.max(np.abs(got - want)) <= TOL
+    np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
+    config = (folder / "model.required_operators.config").read_text()
+    assert "com.microsoft;1;" in config and "MatMulNBits" in config
+
+
+@pytest.mark.real
+@pytest.mark.deploy
+def test_rte_optimum_pipeline(rte):
+    folder, batches, want = rte
+    optimum_ort = _need_module("optimum.onnxruntime")
+    model = optimum_ort.ORTModelForSequenceClassification.from_pretrained(folder)
+    got = np.concatenate([np.asarray(model(**b).logits) for b in batches[:2]])
+    np.testing.assert_array_equal(got, want[: len(got)])
