@@ -71,7 +71,8 @@ class _Cli(click.Group):
             click.echo(f"edgeq: error: {e}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (see _on_sigterm)
-            click.echo("edgeq: interrupted; no output was written", err=True)
+            atomic = ctx.invoked_subcommand in ("convert", "validate")  # others may keep finished parts
+            click.echo("edgeq: interrupted" + ("; no output was written" if atomic else ""), err=True)
             ctx.exit(143 if "SIGTERM" in str(e) else 130)
         except OSError as e:  # disk full, permission denied, ... while reading or writing
             if debug:
