@@ -13,6 +13,7 @@ import click
 from edgeq import __version__
 from edgeq.errors import EdgeqError, UsageError
 from edgeq.quant.int4 import BLOCK_SIZES
+from edgeq.commands.perf_options import perf_kwargs, perf_options
 from edgeq.saliency import SALIENCY_METHODS
 
 BLOCK_CHOICES = [str(b) for b in BLOCK_SIZES] + ["per-channel", "per-tensor"]
@@ -176,11 +177,12 @@ def _thresholds(max_plan_diff, min_agreement, max_abs_diff):
               help="Also write the ONNX Runtime Mobile .ort file and its required_operators.config (reduced builds).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "json_out", is_flag=True, help="Print the report as JSON on stdout.")
+@perf_options
 @_threshold_options
 def convert(model_dir, out, k, method, rank, seed, block_size, exclude_salient_from_scale, exclude,
             accuracy_level, allow_pickle, force, ort_format, quiet, json_out, data, limit, threads,
             calib, calib_samples, data_dir, percdamp,
-            max_plan_diff, min_agreement, max_abs_diff):
+            max_plan_diff, min_agreement, max_abs_diff, **perf):
     """Convert MODEL_DIR (a Hugging Face directory) to a 4-bit ONNX file OUT.
 
     Without MODEL_DIR, converts the bundled all-MiniLM-L6-v2 encoder
@@ -221,6 +223,7 @@ def convert(model_dir, out, k, method, rank, seed, block_size, exclude_salient_f
         method=method, k=k, rank=rank, seed=seed, block_size=block_size,
         exclude_salient_from_scale=exclude_salient_from_scale, exclude=tuple(exclude),
         accuracy_level=int(accuracy_level), allow_pickle=allow_pickle,
+        **perf_kwargs(perf),
         calib=calib, calib_samples=calib_samples, data_dir=str(data_dir) if data_dir else None, percdamp=percdamp,
         **({"external_data_threshold": t} if (t := click.get_current_context().meta.get("external_data_threshold")) else {}),
     )
@@ -313,3 +316,7 @@ main.add_command(sweep_cmd)
 from edgeq.commands.saliency import saliency_cmd  # noqa: E402
 
 main.add_command(saliency_cmd)
+
+from edgeq.commands.bench import bench  # noqa: E402
+
+main.add_command(bench)

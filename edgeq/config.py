@@ -21,6 +21,10 @@ class ConvertConfig:
     exclude_salient_from_scale: bool = False
     exclude: tuple[str, ...] = ()  # regexes of Linear names kept FP32
     accuracy_level: int = 0  # MatMulNBits accuracy_level
+    bits: int = 4  # MatMulNBits bits of every Linear: 4 (Q4-sym-7) or 8 (Q8-sym-127)
+    bits8: tuple[str, ...] = ()  # regexes of Linear names quantized to 8 bits whatever --bits says
+    correction: str = "dense"  # graph encoding of the FP32 correction (edgeq.onnx.rewrite.CORRECTIONS)
+    quantize_embeddings: bool = False  # word-embedding table as 4-bit GatherBlockQuantized
     opset: int = 17
     allow_pickle: bool = False
     external_data_threshold: int = 2_000_000_000  # bytes; larger models use external data
@@ -51,11 +55,21 @@ class ConvertConfig:
             raise ValueError(f"--accuracy-level must be one of {ACCURACY_LEVELS}, got {self.accuracy_level}")
         if self.opset < 17:
             raise ValueError("--opset must be at least 17 (ScatterElements with reduction, LayerNormalization)")
-        for pattern in self.exclude:
+        if self.bits not in (4, 8):
+            raise ValueError(f"--bits must be 4 or 8, got {self.bits!r}")
+        from edgeq.onnx.rewrite import CORRECTIONS
+
+        if self.correction not in CORRECTIONS:
+            raise ValueError(f"unknown --correction {self.correction!r}; choose from {', '.join(CORRECTIONS)}")
+        for pattern in self.exclude + self.bits8:
             try:
                 re.compile(pattern)
             except re.error as e:
                 raise ValueError(f"--exclude {pattern!r} is not a valid regular expression: {e}") from None
+
+    def layer_bits(self, layer: str) -> int:
+        """8 when ``--bits8`` matches ``layer``, else ``--bits``."""
+        return 8 if any(re.search(p, layer) for p in self.bits8) else self.bits
 
     def is_excluded(self, layer: str) -> bool:
         return any(re.search(p, layer) for p in self.exclude)

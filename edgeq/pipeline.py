@@ -40,15 +40,21 @@ class Timer:
         return out
 
 
-def parity_checks(loaded, session, fp32_out, ref_weights, batches, thresholds: Thresholds, source: str) -> ParityReport:
-    """(a) ONNX vs PyTorch with ``ref_weights``; (b) ONNX vs the FP32 outputs ``fp32_out``."""
+def parity_checks(loaded, session, fp32_out, ref_weights, batches, thresholds: Thresholds, source: str,
+                  plan_session=None) -> ParityReport:
+    """(a) ONNX vs PyTorch with ``ref_weights``; (b) ONNX vs the FP32 outputs ``fp32_out``.
+
+    ``plan_session``: for (a) when the file's MatMulNBits use accuracy_level ≠ 0 (int8 activations
+    are run-time arithmetic, not the weights): the same graph at accuracy_level 0.
+    """
     from edgeq.validate import fidelity, reference_model, relative_max_diff, run_onnx, run_torch
 
     got = run_onnx(session, batches)
+    got_plan = run_onnx(plan_session, batches) if plan_session is not None else got
     ref = run_torch(reference_model(loaded, ref_weights), loaded, batches)
     report = ParityReport(examples=len(next(iter(fp32_out.values()))) if batches else 0, source=source)
     report.examples = int(sum(len(b["input_ids"]) for b in batches))
-    for name, rel in relative_max_diff(got, ref).items():
+    for name, rel in relative_max_diff(got_plan, ref).items():
         report.checks.append(Check(f"plan parity: {name} max|d|/max|ref|", rel, thresholds.plan_rel_diff))
     fid = fidelity(got, fp32_out)
     out = fid["output"]
@@ -80,7 +86,7 @@ def convert(
     from edgeq.data import validation_texts
     from edgeq.hf_model import load_model
     from edgeq.onnx.export import export_fp32
-    from edgeq.onnx.rewrite import read_back, rewrite_linears
+    from edgeq.onnx.rewrite import exact_arithmetic_copy, read_back, rewrite_linears
     from edgeq.onnx.safe_load import save_onnx, weight_bytes
     from edgeq.deploy import Layout, stage_deployment, staged
     from edgeq.plan import build_plan
@@ -114,12 +120,22 @@ def convert(
     if not plan.layers:
         raise UsageError(f"no Linear left to quantize (--exclude keeps all {len(weights)} in FP32); loosen --exclude")
     try:
-        result = timer.run("rewrite", rewrite_linears, model, plan, weights, config.accuracy_level)
+        result = timer.run("rewrite", rewrite_linears, model, plan, weights, config.accuracy_level,
+                           correction=config.correction)
     except ValueError as e:
         raise EdgeqError(f"{e}; exclude them with --exclude REGEX or report this model") from None
     if result.count != len(plan.layers):
         raise EdgeqError(f"rewrote {result.count} Linears but the plan has {len(plan.layers)}; please report this")
     planned = {name: lp.quant.dequantize() for name, lp in plan.layers.items()}
+    if config.quantize_embeddings:  # word embeddings → GatherBlockQuantized (edgeq.onnx.embeddings)
+        from edgeq.onnx.embeddings import module_names, quantize_embeddings
+
+        emb = timer.run("embeddings", quantize_embeddings, model, 32, module_names(model, loaded.model))
+        if not emb.rewritten:
+            raise EdgeqError("--quantize-embeddings found no word-embedding Gather to rewrite ("
+                             + ("; ".join(f"{n}: {r}" for n, r in emb.refused[:2]) or "no Gather on input_ids")
+                             + "); use --no-quantize-embeddings")
+        planned.update(emb.tables)
     decoded = read_back(model)
     bad = [n for n in planned if not np.array_equal(planned[n], decoded[n])]
     if bad:
@@ -138,8 +154,10 @@ def convert(
         tmp_data = stage.path(layout.data) if large else None
         timer.run("save", save_onnx, model, tmp_model, large)
         session = make_session(str(tmp_model), threads or 0)
+        exact = exact_arithmetic_copy(model)
+        plan_session = None if exact is None else _session(exact, threads or 0, config.external_data_threshold)
         parity = timer.run(
-            "validate", parity_checks, loaded, session, fp32_out, planned, batches, thresholds, source
+            "validate", parity_checks, loaded, session, fp32_out, planned, batches, thresholds, source, plan_session
         )
         report = {
             "edgeq_version": __version__,
@@ -202,7 +220,7 @@ def validate_file(
     """Check an edgeq ONNX file against its source model: plan parity (decoded from the file) and fidelity."""
     from edgeq.data import validation_texts
     from edgeq.hf_model import load_model
-    from edgeq.onnx.rewrite import read_back
+    from edgeq.onnx.rewrite import exact_arithmetic_copy, read_back
     from edgeq.onnx.safe_load import load_onnx
     from edgeq.validate import encode_batches, make_session, run_torch
 
@@ -219,7 +237,9 @@ def validate_file(
     batches = encode_batches(loaded, texts)
     fp32_out = run_torch(loaded.model, loaded, batches)
     session = make_session(str(onnx_path), threads or 0)
-    return parity_checks(loaded, session, fp32_out, decoded, batches, thresholds, source)
+    exact = exact_arithmetic_copy(model)
+    plan_session = None if exact is None else _session(exact, threads or 0, 2_000_000_000)
+    return parity_checks(loaded, session, fp32_out, decoded, batches, thresholds, source, plan_session)
 
 
 def _has_external(model) -> bool:

@@ -68,8 +68,9 @@ def plan_layer(name: str, weight: np.ndarray, config: ConvertConfig, stats=None)
         ctx = ScoreContext(layer=name, rank=config.rank, seed=config.seed, stats=stats, percdamp=config.percdamp)
         score = method.score(torch.from_numpy(w), ctx)
         idx = topk_flat(score, k).numpy()
-    quant = quantize_rtn(w, idx, config.granularity, config.exclude_salient_from_scale)
-    base = quantize_rtn(w, idx[:0], config.granularity)
+    quant = quantize_rtn(w, idx, config.granularity, config.exclude_salient_from_scale,
+                         bits=config.layer_bits(name))
+    base = quantize_rtn(w, idx[:0], config.granularity, bits=quant.bits)
     n, k_in = w.shape
     return LayerPlan(
         name=name,

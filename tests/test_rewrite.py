@@ -72,7 +72,7 @@ def test_rewrite_structure_and_numerics(weights, k):
     ws, b1, b2 = weights
     model = linear_graph(ws["lin1"], b1, ws["lin2"], b2)
     plan = build_plan(ws, ConvertConfig(k=k, block_size="32"))
-    result = rewrite_linears(model, plan, ws)
+    result = rewrite_linears(model, plan, ws, correction="scatter")  # dense: tests/test_perf_encodings.py
     onnx.checker.check_model(model)
     ops = Counter(n.op_type for n in model.graph.node)
     assert result.count == 2 == ops["MatMulNBits"]

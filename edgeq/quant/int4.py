@@ -18,6 +18,10 @@ The ``k`` salient entries S (flat indices ``i*K + j``) get ``code = 8`` (they co
 ``exclude_salient_from_scale`` the salient entries do not take part in ``s_G`` (SpQR's rule,
 ALGORITHMS.md §1.1 rule 4).  A group whose remaining entries are all zero gets ``s_G = 0``.
 
+8-bit (``bits=8``, Q8-sym-127): the same with ``QMAX = 127`` and zero point 128, codes in
+[1, 255] (``q + 128``), salient entries = 128; MatMulNBits ``bits=8`` stores one code per byte.
+The 4-bit path is unchanged by this option.
+
 Every granularity is represented exactly by MatMulNBits, whose scales are per (row, block of
 ``export_block`` inputs): a per-row or per-tensor scale is repeated in every block of the row.
 Pure numpy; no I/O.
@@ -32,6 +36,17 @@ import numpy as np
 QMAX = 7
 ZERO_POINT = 8
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits CPU fast path (MLAS)
+BITS = (4, 8)
+
+
+def qmax(bits: int) -> int:
+    """Largest |q| of symmetric ``bits``-bit codes: 7 (int4) or 127 (int8)."""
+    return 2 ** (bits - 1) - 1
+
+
+def zero_point(bits: int) -> int:
+    """MatMulNBits' default zero point ``2^(bits-1)``: 8 (int4) or 128 (int8)."""
+    return 2 ** (bits - 1)
 
 
 @dataclass(frozen=True)
@@ -74,11 +89,12 @@ class Granularity:
 class QuantizedLinear:
     """The int4 codes, scales and exact FP32 entries of one Linear weight ``[N, K]``."""
 
-    codes: np.ndarray  # uint8 [N, K], values 1..15, salient entries = 8
+    codes: np.ndarray  # uint8 [N, K], values 1..15 (1..255 at 8 bits), salient = zero point
     scales: np.ndarray  # float32 [N, n_blocks], MatMulNBits layout (blocks along K)
     block_size: int  # MatMulNBits block_size
     salient_index: np.ndarray  # int64 [k], sorted flat indices i*K + j
     salient_values: np.ndarray  # float32 [k], W at those indices (exact)
+    bits: int = 4  # 4 (Q4-sym-7) or 8 (Q8-sym-127)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -89,10 +105,10 @@ class QuantizedLinear:
         return int(self.salient_index.size)
 
     def dequantize_int4(self) -> np.ndarray:
-        """The int4 part alone, ``(code - 8) * scale`` (salient entries contribute 0)."""
+        """The quantized part alone, ``(code - zero point) * scale`` (salient entries contribute 0)."""
         n, k_in = self.codes.shape
         scale = np.repeat(self.scales, self.block_size, axis=1)[:, :k_in]
-        return ((self.codes.astype(np.float32) - ZERO_POINT) * scale).astype(np.float32)
+        return ((self.codes.astype(np.float32) - zero_point(self.bits)) * scale).astype(np.float32)
 
     def dequantize(self) -> np.ndarray:
         """Ŵ: the int4 part with the salient entries replaced by their exact FP32 values."""
@@ -120,8 +136,12 @@ def quantize_rtn(
     salient_index: np.ndarray,
     granularity: Granularity,
     exclude_salient_from_scale: bool = False,
+    bits: int = 4,
 ) -> QuantizedLinear:
-    """Round-to-nearest Q4-sym-7 of ``weight [N, K]`` keeping ``salient_index`` exact."""
+    """Round-to-nearest Q4-sym-7 (Q8-sym-127 with ``bits=8``) of ``weight [N, K]`` keeping ``salient_index`` exact."""
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits}")
+    qm, zp = qmax(bits), zero_point(bits)
     w = np.ascontiguousarray(weight, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
@@ -137,18 +157,19 @@ def quantize_rtn(
     if exclude_salient_from_scale:
         absw = np.where(mask, np.float32(0), absw)
     b = granularity.export_block(k_in)
-    scales = (_group_amax(absw, granularity) / np.float32(QMAX)).astype(np.float32)
+    scales = (_group_amax(absw, granularity) / np.float32(qm)).astype(np.float32)
 
     s_full = np.repeat(scales, b, axis=1)[:, :k_in]
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.where(s_full > 0, np.rint(w / s_full), 0.0)
-    q = np.clip(q, -QMAX, QMAX)
-    codes = (q + ZERO_POINT).astype(np.uint8)
-    codes[mask] = ZERO_POINT
+    q = np.clip(q, -qm, qm)
+    codes = (q + zp).astype(np.uint8)
+    codes[mask] = zp
     return QuantizedLinear(
         codes=codes,
         scales=scales,
         block_size=b,
         salient_index=idx,
         salient_values=w.reshape(-1)[idx].copy(),
+        bits=bits,
     )

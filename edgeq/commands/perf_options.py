@@ -1,0 +1,38 @@
+"""Speed/size options of ``edgeq convert``: bits, per-layer 8-bit, correction encoding, 4-bit embeddings.
+
+Kept here (not in cli.py) so that the choices come from one place; the values land in
+``ConvertConfig`` (bits, bits8, correction, quantize_embeddings).  See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import click
+
+CORRECTION_CHOICES = ("dense", "scatter")  # edgeq.onnx.rewrite.CORRECTIONS (kept in sync by a test)
+OPTION_NAMES = ("bits", "bits8", "correction", "quantize_embeddings")
+
+
+def perf_options(fn):
+    opts = [
+        click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True,
+                     help="MatMulNBits bits of every Linear (8 is fast only with --accuracy-level 4)."),
+        click.option("--bits8", multiple=True, metavar="REGEX",
+                     help="Quantize Linears whose name matches REGEX to 8 bits (repeatable)."),
+        click.option("--correction", type=click.Choice(CORRECTION_CHOICES), default="dense", show_default=True,
+                     help="Graph encoding of the k FP32 entries (dense: Gather+MatMul+Add; scatter: ScatterElements)."),
+        click.option("--quantize-embeddings/--no-quantize-embeddings", default=False, show_default=True,
+                     help="Word-embedding table as 4-bit GatherBlockQuantized (block 32)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def perf_kwargs(params: dict) -> dict:
+    """The ConvertConfig fields among a command's parameters."""
+    out = {k: params[k] for k in OPTION_NAMES if k in params}
+    if "bits" in out:
+        out["bits"] = int(out["bits"])
+    if "bits8" in out:
+        out["bits8"] = tuple(out["bits8"])
+    return out

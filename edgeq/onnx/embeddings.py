@@ -1,0 +1,157 @@
+"""4-bit word embeddings: ``Gather(E, ids)`` → ``com.microsoft.GatherBlockQuantized``.
+
+The table ``E [V, H]`` is quantized like a Linear weight with one scale per block of
+``block_size`` consecutive hidden units of a row (Q4-sym-7, ``edgeq.quant.int4``)::
+
+    s_vb = max_{h in block b} |E_vh| / 7,   code_vh = clamp(rint(E_vh / s_vb), -7, 7) + 8
+    Ê_vh = (code_vh − 8) · s_vb
+
+and stored as ONNX Runtime's GatherBlockQuantized expects for ``uint8`` data with ``bits=4``:
+``data [V, H/2]`` two codes per byte along the last axis (even h in the low nibble), ``scales
+[V, H/block_size]``, no ``zero_points`` input (default 2^(bits−1) = 8), ``gather_axis=0``,
+``quantize_axis=1``.  The op gathers rows and dequantizes them: ``out[..., h] = Ê[ids[...], h]``.
+
+Pattern: a ``Gather`` on axis 0 of a constant float32 2-D initializer indexed by the graph input
+``input_ids``.  Checks (a reason when refused): the table has no other consumer, H is a
+multiple of ``block_size`` (no padding in the op's layout).  Only the word-embedding table is
+rewritten; position and token-type tables are small.  :func:`read_embeddings` decodes Ê.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeq.quant.int4 import Granularity, QuantizedLinear, quantize_rtn
+from edgeq.quant.pack import pack_int4, unpack_int4
+
+MS_DOMAIN = "com.microsoft"
+EMBEDDINGS_KEY = "edgeq.embeddings"
+IDS_INPUT = "input_ids"
+
+
+@dataclass
+class EmbeddingResult:
+    rewritten: dict[str, str] = field(default_factory=dict)  # table initializer → module name (or itself)
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (node name, reason)
+    tables: dict[str, np.ndarray] = field(default_factory=dict)  # module name → Ê (what ORT computes)
+
+
+def quantize_table(table: np.ndarray, block_size: int = 32) -> QuantizedLinear:
+    """Q4-sym-7 of ``table [V, H]`` with blocks of ``block_size`` along H (no FP32 entries)."""
+    return quantize_rtn(table, np.empty(0, np.int64), Granularity("block", block_size))
+
+
+def pack_table(q: QuantizedLinear) -> np.ndarray:
+    """GatherBlockQuantized ``data``: uint8 ``[V, H/2]`` (same nibble order as MatMulNBits)."""
+    v, h = q.shape
+    return pack_int4(q.codes, q.block_size).reshape(v, -1)[:, : h // 2]
+
+
+def check_gather(node: onnx.NodeProto, inits, consumers, block_size: int) -> str | None:
+    """Why this Gather cannot become GatherBlockQuantized, or None."""
+    if len(node.input) < 2 or node.input[1] != IDS_INPUT:
+        return f"indices are not the graph input {IDS_INPUT}"
+    axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+    if axis != 0:
+        return f"Gather on axis {axis}, not 0"
+    t = inits.get(node.input[0])
+    if t is None:
+        return "table is not a constant initializer"
+    if len(t.dims) != 2 or t.data_type != TensorProto.FLOAT:
+        return f"table {t.name} is not a 2-D float32 tensor"
+    if consumers.get(t.name, 0) != 1:
+        return f"table {t.name} is shared with other nodes (tied weights)"
+    if t.dims[1] % block_size:
+        return f"hidden size {t.dims[1]} is not a multiple of block size {block_size}"
+    return None
+
+
+def module_names(model: onnx.ModelProto, torch_model) -> dict[str, str]:
+    """Table initializer → name of the ``nn.Embedding`` holding the same values (matched by content)."""
+    import torch
+
+    inits = {t.name: t for t in model.graph.initializer}
+    tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and IDS_INPUT in n.input[1:]}
+    out = {}
+    for name, mod in torch_model.named_modules():
+        if not isinstance(mod, torch.nn.Embedding):
+            continue
+        w = mod.weight.detach().float().numpy()
+        for t in tables:
+            if t in inits and tuple(inits[t].dims) == w.shape and np.array_equal(numpy_helper.to_array(inits[t]), w):
+                out[t] = name
+    return out
+
+
+def quantize_embeddings(model: onnx.ModelProto, block_size: int = 32,
+                        modules: dict[str, str] | None = None) -> EmbeddingResult:
+    """Rewrite, in place, the word-embedding Gather(s) of ``model``; return what was done and refused.
+
+    ``modules`` (table initializer → module name, see :func:`module_names`) is recorded in the
+    file so that :func:`read_embeddings` can name the tables after the source model's modules.
+    """
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    consumers: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    result = EmbeddingResult()
+    new_nodes, drop, new_inits = [], set(), []
+    for node in graph.node:
+        if node.op_type != "Gather" or IDS_INPUT not in node.input[1:]:
+            new_nodes.append(node)
+            continue
+        reason = check_gather(node, inits, consumers, block_size)
+        if reason is None and modules is not None and node.input[0] not in modules:
+            reason = "table matches no nn.Embedding of the source model"
+        if reason:
+            result.refused.append((node.name, reason))
+            new_nodes.append(node)
+            continue
+        name = node.input[0]
+        q = quantize_table(numpy_helper.to_array(inits[name]), block_size)
+        new_inits += [
+            numpy_helper.from_array(pack_table(q), f"{name}.emb_q4"),
+            numpy_helper.from_array(q.scales.astype(np.float32), f"{name}.emb_scales"),
+        ]
+        new_name = f"{node.name or name}/GatherBlockQuantized"
+        new_nodes.append(helper.make_node(
+            "GatherBlockQuantized", [f"{name}.emb_q4", node.input[1], f"{name}.emb_scales"], list(node.output),
+            name=new_name, domain=MS_DOMAIN, bits=4, block_size=block_size, gather_axis=0, quantize_axis=1,
+        ))
+        drop.add(name)
+        result.rewritten[name] = (modules or {}).get(name, name)
+        result.tables[result.rewritten[name]] = q.dequantize_int4()
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    kept = [t for t in graph.initializer if t.name not in drop]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    if result.rewritten:
+        if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        model.metadata_props.append(onnx.StringStringEntryProto(
+            key=EMBEDDINGS_KEY, value=json.dumps(result.rewritten, sort_keys=True)))
+    return result
+
+
+def read_embeddings(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Ê ``[V, H]`` of every rewritten table, keyed by module name (initializer name if unknown)."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    inits = {t.name: t for t in model.graph.initializer}
+    out = {}
+    for name, key in json.loads(meta.get(EMBEDDINGS_KEY, "{}")).items():
+        node = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized" and n.input[0] == f"{name}.emb_q4")
+        bs = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "block_size")
+        data = numpy_helper.to_array(inits[f"{name}.emb_q4"])
+        scales = numpy_helper.to_array(inits[f"{name}.emb_scales"])
+        h = data.shape[1] * 2
+        codes = unpack_int4(data.reshape(data.shape[0], -1, bs // 2), h).astype(np.float32)
+        out[key] = ((codes - 8.0) * np.repeat(scales, bs, axis=1)[:, :h]).astype(np.float32)
+    return out
