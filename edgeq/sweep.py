@@ -148,6 +148,7 @@ class _Context:
         self.weights = self.loaded.linear_weights()
         t0 = time.perf_counter()
         self.fp32 = export_fp32(self.loaded)
+        self.loaded.model.eval()  # torch.onnx.export leaves the wrapped model in training mode (dropout on)
         log(f"loaded and exported FP32 in {time.perf_counter() - t0:.1f} s")
         self._calibration = None
         self._int4_error: dict[str, float] = {}
@@ -272,7 +273,8 @@ def run_sweep(settings: SweepSettings, methods: Sequence[str], ks: Sequence[int]
         res = ctx.evaluate(ctx.fp32.SerializeToString())
         torch_res = ctx.evaluate(None, engine="pytorch")
         store(make_cell(FP32, None, 0, res, labels, None, {
-            **base, "pytorch_correct": torch_res.correct, "pytorch_metrics": torch_res.metrics}))
+            **base, "pytorch_correct": torch_res.correct, "pytorch_metrics": torch_res.metrics,
+            "pytorch_same_predictions": torch_res.predictions == res.predictions}))
     fp32_codes = cells[FP32]["predictions"]
     if INT4 in missing:
         model, info = ctx.quantized_cell(None, 0)

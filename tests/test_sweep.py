@@ -32,6 +32,7 @@ def test_selection_reused_across_k_equals_build_plan(tiny):
 
     root, model = tiny
     ctx = _Context(SweepSettings(str(model), "RTE", block_size="16"), root / "glue", 1, True, lambda s: None)
+    assert not ctx.loaded.model.training  # the export must not leave dropout on for PyTorch eval/calibration
     for method in ("svd", "magnitude", "random"):
         orders = ctx.orders(method, 200)
         for k in (1, 7, 200):
@@ -52,6 +53,7 @@ def test_sweep_resumes_without_recomputing(tiny, tmp_path):
     cells = first.cells
     fp32 = cells[FP32]
     assert fp32["correct"] == fp32["pytorch_correct"]  # exported FP32 graph == PyTorch on every example
+    assert fp32["pytorch_same_predictions"] is True
     assert fp32["examples"] == 20 and len(fp32["predictions"]) == 20
     for c in cells.values():
         p = c["metrics"]["accuracy"]
