@@ -1,0 +1,118 @@
+"""Which ONNX Runtime client runs an edgeq output folder: the ops of its graph and of its .ort file, and
+the logits of Python ORT, onnxruntime-node, onnxruntime-web (WASM, in Node) and the .ort file on GLUE dev.
+
+    python tools/op_support.py OUT_DIR --data ../shared/data/glue/RTE/dev.tsv [--web-limit 64] [--json F]
+
+OUT_DIR is written by `edgeq convert MODEL OUT_DIR --ort-format`. Needs node and tests/node installed
+(`cd tests/node && npm ci --ignore-scripts`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def encode(folder: Path, pairs, batch: int = 16):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    out = []
+    for i in range(0, len(pairs), batch):
+        a, b = zip(*pairs[i : i + batch])
+        enc = tok(list(a), list(b) if b[0] is not None else None, padding=True, truncation=True, max_length=128,
+                  return_tensors="np")
+        out.append({k: v.astype(np.int64) for k, v in enc.items()})
+    return out
+
+
+def run_python(path: Path, batches) -> np.ndarray:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = {i.name for i in s.get_inputs()}
+    return np.concatenate([s.run(["logits"], {k: v for k, v in b.items() if k in names})[0] for b in batches])
+
+
+def run_node(model: Path, batches, backend: str) -> tuple[np.ndarray, str]:
+    with tempfile.TemporaryDirectory() as d:
+        spec = {"model": str(model), "output": "logits", "batches": [
+            {k: {"dims": list(v.shape), "data": v.ravel().tolist()} for k, v in b.items()} for b in batches]}
+        (Path(d) / "inputs.json").write_text(json.dumps(spec))
+        subprocess.run([shutil.which("node") or "node", str(REPO / "tests/node/run.mjs"), d, "--backend", backend],
+                       check=True, capture_output=True, text=True)
+        got = json.loads((Path(d) / f"outputs-{backend}.json").read_text())
+    y = np.concatenate([np.asarray(b["data"], np.float32).reshape(b["dims"]) for b in got["batches"]])
+    return y, f"{got['runtime']} {got['version']}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folder", type=Path)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--web-limit", type=int, default=64, help="examples for the (slow, 1-thread) WASM run")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    import onnx
+    import onnxruntime
+
+    from edgeq.data import read_glue_texts
+    from edgeq.deploy import graph_ops, read_required_operators
+
+    folder = args.folder
+    ops = graph_ops(onnx.load(str(folder / "model.onnx"), load_external_data=False))
+    ort_ops = read_required_operators(folder / "model.required_operators.config")
+    pairs = read_glue_texts(args.data)
+    batches = encode(folder, pairs)
+    web_batches = batches[: max(1, args.web_limit // 16)]
+    n_web = sum(len(b["input_ids"]) for b in web_batches)
+
+    rows = []
+    t = time.perf_counter()
+    ref = run_python(folder / "model.onnx", batches)
+    rows.append((f"onnxruntime (Python) {onnxruntime.__version__}, .onnx", len(ref), 0.0, 1.0, time.perf_counter() - t))
+    for label, fn in [
+        ("node", lambda: run_node(folder / "model.onnx", batches, "node")),
+        ("web", lambda: run_node(folder / "model.onnx", web_batches, "web")),
+        ("ort", lambda: (run_python(folder / "model.ort", batches), f"onnxruntime (Python) {onnxruntime.__version__}, .ort")),
+    ]:
+        t = time.perf_counter()
+        y, name = fn()
+        r = ref[: len(y)]
+        if label == "web":
+            name += " (wasm EP, 1 thread)"
+        rows.append((name, len(y), float(np.max(np.abs(y - r))), float(np.mean(y.argmax(1) == r.argmax(1))),
+                     time.perf_counter() - t))
+
+    print(f"ops of {folder / 'model.onnx'}:")
+    for d, names in ops.items():
+        print(f"  {d}: {', '.join(names)}")
+    print(f"ops of {folder / 'model.ort'} (model.required_operators.config):")
+    for d, names in ort_ops.items():
+        print(f"  {d}: {', '.join(names)}")
+    print(f"\n{'runtime':<52} {'examples':>8} {'max|d| vs Python':>17} {'same argmax':>11} {'time s':>7}")
+    for name, n, d, agree, sec in rows:
+        print(f"{name:<52} {n:>8} {d:>17.3g} {agree:>11.4f} {sec:>7.1f}")
+    if args.json:
+        args.json.write_text(json.dumps({"ops": ops, "ort_required_operators": ort_ops, "data": str(args.data),
+                                         "runs": [dict(zip(("runtime", "examples", "max_abs_diff", "argmax_agreement",
+                                                            "seconds"), r)) for r in rows]}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
