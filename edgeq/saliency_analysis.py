@@ -101,8 +101,9 @@ def analyze(model_dir: Path, methods: Sequence[str], ks: Sequence[int], calib: s
         "layers": shapes,
         "summary": summarize(pairs),
         "per_layer": [p.row() for p in pairs],
-        "concentration": [c.__dict__ for c in conc],
+        "concentration": [dict(c.__dict__) for c in conc],
         "timings_s": timings,
+        "torch_threads": torch.get_num_threads(),
     }
 
 
@@ -115,10 +116,30 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+def compact(report: dict) -> dict:
+    """The report with per-layer rows nested as lists over k (the CSVs hold the flat rows)."""
+    ks = report["k"]
+    per_layer: dict = {}
+    for r in report["per_layer"]:
+        d = per_layer.setdefault(r["layer"], {"size": r["size"], "intersection": {}, "iou": {}})
+        pair = f"{r['a']}|{r['b']}"
+        d["intersection"].setdefault(pair, [None] * len(ks))[ks.index(r["k"])] = r["intersection"]
+        d["iou"].setdefault(pair, [None] * len(ks))[ks.index(r["k"])] = round(r["iou"], 5)
+    conc: dict = {}
+    for c in report["concentration"]:
+        d = conc.setdefault(c["layer"], {}).setdefault(c["method"], {"rows_touched": [None] * len(ks),
+                                                                       "cols_touched": [None] * len(ks)})
+        d["rows_touched"][ks.index(c["k"])] = c["rows_touched"]
+        d["cols_touched"][ks.index(c["k"])] = c["cols_touched"]
+    return {**report, "per_layer": per_layer, "concentration": conc}
+
+
 def write_outputs(report: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / REPORT_JSON, out / SUMMARY_CSV, out / LAYERS_CSV, out / CONCENTRATION_CSV, out / PLOT_PNG]
-    paths[0].write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    text = json.dumps(compact(report), indent=1)
+    text = re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+    paths[0].write_text(text + "\n", encoding="utf-8")
     _write_csv(paths[1], report["summary"])
     _write_csv(paths[2], report["per_layer"])
     _write_csv(paths[3], report["concentration"])

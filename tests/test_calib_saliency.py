@@ -283,9 +283,14 @@ def test_saliency_command_writes_json_csv_png(tiny, tmp_path):
     assert rep["calibration"]["samples"] == len(SENTENCES) and rep["calibration"]["source"] == str(calib)
     assert len(rep["summary"]) == 6 * 3  # 6 pairs × 3 k
     n_layers = len(rep["layers"])
-    for r in rep["per_layer"]:
-        assert 0 <= r["iou"] <= 1 and r["iou"] == pytest.approx(r["intersection"] / (2 * min(r["k"], r["size"]) - r["intersection"]))
-    assert len(rep["concentration"]) == 4 * 3 * n_layers
+    assert set(rep["per_layer"]) == set(rep["layers"]) == set(rep["concentration"])
+    for layer, d in rep["per_layer"].items():
+        assert len(d["iou"]) == 6
+        for pair, ious in d["iou"].items():
+            for k, v, c in zip(rep["k"], ious, d["intersection"][pair]):
+                assert 0 <= v <= 1 and v == pytest.approx(c / (2 * min(k, d["size"]) - c), abs=1e-5)
+        assert all(len(v["rows_touched"]) == 3 for v in rep["concentration"][layer].values())
+    assert len((out / "concentration.csv").read_text().splitlines()) == 1 + 4 * 3 * n_layers
     header = (out / "overlap_summary.csv").read_text().splitlines()[0]
     assert "macro_iou" in header and "micro_iou" in header
     assert len((out / "overlap_layers.csv").read_text().splitlines()) == 1 + 6 * 3 * n_layers

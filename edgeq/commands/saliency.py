@@ -40,10 +40,12 @@ def _ints(text: str) -> list[int]:
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Leave out Linears whose name matches REGEX.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
               help="Directory for saliency.json, overlap_*.csv, concentration.csv and iou.png.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="PyTorch intra-op threads (0: runtime default; 1 is much faster on an oversubscribed CPU).")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickle .bin checkpoints (runs their code!).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 def saliency_cmd(model_dir, methods, k_list, calib, calib_samples, data_dir, seed, rank, percdamp, exclude,
-                 out_dir, allow_pickle, quiet):
+                 out_dir, threads, allow_pickle, quiet):
     """Compare the top-k selections of saliency methods on every Linear of MODEL_DIR.
 
     Each method scores each Linear once; for every k and every pair of methods the
@@ -74,6 +76,10 @@ def saliency_cmd(model_dir, methods, k_list, calib, calib_samples, data_dir, see
         from edgeq.calib import resolve_calib_source
 
         resolve_calib_source(calib, data_dir)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     start = time.perf_counter()
     log = (lambda s: None) if quiet else (lambda s: click.echo(f"[{time.perf_counter() - start:6.1f}s] {s}", err=True))
     report = analyze(model_dir, names, ks, calib, calib_samples, seed, data_dir, rank, percdamp, tuple(exclude),
