@@ -124,7 +124,8 @@ def collect_input_stats(
     ``names`` defaults to every ``nn.Linear`` of ``model``.  ``batches`` are model keyword inputs
     as numpy arrays and must hold ``attention_mask``.  A Linear called with the very tensor the
     previous hooked Linear received (q/k/v) reuses that Linear's statistics object; this sharing
-    must be the same in every batch.  A progress bar goes to stderr when ``progress``.
+    must be the same in every batch.  A progress bar goes to stderr when ``progress``.  The model
+    runs in eval mode (dropout off) and its previous train/eval mode is restored afterwards.
     """
     import torch
 
@@ -158,6 +159,8 @@ def collect_input_stats(
 
     handles = [modules[n].register_forward_pre_hook(hook_for(n)) for n in names]
     bar = None
+    was_training = model.training
+    model.eval()
     try:
         batches = list(batches) if total is None and progress else batches
         if progress:
@@ -177,6 +180,7 @@ def collect_input_stats(
                 if bar is not None:
                     bar.update(1)
     finally:
+        model.train(was_training)
         for h in handles:
             h.remove()
         if bar is not None:

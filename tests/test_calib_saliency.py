@@ -89,7 +89,10 @@ def test_statistics_exclude_padding(tmp_path):
     plain = _batches(loaded, SENTENCES)
     padded = _batches(loaded, SENTENCES, pad_to=40)
     single = _batches(loaded, SENTENCES, batch_size=1)  # no padding at all
+    loaded.model.train()  # dropout on: the collection must still run in eval mode
     a = collect_input_stats(loaded.model, plain)
+    assert loaded.model.training  # and give the mode back
+    loaded.model.eval()
     b = collect_input_stats(loaded.model, padded)
     c = collect_input_stats(loaded.model, single)
     tokens = int(sum(bt["attention_mask"].sum() for bt in plain))
