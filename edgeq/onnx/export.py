@@ -55,7 +55,7 @@ def export_fp32(loaded: LoadedModel, opset: int = 17, external_data_threshold: i
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _Wrapper(loaded.model),
+            _Wrapper(loaded.model).eval(),  # export restores the wrapper's mode afterwards: keep it eval
             args,
             str(buf) if tmp else buf,
             dynamo=False,
@@ -65,6 +65,7 @@ def export_fp32(loaded: LoadedModel, opset: int = 17, external_data_threshold: i
             opset_version=opset,
             do_constant_folding=True,
         )
+    loaded.model.eval()
     if tmp is None:
         return onnx.load_from_string(buf.getvalue())
     with tmp:
