@@ -13,6 +13,7 @@ import click
 from edgeq import __version__
 from edgeq.errors import EdgeqError, UsageError
 from edgeq.quant.int4 import BLOCK_SIZES
+from edgeq.commands.quantizer_options import quantizer_kwargs, quantizer_options
 from edgeq.commands.perf_options import perf_kwargs, perf_options
 from edgeq.saliency import SALIENCY_METHODS
 
@@ -177,12 +178,13 @@ def _thresholds(max_plan_diff, min_agreement, max_abs_diff):
               help="Also write the ONNX Runtime Mobile .ort file and its required_operators.config (reduced builds).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "json_out", is_flag=True, help="Print the report as JSON on stdout.")
+@quantizer_options
 @perf_options
 @_threshold_options
 def convert(model_dir, out, k, method, rank, seed, block_size, exclude_salient_from_scale, exclude,
             accuracy_level, allow_pickle, force, ort_format, quiet, json_out, data, limit, threads,
             calib, calib_samples, data_dir, percdamp,
-            max_plan_diff, min_agreement, max_abs_diff, **perf):
+            max_plan_diff, min_agreement, max_abs_diff, **qopts):
     """Convert MODEL_DIR (a Hugging Face directory) to a 4-bit ONNX file OUT.
 
     Without MODEL_DIR, converts the bundled all-MiniLM-L6-v2 encoder
@@ -223,8 +225,9 @@ def convert(model_dir, out, k, method, rank, seed, block_size, exclude_salient_f
         method=method, k=k, rank=rank, seed=seed, block_size=block_size,
         exclude_salient_from_scale=exclude_salient_from_scale, exclude=tuple(exclude),
         accuracy_level=int(accuracy_level), allow_pickle=allow_pickle,
-        **perf_kwargs(perf),
         calib=calib, calib_samples=calib_samples, data_dir=str(data_dir) if data_dir else None, percdamp=percdamp,
+        **quantizer_kwargs(qopts),
+        **perf_kwargs(qopts),
         **({"external_data_threshold": t} if (t := click.get_current_context().meta.get("external_data_threshold")) else {}),
     )
     check_model_dir(model_dir, allow_pickle)
@@ -264,6 +267,9 @@ def _print_summary(report: dict) -> None:
         if d.get("ort"):
             diff = max(d["ort"]["max_abs_diff_vs_onnx"].values(), default=0.0)
             click.echo(f"  .ort vs .onnx: max|d| {diff:.3g} on {d['ort']['examples']} examples")
+    if report.get("quantizer"):
+        qr = report["quantizer"]
+        click.echo(f"  quantizer: {qr['name']} {qr['hyperparameters']}")
     click.echo(f"  time: {report['timings_s']['total']:.1f} s")
 
 

@@ -32,6 +32,13 @@ class ConvertConfig:
     calib_samples: int = 128  # calibration examples (seeded sample, --seed)
     data_dir: str | None = None  # GLUE directory for task names (default: $EDGEQ_GLUE_DIR or ../shared/data/glue)
     percdamp: float = 0.01  # relative Hessian damping (spqr)
+    quantizer: str = "rtn"  # int4 quantizer (edgeq.quant.registry): rtn, gptq, sarqc-gbs, sarqc-gs, lsi
+    sarqc_lambda: str = "auto"  # SARQC regularisation strength: a float >= 0 or "auto" (held-out choice)
+    sarqc_saliency: str = "svd"  # SARQC saliency: svd, magnitude, hessian, uniform
+    lsi_epochs: int = 2  # LSI/LWC epochs over the fitting calibration batches (best held-out epoch kept)
+    lsi_rank: int = 64  # singular values with a learnable increment (0: LWC only)
+    lsi_lr: float = 1e-4  # AdamW lr of the increments δ
+    lwc_lr: float = 1e-2  # AdamW lr of the clipping logits γ, β
     granularity: Granularity = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -51,6 +58,9 @@ class ConvertConfig:
             raise ValueError(f"--calib-samples must be a positive integer, got {self.calib_samples!r}")
         if not self.percdamp >= 0:
             raise ValueError(f"--percdamp must be >= 0, got {self.percdamp!r}")
+        from edgeq.quant.registry import check_options
+
+        check_options(self)
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise ValueError(f"--accuracy-level must be one of {ACCURACY_LEVELS}, got {self.accuracy_level}")
         if self.opset < 17:

@@ -96,6 +96,10 @@ def convert(
     t_start = time.perf_counter()
     timer = Timer(log)
     loaded = timer.run("load", load_model, model_dir, config.allow_pickle)
+    huge = next(((n, p.numel() * 4) for n, p in loaded.model.named_parameters() if p.numel() * 4 >= 2**31), None)
+    if huge:  # protobuf cannot copy one message of 2 GB or more, which the ONNX rewrite needs
+        raise EdgeqError(f"weight {huge[0]} alone is {huge[1] / 1e9:.2f} GB; edgeq cannot convert a single tensor "
+                         "of 2 GB or more (protobuf limit), only models whose total exceeds it")
     calibration = None
     if config.calib:  # statistics of every Linear input (edgeq.calib), for calibration-based methods
         from edgeq.calib import calibrate

@@ -54,7 +54,9 @@ class QuantPlan:
         return float(sum(p.recon_error for p in self.layers.values()))
 
 
-def plan_layer(name: str, weight: np.ndarray, config: ConvertConfig, stats=None) -> LayerPlan:
+def plan_layer(name: str, weight: np.ndarray, config: ConvertConfig, stats=None,
+               quantize: Callable[[np.ndarray, np.ndarray], QuantizedLinear] | None = None) -> LayerPlan:
+    """Select the salient entries, then ``quantize(w, idx)`` (default: RTN; see edgeq.quant.registry)."""
     import torch
 
     w = np.ascontiguousarray(weight, dtype=np.float32)
@@ -68,8 +70,11 @@ def plan_layer(name: str, weight: np.ndarray, config: ConvertConfig, stats=None)
         ctx = ScoreContext(layer=name, rank=config.rank, seed=config.seed, stats=stats, percdamp=config.percdamp)
         score = method.score(torch.from_numpy(w), ctx)
         idx = topk_flat(score, k).numpy()
-    quant = quantize_rtn(w, idx, config.granularity, config.exclude_salient_from_scale,
-                         bits=config.layer_bits(name))
+    if quantize is None:
+        quant = quantize_rtn(w, idx, config.granularity, config.exclude_salient_from_scale,
+                             bits=config.layer_bits(name))
+    else:
+        quant = quantize(w, idx)
     base = quantize_rtn(w, idx[:0], config.granularity, bits=quant.bits)
     n, k_in = w.shape
     return LayerPlan(
