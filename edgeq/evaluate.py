@@ -245,6 +245,7 @@ def evaluate_path(model: Path, task: TaskSpec, ex: Examples, threads: int = 1, t
         loaded = load_model(model, allow_pickle)
         if loaded.head != "sequence-classification":
             raise EdgeqError(f"{model} is a bare encoder (no classification head); evaluate a fine-tuned task model")
+        label_ids(task, loaded.id2label, int(loaded.model.config.num_labels))  # refuse before running anything
         tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else loaded.tokenizer
         batches = encode_sorted(tok, ex.texts, loaded.input_names, max_length, batch_size)
         return evaluate(task, ex, torch_predictor(loaded.model), batches, loaded.id2label, str(model), "pytorch", quiet)
@@ -255,7 +256,14 @@ def evaluate_path(model: Path, task: TaskSpec, ex: Examples, threads: int = 1, t
     assets = find_assets(model, tokenizer_dir)
     session = onnx_session(str(model), threads)
     predict, inputs = onnx_predictor(session)
+    id2label = read_id2label(assets)
+    outs = {o.name: o for o in session.get_outputs()}
+    if "logits" not in outs:
+        raise EdgeqError(f"{model} has no logits output (a bare encoder?); evaluate a converted task model")
+    width = outs["logits"].shape[-1]
+    if isinstance(width, int):
+        label_ids(task, id2label, width)  # refuse before running anything
     batches = encode_sorted(load_tokenizer(assets), ex.texts, inputs, max_length, batch_size)
-    result = evaluate(task, ex, predict, batches, read_id2label(assets), str(model), "onnxruntime", quiet)
+    result = evaluate(task, ex, predict, batches, id2label, str(model), "onnxruntime", quiet)
     result.extra["tokenizer"] = str(assets)
     return result

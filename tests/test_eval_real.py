@@ -35,3 +35,19 @@ def test_rte_fp32_onnx_equals_pytorch_and_training_json(tmp_path):
     assert ox.predictions == pt.predictions
     recorded = json.loads((model_dir / "training.json").read_text())["dev_accuracy_after_fp16_storage"]
     assert pt.correct == round(recorded * len(ex.texts))
+
+
+@pytest.mark.parametrize("task,rows", [("CoLA", 1043), ("SST-2", 872), ("MRPC", 408), ("STS-B", 1500),
+                                       ("QNLI", 5463), ("RTE", 277), ("WNLI", 71)])
+def test_every_glue_dev_file_reads_in_full(task, rows):
+    """GLUE's official dev sizes: a quote-handling or header mistake loses or merges rows."""
+    from edgeq.glue import get_task, read_examples
+
+    spec = get_task(task)
+    ex = read_examples(spec, shared_path("data", "glue", spec.name, "dev.tsv"))
+    assert len(ex.texts) == rows
+    if spec.is_regression:
+        assert 0.0 <= ex.gold.min() and ex.gold.max() <= 5.0
+    else:
+        assert set(ex.gold) == set(spec.labels)
+    assert all(t[0] for t in ex.texts)
