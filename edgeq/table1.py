@@ -3,7 +3,8 @@
 Rows: FP32, int4 (k = 0), then each method × k.  Each row gives the task's metrics (%), the
 correct count out of n, the binomial standard error ``sqrt(p(1−p)/n)`` of the accuracy, and the
 agreement with the FP32 model's predictions with its own standard error.  Figure 1 plots the
-headline metric against k (log x) with ±1 s.e. bars, one line per method; FP32 and int4 are
+headline metric against k (log x) with ±1 s.e. bars, one line per method, and beside it the
+agreement with FP32 (a more sensitive view: it counts flips in both directions); FP32 and int4 are
 horizontal lines.
 """
 
@@ -88,31 +89,38 @@ def to_csv(rs: list[dict]) -> str:
 
 
 def figure(cells: dict[str, dict], methods: Sequence[str], ks: Sequence[int], metric: str, title: str, path: Path) -> None:
+    """Left: ``metric`` vs k; right: agreement with FP32 vs k (±1 s.e. bars; x jittered per method)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     colors = {"svd": "tab:blue", "awq": "tab:green", "spqr": "tab:red", "magnitude": "tab:orange", "random": "tab:gray"}
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=110)
     pos = [k for k in ks if k > 0]
-    for m in methods:
-        pts = [(k, cells[cell_id(m, k)]) for k in pos if cell_id(m, k) in cells]
-        if not pts:
-            continue
-        x = [k for k, _ in pts]
-        y = [100 * c["metrics"][metric] for _, c in pts]
-        err = [100 * (c.get("accuracy_se") or 0) if metric == "accuracy" else 0 for _, c in pts]
-        ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=2, lw=1.4, label=m, color=colors.get(m))
-    for cid, name, style in ((FP32, "FP32", "--"), (INT4, "int4 (k=0)", ":")):
-        if cid in cells:
-            ax.axhline(100 * cells[cid]["metrics"][metric], color="black", ls=style, lw=1, label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("k (FP32 entries kept per Linear)")
-    ax.set_ylabel(f"{metric} (%)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    panels = ((metric, "accuracy_se" if metric == "accuracy" else None, f"{metric} (%)"),
+              ("agreement", "agreement_se", "agreement with FP32 predictions (%)"))
+    for ax, (key, se_key, ylabel) in zip(axes, panels):
+        value = (lambda c: c["metrics"][key]) if key != "agreement" else (lambda c: c.get("agreement"))
+        for i, m in enumerate(methods):
+            pts = [(k, cells[cell_id(m, k)]) for k in pos if cell_id(m, k) in cells]
+            if not pts:
+                continue
+            jitter = 1.07 ** (i - (len(methods) - 1) / 2)  # overlapping lines stay visible
+            x = [k * jitter for k, _ in pts]
+            y = [100 * value(c) for _, c in pts]
+            err = [100 * (c.get(se_key) or 0) if se_key else 0 for _, c in pts]
+            ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=2, lw=1.4, elinewidth=0.7, label=m,
+                        color=colors.get(m))
+        for cid, name, style in ((FP32, "FP32", "--"), (INT4, "int4 (k=0)", ":")):
+            if cid in cells and value(cells[cid]) is not None:
+                ax.axhline(100 * value(cells[cid]), color="black", ls=style, lw=1, label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("k (FP32 entries kept per Linear)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0].legend(fontsize=8, ncol=2)
+    fig.suptitle(title + "  (bars: ±1 binomial s.e.)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -73,6 +73,15 @@ def grid(name: str, sw: dict) -> str:
         out.append(f"| {m} | " + " | ".join(row) + " |")
     out.append("")
     out.append(f"(accuracy %, correct count in brackets; binomial s.e. of every cell ≈ {se(fp):.2f} points)")
+    if i4 and i4.get("recon_error_total"):
+        out += ["", "Weight reconstruction error Σ‖W − Ŵ‖²_F over the 38 Linears, as % of int4 (k=0):", "",
+                "| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        for m in methods:
+            row = []
+            for k in ks:
+                c = cells.get(f"{m}-k{k}")
+                row.append(f"{100 * c['recon_error_total'] / i4['recon_error_total']:.2f}" if c else "")
+            out.append(f"| {m} | " + " | ".join(row) + " |")
     return "\n".join(out) + "\n"
 
 
