@@ -108,6 +108,11 @@ def main(ctx, debug):
       edgeq convert                                   # the bundled all-MiniLM-L6-v2
       edgeq convert --k 256 ./my-bert out.onnx
       edgeq validate ./my-bert out.onnx --data glue/RTE/dev.tsv --min-agreement 0.98
+      edgeq convert ./my-bert out/ --ort-format       # Hugging Face folder + .ort (ORT Mobile)
+      edgeq eval out/ --task RTE                      # GLUE dev metrics of the converted model
+
+    Each command has its own --help with examples. Exit codes: 0 success, 1 error or failed
+    check, 2 bad usage, 130 interrupted (143 on SIGTERM); a failed convert writes nothing.
     """
     ctx.obj = {"debug": debug}
 
@@ -278,8 +283,9 @@ def _print_summary(report: dict) -> None:
 @click.argument("model_onnx", type=click.Path(path_type=Path))
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickle .bin checkpoints (runs their code!).")
 @click.option("--json", "json_out", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @_threshold_options
-def validate(model_dir, model_onnx, allow_pickle, json_out, data, limit, threads,
+def validate(model_dir, model_onnx, allow_pickle, json_out, quiet, data, limit, threads,
              max_plan_diff, min_agreement, max_abs_diff):
     """Check MODEL_ONNX (written by edgeq convert) against MODEL_DIR; exit 1 on a failed threshold.
 
@@ -287,8 +293,12 @@ def validate(model_dir, model_onnx, allow_pickle, json_out, data, limit, threads
     (b) ONNX vs the original FP32 model: max/mean |Δ|, cosine, top-1 agreement.
 
     \b
-    Example (a CI gate):
+    MODEL_ONNX may also be a folder written by edgeq convert (its model.onnx is checked).
+
+    \b
+    Examples (a CI gate):
       edgeq validate ./model out.onnx --data glue/SST-2/dev.tsv --min-agreement 0.99
+      edgeq validate ./model out/ --json > validation.json
     """
     from edgeq.pipeline import validate_file
 
@@ -298,6 +308,7 @@ def validate(model_dir, model_onnx, allow_pickle, json_out, data, limit, threads
         raise UsageError(f"{model_onnx} is a model directory; the second argument is the .onnx file")
     if not model_onnx.is_file():
         raise UsageError(f"{model_onnx} does not exist; pass the .onnx file written by edgeq convert")
+    _log(quiet)(f"checking {model_onnx} against {model_dir} (loads the model, runs PyTorch and ONNX Runtime) ...")
     report = validate_file(model_dir, model_onnx, data, limit,
                            _thresholds(max_plan_diff, min_agreement, max_abs_diff), threads, allow_pickle)
     if json_out:
