@@ -27,6 +27,7 @@ API (used by the AWQ/SpQR saliency scores, ``edgeq saliency`` and the GPTQ-famil
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -167,7 +168,7 @@ def collect_input_stats(
             from tqdm import tqdm
 
             bar = tqdm(total=total if total is not None else len(batches), desc="calibration", unit="batch",
-                       file=__import__("sys").stderr, leave=False)
+                       file=sys.stderr, leave=False)
         with torch.no_grad():
             for b in batches:
                 if "attention_mask" not in b:
