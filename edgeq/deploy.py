@@ -137,7 +137,9 @@ def stage_ort_format(stage, layout: Layout, staged_model: Path) -> tuple[Path, P
         raise EdgeqError(f"ONNX Runtime's converter did not write {ort_file.name} and {config.name}; please report this")
     staged_ort, staged_config = stage.path(layout.ort), stage.path(layout.required_operators)
     os.replace(ort_file, staged_ort)
-    os.replace(config, staged_config)
+    lines = config.read_text(encoding="utf-8").splitlines()  # "# - <staging path>" → the final file name
+    staged_config.write_text("\n".join(f"# - {layout.ort.name}" if ln.startswith("# - ") else ln for ln in lines) + "\n",
+                             encoding="utf-8")
     return staged_ort, staged_config
 
 

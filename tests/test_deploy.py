@@ -162,11 +162,11 @@ def rte(tmp_path_factory):
     return out, batches, _run(_session(out / "model.onnx"), batches)
 
 
-def _node_run(folder: Path, batches, backend: str) -> np.ndarray:
+def _node_run(folder: Path, batches, backend: str, model: str = "model.onnx") -> np.ndarray:
     node = _need_node()
-    work = folder.parent / f"node-{backend}"
+    work = folder.parent / f"node-{backend}-{model}"
     work.mkdir(exist_ok=True)
-    spec = {"model": str(folder / "model.onnx"), "output": "logits", "batches": [
+    spec = {"model": str(folder / model), "output": "logits", "batches": [
         {k: {"dims": list(v.shape), "data": v.ravel().tolist()} for k, v in b.items()} for b in batches]}
     (work / "inputs.json").write_text(json.dumps(spec))
     proc = subprocess.run([node, str(NODE_DIR / "run.mjs"), str(work), "--backend", backend],
@@ -185,6 +185,9 @@ def test_rte_onnxruntime_node_matches_python(rte):
     assert got.shape == want.shape == (277, 2)
     assert np.max(np.abs(got - want)) <= TOL
     np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
+    got_ort = _node_run(folder, batches[:4], "node", "model.ort")  # the mobile file in the same client
+    assert np.max(np.abs(got_ort - want[: len(got_ort)])) <= TOL
+    np.testing.assert_array_equal(got_ort.argmax(1), want[: len(got_ort)].argmax(1))
 
 
 @pytest.mark.real
@@ -207,6 +210,7 @@ def test_rte_ort_format_matches_onnx(rte):
     np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
     config = (folder / "model.required_operators.config").read_text()
     assert "com.microsoft;1;" in config and "MatMulNBits" in config
+    assert "# - model.ort" in config and ".edgeq-tmp" not in config  # no staging path leaks into the config
 
 
 @pytest.mark.real
