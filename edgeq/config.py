@@ -35,10 +35,10 @@ class ConvertConfig:
     quantizer: str = "rtn"  # int4 quantizer (edgeq.quant.registry): rtn, gptq, sarqc-gbs, sarqc-gs, lsi
     sarqc_lambda: str = "auto"  # SARQC regularisation strength: a float >= 0 or "auto" (held-out choice)
     sarqc_saliency: str = "svd"  # SARQC saliency: svd, magnitude, hessian, uniform
-    lsi_epochs: int = 2  # LSI/LWC epochs over the fitting calibration batches (best held-out epoch kept)
+    lsi_epochs: int = 3  # LSI/LWC epochs over the fitting calibration batches (best held-out epoch kept)
     lsi_rank: int = 64  # singular values with a learnable increment (0: LWC only)
-    lsi_lr: float = 1e-4  # AdamW lr of the increments δ
-    lwc_lr: float = 1e-2  # AdamW lr of the clipping logits γ, β
+    lsi_lr: float = 1e-3  # AdamW lr of the increments δ (docs/quantizers.md: measured choice)
+    lwc_lr: float = 1e-1  # AdamW lr of the clipping logits γ, β (OmniQuant's 1e-2 barely moves in ~20 steps)
     granularity: Granularity = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -90,6 +90,7 @@ def convert(
     from edgeq.onnx.safe_load import save_onnx, weight_bytes
     from edgeq.deploy import Layout, stage_deployment, staged
     from edgeq.plan import build_plan
+    from edgeq.saliency import get_method
     from edgeq.report import size_by_component
     from edgeq.validate import encode_batches, make_session, run_onnx, run_torch
 
@@ -101,7 +102,8 @@ def convert(
         raise EdgeqError(f"weight {huge[0]} alone is {huge[1] / 1e9:.2f} GB; edgeq cannot convert a single tensor "
                          "of 2 GB or more (protobuf limit), only models whose total exceeds it")
     calibration = None
-    if config.calib:  # statistics of every Linear input (edgeq.calib), for calibration-based methods
+    needs_one_pass = config.quantizer == "rtn" or get_method(config.method).needs_calibration
+    if config.calib and needs_one_pass:  # statistics of every Linear input (edgeq.calib), for calibration-based methods
         from edgeq.calib import calibrate
 
         calibration = timer.run("calibrate", calibrate, loaded, config.calib, config.calib_samples, config.seed,
@@ -120,7 +122,14 @@ def convert(
     fp32_sizes = size_by_component(model)
 
     weights = loaded.linear_weights()
-    plan = timer.run("plan", build_plan, weights, config, calibration.stats if calibration else None)
+    if config.quantizer == "rtn":
+        plan = timer.run("plan", build_plan, weights, config, calibration.stats if calibration else None)
+        quantizer_report = {"name": "rtn", "hyperparameters": {}, "calibration": None}
+    else:  # calibrated quantizers: sequential, block by block (edgeq.calib_sequential)
+        from edgeq.calib_sequential import run_quantizer
+
+        plan, quantizer_report = timer.run("quantize", run_quantizer, loaded, weights, config, calibration, log,
+                                           progress)
     if not plan.layers:
         raise UsageError(f"no Linear left to quantize (--exclude keeps all {len(weights)} in FP32); loosen --exclude")
     try:
@@ -171,6 +180,7 @@ def convert(
             "output": str(out),
             "config": config.to_dict(),
             "calibration": calibration.info() if calibration else None,
+            "quantizer": quantizer_report,
             "linears_total": len(weights),
             "linears_quantized": result.count,
             "linears_excluded": list(plan.excluded),

@@ -33,10 +33,10 @@ import torch
 from edgeq.quant.int4 import QMAX, ZERO_POINT, Granularity, QuantizedLinear
 
 LWC_INIT = 4.0
-LWC_LR = 1e-2
-LSI_LR = 1e-4
+LWC_LR = 1e-1
+LSI_LR = 1e-3
 LSI_RANK = 64
-EPOCHS = 2
+EPOCHS = 3
 
 
 class LSIWeight(torch.nn.Module):
@@ -55,10 +55,10 @@ class LSIWeight(torch.nn.Module):
         self.register_buffer("mask", torch.as_tensor(np.asarray(mask, dtype=bool)))
         r = max(0, min(int(rank), min(n, k_in)))
         if r:
-            u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-            self.register_buffer("U", u[:, :r].float().contiguous())
-            self.register_buffer("S", s[:r].float().clone())
-            self.register_buffer("Vh", vh[:r].float().contiguous())
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            self.register_buffer("U", u[:, :r].contiguous())
+            self.register_buffer("S", s[:r].clone())
+            self.register_buffer("Vh", vh[:r].contiguous())
             self.delta = torch.nn.Parameter(torch.zeros(r))
         else:
             self.delta = None

@@ -1,0 +1,108 @@
+"""`edgeq convert --quantizer …` end to end on a tiny random BERT (fast), and the registry/CLI surface."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgeq.cli import main
+from edgeq.quant.registry import QUANTIZERS
+from tests.conftest import WORDS, make_tiny_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny matrices: one intra-op thread avoids oversubscription stalls on the shared 2-core machine."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("q")
+    model = make_tiny_model(d / "bert", "BertForSequenceClassification", "bert")
+    rng = np.random.default_rng(0)
+    lines = [" ".join(rng.choice(WORDS, size=int(rng.integers(3, 14)))) for _ in range(24)]
+    calib = d / "calib.txt"
+    calib.write_text("\n".join(lines) + "\n")
+    return model, calib
+
+
+def convert(args):
+    return CliRunner().invoke(main, ["convert", "-q", *args], catch_exceptions=False)
+
+
+def _codes(path):
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer if t.name.endswith((".qweight", ".scales"))}
+
+
+@pytest.mark.parametrize("quantizer,block", [("gptq", "16"), ("sarqc-gbs", "per-channel"), ("sarqc-gs", "16"),
+                                             ("lsi", "per-channel")])
+def test_each_calibrated_quantizer_converts_validates_and_reports(tmp_path, tiny, quantizer, block):
+    model, calib = tiny
+    out = tmp_path / "out.onnx"
+    res = convert(["--k", "16", "--block-size", block, "--quantizer", quantizer, "--calib", str(calib),
+                   "--calib-samples", "12", "--lsi-epochs", "1", str(model), str(out)])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(out.with_suffix(".json").read_text())
+    assert rep["parity"]["ok"]  # the MatMulNBits graph computes exactly the planned weights
+    q = rep["quantizer"]
+    assert q["name"] == quantizer and q["hyperparameters"]
+    assert q["calibration"]["source"] == str(calib) and q["calibration"]["samples"] == 12
+    assert q["calibration"]["held_out_examples"] == 3 and q["calibration"]["fit_tokens"] > 0
+    assert q["timings_s"]["total"] > 0 and "quantize" in rep["timings_s"]
+    assert set(q["layers"]) == set(rep["layers"]) and all(v["k"] == 16 for v in rep["layers"].values())
+    if quantizer.startswith("sarqc"):
+        lam = [v["lambda"] for v in q["layers"].values()]
+        assert all(x in (0.0, 0.01, 0.03, 0.1, 0.3, 1.0) for x in lam)
+        assert all(len(v["lambda_held_out_rel_error"]) == 6 for v in q["layers"].values())
+    if quantizer == "lsi":
+        assert all(v["held_out_mse_best"] <= v["held_out_mse_init"] for v in q["layers"].values())
+
+
+def test_registry_is_the_cli_choice_list():
+    from edgeq.commands.quantizer_options import quantizer_options
+
+    assert list(QUANTIZERS) == ["rtn", "gptq", "sarqc-gbs", "sarqc-gs", "lsi"]
+    import click
+
+    cmd = quantizer_options(click.command()(lambda **kw: None))
+    opt = next(p for p in cmd.params if p.name == "quantizer")
+    assert list(opt.type.choices) == list(QUANTIZERS) and opt.default == "rtn"
+
+
+def test_rtn_default_unchanged_and_explicit_rtn_identical(tmp_path, tiny):
+    model, _ = tiny
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    assert convert(["--k", "16", str(model), str(a)]).exit_code == 0
+    assert convert(["--k", "16", "--quantizer", "rtn", str(model), str(b)]).exit_code == 0
+    ca, cb = _codes(a), _codes(b)
+    assert ca.keys() == cb.keys() and all(np.array_equal(ca[n], cb[n]) for n in ca)
+    assert json.loads(a.with_suffix(".json").read_text())["quantizer"]["name"] == "rtn"
+
+
+def test_fixed_lambda_and_bad_options(tmp_path, tiny):
+    model, calib = tiny
+    out = tmp_path / "o.onnx"
+    res = convert(["--quantizer", "sarqc-gbs", "--sarqc-lambda", "0.1", "--sarqc-saliency", "uniform",
+                   "--calib", str(calib), "--calib-samples", "8", str(model), str(out)])
+    assert res.exit_code == 0, res.output
+    q = json.loads(out.with_suffix(".json").read_text())["quantizer"]
+    assert q["hyperparameters"]["sarqc_lambda"] == "0.1"
+    assert {v["lambda"] for v in q["layers"].values()} == {0.1}
+    r = CliRunner().invoke(main, ["convert", "--quantizer", "gptq", str(model), str(tmp_path / "x.onnx")])
+    assert r.exit_code == 2 and "needs calibration data" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["convert", "--quantizer", "sarqc-gs", "--sarqc-lambda", "lots", "--calib",
+                                  str(calib), str(model), str(tmp_path / "y.onnx")])
+    assert r.exit_code == 2 and "--sarqc-lambda" in r.output
