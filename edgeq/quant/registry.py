@@ -140,6 +140,10 @@ def _sarqc(w, idx, config, ctx, run) -> tuple:
             errs[cand] = _relative_output_error(w, q, ctx.hessian_holdout)
         lam = min(LAMBDA_GRID, key=lambda c: (errs[c], -c))  # ties: the stronger regularisation
         info["lambda_held_out_rel_error"] = {str(c): errs[c] for c in LAMBDA_GRID}
+        from edgeq.quant.int4 import quantize_rtn
+
+        rtn = quantize_rtn(w, idx, config.granularity, config.exclude_salient_from_scale)
+        info["rtn_held_out_rel_error"] = _relative_output_error(w, rtn, ctx.hessian_holdout)
         info["lambda_auto"] = True
     quant, extra = run(w, ctx.hessian, idx, lam, sal, mask)
     info["lambda"] = lam
