@@ -328,3 +328,28 @@ def test_convert_spqr_with_calibration_records_it(tiny, tmp_path):
     assert rep["calibration"]["source"] == str(calib)
     assert (rep["calibration"]["samples"], rep["calibration"]["seed"]) == (5, 2)
     assert rep["config"]["method"] == "spqr" and rep["config"]["percdamp"] == 0.01
+
+
+# ----------------------------------------------------------------------------- real model
+
+
+@pytest.mark.real
+def test_real_model_calibration_and_planted_outliers():
+    from edgeq.calib import calibrate
+    from edgeq.hf_model import load_model
+    from tests.conftest import shared_path
+
+    loaded = load_model(shared_path("models", "minilm-l6-rte"))
+    cal = calibrate(loaded, "rte", samples=8, seed=0, data_dir=shared_path("data", "glue"))
+    assert cal.samples == 8 and cal.source.endswith("RTE/train.tsv") and len(cal.stats) == 38
+    assert len({id(s) for s in cal.stats.values()}) == 38 - 2 * 6  # q/k/v share one input per block
+    assert cal.stats["classifier"].count == 8 and cal.stats["bert.pooler.dense"].count == 8
+    name = "bert.encoder.layer.3.output.dense"
+    st = cal.stats[name]
+    assert st.count == cal.tokens and st.n_features == 1536
+    assert torch.linalg.eigvalsh(st.hessian()).min() > -1e-8 * st.hessian().diagonal().max()  # PSD
+    w = loaded.linear_weights()[name].copy()
+    w[100, 700] = 20 * np.abs(w).max()
+    for m in ("svd", "magnitude", "awq", "spqr"):
+        ctx = ScoreContext(layer=name, stats=st)
+        assert 100 * 1536 + 700 in topk_flat(get_method(m).score(torch.from_numpy(w), ctx), 1).tolist(), m
