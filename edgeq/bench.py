@@ -8,9 +8,10 @@ ratios are fair.  Per model and shape we report the median ``t̃`` of the wall t
 run share the same feeds (random token ids below the smallest vocabulary, all-ones mask).
 
 Peak memory.  Each model is loaded in a fresh Python subprocess (``python -m edgeq.bench``), which
-records ``ru_maxrss`` after importing onnxruntime and numpy (before reading the file), then after creating the session and
-running every shape once; the difference is the session's peak resident memory (prepacked weights,
-folded constants, arenas, activations) in bytes.  Linux reports ``ru_maxrss`` in KiB.
+records its peak RSS (``VmHWM``; ``ru_maxrss`` without /proc) after importing onnxruntime and
+numpy (before reading the file), then after creating the session and running every shape once;
+the difference is the session's peak resident memory (parsed model, prepacked weights, folded
+constants, arenas, activations) in bytes.
 
 Size.  File bytes (plus external data) and :func:`edgeq.report.size_by_component`.
 """
@@ -154,17 +155,33 @@ def peak_memory(path: Path, shapes: list[tuple[int, int]], threads: int, vocab: 
     return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_delta_bytes"])
 
 
-def _memory_child(path: str, shapes: str, threads: int, vocab: int) -> dict:
+def _peak_rss_kib() -> int:
+    """High-water RSS of this process in KiB: ``VmHWM`` (per address space, so a fresh one after exec).
+
+    ``ru_maxrss`` is not used where ``/proc`` exists: Linux carries the parent's peak across
+    fork+exec, so a child started by a big parent would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
     import resource
 
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def _memory_child(path: str, shapes: str, threads: int, vocab: int) -> dict:
     import onnxruntime  # noqa: F401 - counted in the baseline
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _peak_rss_kib()
     sess = _session(Path(path), threads)
     names = [i.name for i in sess.get_inputs()]
     for b, s in parse_shapes(shapes):
         sess.run(None, make_feeds(names, b, s, vocab))
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = _peak_rss_kib()
     return {"peak_rss_delta_bytes": (after - before) * 1024, "peak_rss_bytes": after * 1024}
 
 

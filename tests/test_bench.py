@@ -37,7 +37,7 @@ def test_bench_cli_smoke(tmp_path):
         assert set(m["latency"]) == {"1x4", "2x8"}
         q = m["latency"]["2x8"]
         assert q["p10_ms"] <= q["median_ms"] <= q["p90_ms"] and q["iqr_ms"] >= 0
-        assert m["peak_rss_bytes"] >= 0 and m["file_bytes"] > 0
+        assert m["peak_rss_bytes"] > 0 and m["file_bytes"] > 0  # a session allocates something
         assert m["sizes"]["embeddings"] > 0
     assert data["models"][0]["sizes"]["embeddings"] == 30 * 8 * 4
 

@@ -329,3 +329,31 @@ def test_embedding_module_mapping(tmp_path):
 
 def read_back_tables(model):
     return {k: v for k, v in read_embeddings(model).items()}
+
+
+# ------------------------------------------------------------------ end to end (tiny model)
+
+
+def test_convert_and_validate_with_perf_options(tmp_path):
+    """--quantize-embeddings, --accuracy-level 4 and --bits8 together: plan parity holds (checked on the
+    accuracy_level-0 copy), the file carries what was asked, and validate decodes it."""
+    from click.testing import CliRunner
+
+    from edgeq.cli import main
+    from tests.conftest import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / "m", hidden=64)
+    out = tmp_path / "o.onnx"
+    res = CliRunner().invoke(main, ["convert", "-q", "--k", "4", "--quantize-embeddings", "--accuracy-level", "4",
+                                    "--bits8", r"intermediate\.dense", str(model_dir), str(out)])
+    assert res.exit_code == 0, res.output
+    model = onnx.load(str(out))
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["GatherBlockQuantized"] == 1
+    bits = Counter(a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits")
+    assert bits[8] == 2 and bits[4] > 0  # one intermediate.dense per layer, 2 layers
+    res = CliRunner().invoke(main, ["validate", str(model_dir), str(out)])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["convert", "-q", "--quantize-embeddings", str(make_tiny_model(tmp_path / "h48")),
+                                    str(tmp_path / "x.onnx")])
+    assert res.exit_code == 1 and "not a multiple of block size" in res.output and "Traceback" not in res.output
