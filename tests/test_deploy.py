@@ -100,6 +100,21 @@ def test_folder_layout_loads_in_optimum(tiny_bert, tmp_path):
     np.testing.assert_array_equal(got, want)  # the same file in the same runtime: bit-identical
 
 
+def test_encoder_folder_loads_in_optimum_feature_extraction(tmp_path):
+    from .conftest import make_tiny_model
+
+    src = make_tiny_model(tmp_path / "enc", "RobertaModel", "roberta")
+    out = tmp_path / "deploy"
+    res = _convert("--k", "4", str(src), str(out))
+    assert res.exit_code == 0, res.output
+    optimum_ort = _need_module("optimum.onnxruntime")
+    model = optimum_ort.ORTModelForFeatureExtraction.from_pretrained(out)
+    batches = _encode(out, [("the quick brown fox", None)], 1)
+    sess = _session(out / "model.onnx")
+    want = sess.run(["last_hidden_state"], {i.name: batches[0][i.name] for i in sess.get_inputs()})[0]
+    np.testing.assert_array_equal(np.asarray(model(**batches[0]).last_hidden_state), want)
+
+
 def test_folder_output_validate_accepts_folder(tiny_bert, tmp_path):
     out = tmp_path / "deploy"
     assert _convert("--k", "4", str(tiny_bert), str(out)).exit_code == 0
