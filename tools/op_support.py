@@ -89,12 +89,16 @@ def main() -> int:
         ("node", lambda: run_node(folder / "model.onnx", batches, "node")),
         ("web", lambda: run_node(folder / "model.onnx", web_batches, "web")),
         ("ort", lambda: (run_python(folder / "model.ort", batches), f"onnxruntime (Python) {onnxruntime.__version__}, .ort")),
+        ("node-ort", lambda: run_node(folder / "model.ort", batches, "node")),
+        ("web-ort", lambda: run_node(folder / "model.ort", web_batches, "web")),
     ]:
         t = time.perf_counter()
         y, name = fn()
         r = ref[: len(y)]
-        if label == "web":
+        if label.startswith("web"):
             name += " (wasm EP, 1 thread)"
+        if label.endswith("-ort"):
+            name += ", .ort"
         rows.append((name, len(y), float(np.max(np.abs(y - r))), float(np.mean(y.argmax(1) == r.argmax(1))),
                      time.perf_counter() - t))
 
