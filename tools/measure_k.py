@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--methods", default="svd,magnitude,random")
     ap.add_argument("--block-sizes", default="32")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--exclude-salient-from-scale", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -54,14 +55,16 @@ def main() -> None:
                     if k == 0 and method != args.methods.split(",")[0]:
                         continue  # k = 0 is plain int4 whatever the method
                     t0 = time.perf_counter()
-                    plan = build_plan(weights, ConvertConfig(method=method, k=k, block_size=block))
+                    plan = build_plan(weights, ConvertConfig(method=method, k=k, block_size=block,
+                                                       exclude_salient_from_scale=args.exclude_salient_from_scale))
                     model = copy.deepcopy(base)
                     assert rewrite_linears(model, plan, weights).count == len(plan.layers)
                     got = run_onnx(make_session(model.SerializeToString(), args.threads), batches)
                     fid = fidelity(got, fp32)
                     p, n = fid["top1_agreement"], len(texts)
                     rows.append({
-                        "model": Path(model_dir).name, "block_size": block, "method": method if k else "int4",
+                        "model": Path(model_dir).name, "block_size": block,
+                        "exclude_salient_from_scale": args.exclude_salient_from_scale, "method": method if k else "int4",
                         "k": k, "examples": n, "top1_agreement": p,
                         "agreement_se": math.sqrt(p * (1 - p) / n),
                         "mean_abs_dlogit": fid["mean_abs_diff"], "max_abs_dlogit": fid["max_abs_diff"],
