@@ -164,8 +164,8 @@ def _thresholds(max_plan_diff, min_agreement, max_abs_diff):
               help="Compute scales without the k FP32 entries (SpQR's rule).")
 @click.option("--exclude", multiple=True, metavar="REGEX",
               help="Keep Linears whose name matches REGEX in FP32 (repeatable).")
-@click.option("--accuracy-level", type=click.Choice(["0", "1", "2", "3", "4"]), default="0", show_default=True,
-              help="MatMulNBits accuracy_level (4: int8 activations).")
+@click.option("--accuracy-level", type=click.Choice(["0", "1", "2", "3", "4"]), default="4", show_default=True,
+              help="MatMulNBits accuracy_level (4: int8 activations, fastest; 0: FP32 activations).")
 @click.option("--calib", metavar="TASK_OR_FILE", default=None,
               help="Calibration data for awq/spqr: a GLUE task name (its train split, e.g. rte) or a text/TSV file.")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True,
