@@ -71,11 +71,12 @@ class ConvertConfig:
 
         if self.correction not in CORRECTIONS:
             raise ValueError(f"unknown --correction {self.correction!r}; choose from {', '.join(CORRECTIONS)}")
-        for pattern in self.exclude + self.bits8:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"--exclude {pattern!r} is not a valid regular expression: {e}") from None
+        for option, patterns in (("--exclude", self.exclude), ("--bits8", self.bits8)):
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ValueError(f"{option} {pattern!r} is not a valid regular expression: {e}") from None
 
     def layer_bits(self, layer: str) -> int:
         """8 when ``--bits8`` matches ``layer``, else ``--bits``."""

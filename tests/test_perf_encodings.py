@@ -257,6 +257,8 @@ def test_bits8_regex_selects_layers():
     assert ConvertConfig(bits=8).layer_bits("anything") == 8
     with pytest.raises(ValueError, match="--bits"):
         ConvertConfig(bits=3)
+    with pytest.raises(ValueError, match="--bits8 '\\(' is not a valid"):
+        ConvertConfig(bits8=("(",))
 
 
 # ------------------------------------------------------------------ 4-bit embeddings
