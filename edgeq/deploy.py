@@ -86,9 +86,9 @@ def staged(layout: Layout) -> Iterator:
     from edgeq.output import staged_output
 
     made = layout.folder is not None and not layout.folder.exists()
-    if made:
-        layout.folder.mkdir()
     try:
+        if made:
+            layout.folder.mkdir()
         with staged_output(layout.model.resolve().parent) as stage:
             yield stage
     except BaseException:
