@@ -85,6 +85,14 @@ def main() -> int:
     t = time.perf_counter()
     ref = run_python(folder / "model.onnx", batches)
     rows.append((f"onnxruntime (Python) {onnxruntime.__version__}, .onnx", len(ref), 0.0, 1.0, time.perf_counter() - t))
+    model0 = onnx.load(str(folder / "model.onnx"))  # MatMulNBits at accuracy_level 0: FP32 activations
+    for node in model0.graph.node:
+        for a in node.attribute:
+            if node.op_type == "MatMulNBits" and a.name == "accuracy_level":
+                a.i = 0
+    with tempfile.TemporaryDirectory() as d:
+        onnx.save(model0, str(Path(d) / "level0.onnx"))
+        ref0 = run_python(Path(d) / "level0.onnx", batches)
     for label, fn in [
         ("node", lambda: run_node(folder / "model.onnx", batches, "node")),
         ("web", lambda: run_node(folder / "model.onnx", web_batches, "web")),
@@ -100,7 +108,7 @@ def main() -> int:
         if label.endswith("-ort"):
             name += ", .ort"
         rows.append((name, len(y), float(np.max(np.abs(y - r))), float(np.mean(y.argmax(1) == r.argmax(1))),
-                     time.perf_counter() - t))
+                     time.perf_counter() - t, float(np.max(np.abs(y - ref0[: len(y)])))))
 
     print(f"ops of {folder / 'model.onnx'}:")
     for d, names in ops.items():
@@ -108,13 +116,16 @@ def main() -> int:
     print(f"ops of {folder / 'model.ort'} (model.required_operators.config):")
     for d, names in ort_ops.items():
         print(f"  {d}: {', '.join(names)}")
-    print(f"\n{'runtime':<52} {'examples':>8} {'max|d| vs Python':>17} {'same argmax':>11} {'time s':>7}")
-    for name, n, d, agree, sec in rows:
-        print(f"{name:<52} {n:>8} {d:>17.3g} {agree:>11.4f} {sec:>7.1f}")
+    rows[0] += (float(np.max(np.abs(ref - ref0))),)
+    print(f"\n{'runtime':<52} {'examples':>8} {'max|d| vs Python':>17} {'same argmax':>11} {'time s':>7}"
+          f" {'max|d| vs Python, accuracy_level 0':>34}")
+    for name, n, d, agree, sec, d0 in rows:
+        print(f"{name:<52} {n:>8} {d:>17.3g} {agree:>11.4f} {sec:>7.1f} {d0:>34.3g}")
     if args.json:
         args.json.write_text(json.dumps({"ops": ops, "ort_required_operators": ort_ops, "data": str(args.data),
                                          "runs": [dict(zip(("runtime", "examples", "max_abs_diff", "argmax_agreement",
-                                                            "seconds"), r)) for r in rows]}, indent=2) + "\n")
+                                                            "seconds", "max_abs_diff_vs_level0"), r)) for r in rows]},
+                                        indent=2) + "\n")
     return 0
 
 
