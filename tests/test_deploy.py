@@ -205,13 +205,30 @@ def test_rte_onnxruntime_node_matches_python(rte):
     np.testing.assert_array_equal(got_ort.argmax(1), want[: len(got_ort)].argmax(1))
 
 
+def _level0_copy(folder: Path) -> Path:
+    """The folder's model.onnx with every MatMulNBits at accuracy_level 0 (FP32 activations)."""
+    import onnx
+
+    model = onnx.load(str(folder / "model.onnx"))
+    for node in model.graph.node:
+        for a in node.attribute:
+            if node.op_type == "MatMulNBits" and a.name == "accuracy_level":
+                a.i = 0
+    path = folder.parent / "model-level0.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
 @pytest.mark.real
 @pytest.mark.deploy
 def test_rte_onnxruntime_web_wasm_matches_python(rte):
-    folder, batches, want = rte
+    folder, batches, _ = rte
     n = 4  # 64 examples: the single-threaded WASM build is ~6x slower than native
     got = _node_run(folder, batches[:n], "web")
-    sub = want[: sum(len(b["input_ids"]) for b in batches[:n])]
+    # The WASM build has no int8-activation MatMulNBits kernel: at accuracy_level 4 (edgeq's default) it
+    # computes the FP32 path (measured: within 1e-5 of native level 0, ~0.1 logits from native level 4).
+    # So it is held to native ONNX Runtime running the same file at accuracy_level 0.
+    sub = _run(_session(_level0_copy(folder)), batches[:n])
     assert got.shape == sub.shape
     assert np.max(np.abs(got - sub)) <= TOL
     np.testing.assert_array_equal(got.argmax(1), sub.argmax(1))
