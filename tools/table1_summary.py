@@ -111,6 +111,28 @@ def differences(sweeps: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tally(sweeps: dict) -> str:
+    """Wins / ties / losses (in correct examples) of each method against each baseline, all sweeps."""
+    lines = ["| method | vs | cells | wins | ties | losses | largest gain | largest loss | |Δ| > 1 s.e. |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for m in ("svd", "awq", "spqr"):
+        for base in ("magnitude", "random"):
+            deltas, beyond = [], 0
+            for sw in sweeps.values():
+                cells = sw["cells"]
+                for k in ks_of(cells):
+                    a, b = cells.get(f"{m}-k{k}"), cells.get(f"{base}-k{k}")
+                    if a and b:
+                        deltas.append(a["correct"] - b["correct"])
+                        beyond += abs(acc(a) - acc(b)) > se(a)
+            if deltas:
+                w = sum(d > 0 for d in deltas)
+                t = sum(d == 0 for d in deltas)
+                lines.append(f"| {m} | {base} | {len(deltas)} | {w} | {t} | {len(deltas) - w - t} | "
+                             f"{max(deltas):+d} | {min(deltas):+d} | {beyond} |")
+    return "\n".join(lines) + "\n"
+
+
 def closing(sweeps: dict) -> str:
     lines = ["| task | granularity | k | " + " | ".join(METHODS) + " | paper (DistilBERT) |",
              "|---|---|---|" + "---|" * (len(METHODS) + 1)]
@@ -138,6 +160,7 @@ def main(argv=None) -> int:
     for name, sw in sweeps.items():
         print(grid(name, sw))
     print("### SVD / AWQ / SpQR against the magnitude and random baselines (same quantizer, same k)\n")
+    print(tally(sweeps))
     print(differences(sweeps))
     return 0
 
