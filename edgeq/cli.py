@@ -164,8 +164,9 @@ def _thresholds(max_plan_diff, min_agreement, max_abs_diff):
               help="Compute scales without the k FP32 entries (SpQR's rule).")
 @click.option("--exclude", multiple=True, metavar="REGEX",
               help="Keep Linears whose name matches REGEX in FP32 (repeatable).")
-@click.option("--accuracy-level", type=click.Choice(["0", "1", "2", "3", "4"]), default="4", show_default=True,
-              help="MatMulNBits accuracy_level (4: int8 activations, fastest; 0: FP32 activations).")
+@click.option("--accuracy-level", type=click.Choice(["0", "1", "2", "3", "4"]), default="0", show_default=True,
+              help="MatMulNBits accuracy_level. 0: FP32 activations, the same numbers on every runtime; "
+                   "4: int8 activations, faster at batch 1 on x86/ARM but runtime-dependent (WASM has no int8 path).")
 @click.option("--calib", metavar="TASK_OR_FILE", default=None,
               help="Calibration data for awq/spqr: a GLUE task name (its train split, e.g. rte) or a text/TSV file.")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True,
@@ -266,15 +267,15 @@ def _print_summary(report: dict) -> None:
     if report.get("calibration"):
         c = report["calibration"]
         click.echo(f"  calibration: {c['samples']} examples of {c['source']} (seed {c['seed']}), {c['tokens']} tokens")
+    if report.get("quantizer"):
+        qr = report["quantizer"]
+        click.echo(f"  quantizer: {qr['name']} {qr['hyperparameters']}")
     if report.get("deployment"):
         d = report["deployment"]
         click.echo(f"  files: {', '.join(d['files'])}")
         if d.get("ort"):
             diff = max(d["ort"]["max_abs_diff_vs_onnx"].values(), default=0.0)
             click.echo(f"  .ort vs .onnx: max|d| {diff:.3g} on {d['ort']['examples']} examples")
-    if report.get("quantizer"):
-        qr = report["quantizer"]
-        click.echo(f"  quantizer: {qr['name']} {qr['hyperparameters']}")
     click.echo(f"  time: {report['timings_s']['total']:.1f} s")
 
 
@@ -326,6 +327,10 @@ from edgeq.commands.eval import eval_cmd  # noqa: E402
 
 main.add_command(eval_cmd)
 
+from edgeq.commands.bench import bench  # noqa: E402
+
+main.add_command(bench)
+
 from edgeq.commands.sweep import sweep_cmd  # noqa: E402
 
 main.add_command(sweep_cmd)
@@ -333,7 +338,3 @@ main.add_command(sweep_cmd)
 from edgeq.commands.saliency import saliency_cmd  # noqa: E402
 
 main.add_command(saliency_cmd)
-
-from edgeq.commands.bench import bench  # noqa: E402
-
-main.add_command(bench)

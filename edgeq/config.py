@@ -20,7 +20,7 @@ class ConvertConfig:
     block_size: str = "32"  # 16..256, "per-channel" or "per-tensor"
     exclude_salient_from_scale: bool = False
     exclude: tuple[str, ...] = ()  # regexes of Linear names kept FP32
-    accuracy_level: int = 4  # MatMulNBits accuracy_level; 4 = int8 activations (docs/performance.md)
+    accuracy_level: int = 0  # MatMulNBits accuracy_level; 0 = FP32 activations, same numbers on every runtime
     bits: int = 4  # MatMulNBits bits of every Linear: 4 (Q4-sym-7) or 8 (Q8-sym-127)
     bits8: tuple[str, ...] = ()  # regexes of Linear names quantized to 8 bits whatever --bits says
     correction: str = "dense"  # graph encoding of the FP32 correction (edgeq.onnx.rewrite.CORRECTIONS)
