@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from edgeq import __version__
+from edgeq.commands.calib_options import calib_options
 from edgeq.errors import EdgeqError, UsageError
 from edgeq.quant.int4 import BLOCK_SIZES
 from edgeq.commands.quantizer_options import quantizer_kwargs, quantizer_options
@@ -167,12 +168,7 @@ def _thresholds(max_plan_diff, min_agreement, max_abs_diff):
 @click.option("--accuracy-level", type=click.Choice(["0", "1", "2", "3", "4"]), default="0", show_default=True,
               help="MatMulNBits accuracy_level. 0: FP32 activations, the same numbers on every runtime; "
                    "4: int8 activations, faster at batch 1 on x86/ARM but runtime-dependent (WASM has no int8 path).")
-@click.option("--calib", metavar="TASK_OR_FILE", default=None,
-              help="Calibration data for awq/spqr: a GLUE task name (its train split, e.g. rte) or a text/TSV file.")
-@click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True,
-              help="Calibration examples (a --seed sample).")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-              help="GLUE directory for --calib TASK (default: $EDGEQ_GLUE_DIR, else ../shared/data/glue).")
+@calib_options
 @click.option("--percdamp", type=click.FloatRange(min=0), default=0.01, show_default=True,
               help="Hessian damping of spqr, relative to mean diag(H).")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickle .bin checkpoints (runs their code!).")

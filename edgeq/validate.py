@@ -23,19 +23,24 @@ BATCH_SIZE = 32
 MAX_LENGTH = 128
 
 
-def encode_batches(loaded: LoadedModel, texts, batch_size: int = BATCH_SIZE) -> list[dict[str, np.ndarray]]:
-    tok = loaded.tokenizer
+def encode_texts(tokenizer, texts, input_names=None, batch_size: int = BATCH_SIZE) -> list[dict[str, np.ndarray]]:
+    """Tokenise (sentence or pair) ``texts`` into int64 batches; ``input_names`` None keeps every tokenizer output."""
     batches = []
     for i in range(0, len(texts), batch_size):
         chunk = texts[i : i + batch_size]
         a = [t[0] for t in chunk]
         b = [t[1] or "" for t in chunk] if any(t[1] is not None for t in chunk) else None
-        enc = tok(a, b, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="np")
-        batch = {n: enc[n].astype(np.int64) for n in loaded.input_names if n in enc}
-        if "token_type_ids" in loaded.input_names and "token_type_ids" not in batch:
+        enc = tokenizer(a, b, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="np")
+        names = input_names or list(enc.keys())
+        batch = {n: enc[n].astype(np.int64) for n in names if n in enc}
+        if "token_type_ids" in names and "token_type_ids" not in batch:
             batch["token_type_ids"] = np.zeros_like(batch["input_ids"])
         batches.append(batch)
     return batches
+
+
+def encode_batches(loaded: LoadedModel, texts, batch_size: int = BATCH_SIZE) -> list[dict[str, np.ndarray]]:
+    return encode_texts(loaded.tokenizer, texts, loaded.input_names, batch_size)
 
 
 def _collect(outputs: list[dict[str, np.ndarray]], batches) -> dict[str, np.ndarray]:

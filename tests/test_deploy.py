@@ -58,18 +58,13 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _encode(folder: Path, pairs, batch: int = 16) -> list[dict[str, np.ndarray]]:
+def _encode(folder: Path, pairs, batch: int = 16):
     """Tokenise with the tokenizer saved in the output folder (as a client would)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder)
-    out = []
-    for i in range(0, len(pairs), batch):
-        a, b = zip(*pairs[i : i + batch])
-        enc = tok(list(a), list(b) if b[0] is not None else None, padding=True, truncation=True, max_length=128,
-                  return_tensors="np")
-        out.append({k: v.astype(np.int64) for k, v in enc.items()})
-    return out
+    from edgeq.validate import encode_texts
+
+    return encode_texts(AutoTokenizer.from_pretrained(folder), pairs, batch_size=batch)
 
 
 def _run(session, batches) -> np.ndarray:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from edgeq.commands.calib_options import calib_options
+
 from edgeq.errors import UsageError
 
 DEFAULT_KS = "1,16,64,256,1024,4096"
@@ -27,12 +29,7 @@ def _ints(text: str) -> list[int]:
 @click.option("--methods", default="svd,awq,spqr", show_default=True,
               help="Comma-separated saliency methods to compare (every pair).")
 @click.option("--k", "k_list", default=DEFAULT_KS, show_default=True, help="Comma-separated budgets k per Linear.")
-@click.option("--calib", metavar="TASK_OR_FILE", default=None,
-              help="Calibration data for awq/spqr: a GLUE task name (its train split, e.g. rte) or a text/TSV file.")
-@click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True,
-              help="Calibration examples (a --seed sample).")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-              help="GLUE directory for --calib TASK (default: $EDGEQ_GLUE_DIR, else ../shared/data/glue).")
+@calib_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration sample and of random.")
 @click.option("--rank", type=click.IntRange(min=1), default=8, show_default=True, help="SVD rank r of the svd method.")
 @click.option("--percdamp", type=click.FloatRange(min=0), default=0.01, show_default=True,
