@@ -30,6 +30,9 @@ def _install_sigterm():
     try:
         previous = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, _on_sigterm)
+        # a shell starts background jobs with SIGINT ignored, and Python then never raises
+        # KeyboardInterrupt; an interrupt must always discard staged output cleanly
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         return previous
     except ValueError:  # not the main thread
         return None
