@@ -6,8 +6,8 @@ top-k flat indices S (``k`` clipped to N·K), then ``quantize_rtn(W, S)`` (see
 and the PyTorch reference both consume it, which is what makes their comparison meaningful.
 
 Per-layer statistics recorded: k, the reconstruction error ``‖W − Ŵ‖²_F`` and that of plain
-int4 (k = 0) on the same quantizer, the number of distinct rows/columns the selection touches,
-and the SVD spectral gap ``σ_r / σ_{r+1}`` when the method is svd (ALGORITHMS.md §2 pitfall 3).
+int4 (k = 0) on the same quantizer, and the number of distinct rows/columns the selection
+touches (how concentrated it is).
 """
 
 from __future__ import annotations
