@@ -175,13 +175,7 @@ def test_cli_choices_match_registry():
 
 
 def snapped8(n, k, block, seed=0):
-    rng = np.random.default_rng(seed)
-    q = rng.integers(-127, 128, size=(n, k))
-    nb = -(-k // block)
-    for b in range(nb):
-        q[:, b * block] = rng.choice([-127, 127], size=n)
-    scale = 2.0 ** -rng.integers(4, 10, size=(n, nb))
-    return (q * np.repeat(scale, block, axis=1)[:, :k]).astype(np.float32)
+    return snapped(n, k, block, seed, qmax=127, exponents=(4, 10))[0]
 
 
 def test_q8_codes_and_q4_unchanged():
@@ -266,11 +260,11 @@ def test_bits8_regex_selects_layers():
 
 def emb_graph(table, ids_input="input_ids", tied=False):
     h = table.shape[1]
-    nodes = [helper.make_node("Gather", ["E", ids_input], ["e"], name="/emb/Gather", axis=0),
+    nodes = [helper.make_node("Gather", ["E", ids_input], ["e"], name="emb/Gather", axis=0),
              helper.make_node("Identity", ["e"], ["y"])]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", h])]
     if tied:  # a second consumer (tied LM head)
-        nodes.append(helper.make_node("MatMul", ["e", "E"], ["z"], name="/head/MatMul"))
+        nodes.append(helper.make_node("MatMul", ["e", "E"], ["z"], name="head/MatMul"))
         nodes[-1].input[1] = "Et"
         nodes.insert(0, helper.make_node("Transpose", ["E"], ["Et"]))
         outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["B", "S", None]))

@@ -56,10 +56,10 @@ def _graph(w: np.ndarray, op: str, bias: np.ndarray | None, x_shape: list[int]) 
     n, k_in = w.shape
     inits = [numpy_helper.from_array(w.T.copy() if op == "MatMul" else w.copy(), "W")]
     if op == "MatMul":
-        node = helper.make_node("MatMul", ["x", "W"], ["y"], name="/lin/MatMul")
+        node = helper.make_node("MatMul", ["x", "W"], ["y"], name="lin/MatMul")
     else:
         inits.append(numpy_helper.from_array(bias, "b"))
-        node = helper.make_node("Gemm", ["x", "W", "b"], ["y"], name="/lin/Gemm", transB=1)
+        node = helper.make_node("Gemm", ["x", "W", "b"], ["y"], name="lin/Gemm", transB=1)
     g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, x_shape[:-1] + [n])], inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])

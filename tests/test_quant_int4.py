@@ -6,14 +6,14 @@ import pytest
 from edgeq.quant.int4 import Granularity, quantize_rtn
 
 
-def snapped(n, k, block, seed=0):
-    """Weights exactly on the int4 grid: q·2^-e per block of ``block`` inputs, ±7 in every block."""
+def snapped(n, k, block, seed=0, qmax=7, exponents=(2, 8)):
+    """Weights exactly on the symmetric grid: q·2^-e per block of ``block`` inputs, ±qmax in every block."""
     rng = np.random.default_rng(seed)
-    q = rng.integers(-7, 8, size=(n, k))
+    q = rng.integers(-qmax, qmax + 1, size=(n, k))
     nb = -(-k // block)
     for b in range(nb):
-        q[:, b * block] = rng.choice([-7, 7], size=n)
-    scale = 2.0 ** -rng.integers(2, 8, size=(n, nb))
+        q[:, b * block] = rng.choice([-qmax, qmax], size=n)
+    scale = 2.0 ** -rng.integers(*exponents, size=(n, nb))
     return (q * np.repeat(scale, block, axis=1)[:, :k]).astype(np.float32), q, scale
 
 

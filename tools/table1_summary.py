@@ -64,25 +64,22 @@ def grid(name: str, sw: dict) -> str:
     fp, i4 = cells["fp32"], cells.get("int4-k0")
     out.append(f"FP32 {fmt(fp)} (PyTorch {fp.get('pytorch_correct')}/{fp['examples']}); "
                + (f"int4 k=0 {fmt(i4)}, agreement with FP32 {100 * i4['agreement']:.2f} %" if i4 else ""))
-    out += ["", "| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
-    for m in methods:
-        row = []
-        for k in ks:
-            c = cells.get(f"{m}-k{k}")
-            row.append(f"{acc(c):.2f} ({c['correct']})" if c else "")
-        out.append(f"| {m} | " + " | ".join(row) + " |")
+    out += [""] + _method_table(methods, ks, cells, lambda c: f"{acc(c):.2f} ({c['correct']})")
     out.append("")
     out.append(f"(accuracy %, correct count in brackets; binomial s.e. of every cell ≈ {se(fp):.2f} points)")
     if i4 and i4.get("recon_error_total"):
-        out += ["", "Weight reconstruction error Σ‖W − Ŵ‖²_F over the 38 Linears, as % of int4 (k=0):", "",
-                "| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
-        for m in methods:
-            row = []
-            for k in ks:
-                c = cells.get(f"{m}-k{k}")
-                row.append(f"{100 * c['recon_error_total'] / i4['recon_error_total']:.2f}" if c else "")
-            out.append(f"| {m} | " + " | ".join(row) + " |")
+        out += ["", "Weight reconstruction error Σ‖W − Ŵ‖²_F over the quantized Linears, as % of int4 (k=0):", ""]
+        out += _method_table(methods, ks, cells, lambda c: f"{100 * c['recon_error_total'] / i4['recon_error_total']:.2f}")
     return "\n".join(out) + "\n"
+
+
+def _method_table(methods, ks, cells, fmt_cell) -> list[str]:
+    """Markdown rows: one per method, one column per k, ``fmt_cell(cell)`` where the cell exists."""
+    lines = ["| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for m in methods:
+        row = [fmt_cell(c) if (c := cells.get(f"{m}-k{k}")) else "" for k in ks]
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    return lines
 
 
 def differences(sweeps: dict) -> str:
