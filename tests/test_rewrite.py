@@ -42,7 +42,7 @@ def linear_graph(w1, b1, w2, b2, share=False):
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", N2]),
                helper.make_tensor_value_info("att", TensorProto.FLOAT, ["B", "T", "T"])]
     if share:  # a second consumer of w1 makes it unsafe to rewrite in place
-        nodes.append(helper.make_node("MatMul", ["x", "w1"], ["y2"], name="/shared/MatMul"))
+        nodes.append(helper.make_node("MatMul", ["x", "w1"], ["y2"], name="shared/MatMul"))
         outputs.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["B", "T", N]))
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "T", K])],
                           outputs, inits)
