@@ -23,7 +23,7 @@ class ConvertConfig:
     accuracy_level: int = 0  # MatMulNBits accuracy_level; 0 = FP32 activations, same numbers on every runtime
     bits: int = 4  # MatMulNBits bits of every Linear: 4 (Q4-sym-7) or 8 (Q8-sym-127)
     bits8: tuple[str, ...] = ()  # regexes of Linear names quantized to 8 bits whatever --bits says
-    correction: str = "dense"  # graph encoding of the FP32 correction (edgeq.onnx.rewrite.CORRECTIONS)
+    correction: str = "auto"  # graph encoding of the FP32 correction (edgeq.onnx.rewrite.CORRECTION_CHOICES)
     quantize_embeddings: bool = False  # word-embedding table as 4-bit GatherBlockQuantized
     opset: int = 17
     allow_pickle: bool = False
@@ -67,10 +67,10 @@ class ConvertConfig:
             raise ValueError("--opset must be at least 17 (ScatterElements with reduction, LayerNormalization)")
         if self.bits not in (4, 8):
             raise ValueError(f"--bits must be 4 or 8, got {self.bits!r}")
-        from edgeq.onnx.rewrite import CORRECTIONS
+        from edgeq.onnx.rewrite import CORRECTION_CHOICES
 
-        if self.correction not in CORRECTIONS:
-            raise ValueError(f"unknown --correction {self.correction!r}; choose from {', '.join(CORRECTIONS)}")
+        if self.correction not in CORRECTION_CHOICES:
+            raise ValueError(f"unknown --correction {self.correction!r}; choose from {', '.join(CORRECTION_CHOICES)}")
         for option, patterns in (("--exclude", self.exclude), ("--bits8", self.bits8)):
             for pattern in patterns:
                 try:

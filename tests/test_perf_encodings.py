@@ -93,11 +93,19 @@ def plan_from(sel, bits=4):
     return QuantPlan(layers, ())
 
 
-@pytest.mark.parametrize("correction", sorted(CORRECTIONS))
+# run-time + load-time nodes of each encoding, per Linear (the bias is folded into MatMulNBits)
+ENCODING_OPS = {
+    "dense": {"Gather": 1, "MatMul": 1, "Add": 1, "ScatterND": 1, "OneHot": 0, "ScatterElements": 0},
+    "rows": {"Gather": 0, "MatMul": 2, "Add": 1, "ScatterND": 1, "OneHot": 1, "ScatterElements": 0},
+    "scatter": {"Gather": 1, "MatMul": 0, "Add": 0, "ScatterND": 0, "OneHot": 0, "ScatterElements": 1},
+}
+
+
+@pytest.mark.parametrize("correction", rw.CORRECTION_CHOICES)
 @pytest.mark.parametrize("k", [0, 1, 12])
 def test_correction_structure_and_numerics(layers, correction, k):
     ws, biases = layers
-    sel = concentrated(ws, k) if k else {n: (w, np.empty(0, np.int64)) for n, w in ws.items()}
+    sel = concentrated(ws, k, cols=4) if k else {n: (w, np.empty(0, np.int64)) for n, w in ws.items()}
     plan = plan_from(sel)
     wsel = {n: w for n, (w, _) in sel.items()}
     model = mlp(wsel, biases)
@@ -105,11 +113,14 @@ def test_correction_structure_and_numerics(layers, correction, k):
     onnx.checker.check_model(model)
     ops = Counter(n.op_type for n in model.graph.node)
     assert result.count == 2 == ops["MatMulNBits"] and not result.fallbacks
-    assert ops["Add"] == (2 if k and correction == "dense" else 0)  # bias folded; dense adds the correction
-    assert ops["ScatterND"] == (2 if k and correction == "dense" else 0)
-    assert ops["ScatterElements"] == (2 if k and correction == "scatter" else 0)
+    used = [v["correction"] for v in result.layers.values()]
+    if not k:
+        assert used == [None, None] and set(ops) == {"MatMulNBits", "Relu", "Identity"}
+    else:
+        assert all(u == correction for u in used) if correction != "auto" else set(used) <= {"dense", "rows"}
+        for op in ENCODING_OPS["dense"]:
+            assert ops[op] == sum(ENCODING_OPS[u][op] for u in used), op
     assert all(len(n.input) == 6 for n in model.graph.node if n.op_type == "MatMulNBits")  # bias input
-    assert {v["correction"] for v in result.layers.values()} == {correction if k else None}
     decoded = read_back(model)
     for name in ws:
         np.testing.assert_array_equal(decoded[name], plan.layers[name].quant.dequantize())
@@ -137,9 +148,10 @@ def test_dense_refused_when_columns_spread_falls_back_to_scatter(layers):
 
 def test_dense_check_reason_names_the_block():
     w = np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32)
-    q_spread = quantize_rtn(w, np.arange(0, 64, 2), Granularity("block", 32))  # 32 of 64 columns
+    q_spread = quantize_rtn(w, np.arange(0, 48), Granularity("block", 32))  # 48 of 64 columns (row 0)
     q_one = quantize_rtn(w, np.arange(0, 8 * 64, 64), Granularity("block", 32))  # column 0 only
-    assert "32 distinct input columns" in CORRECTIONS["dense"].check(q_spread)
+    assert rw.DENSE_MAX_FRACTION < 48 / 64
+    assert "48 distinct input columns" in CORRECTIONS["dense"].check(q_spread)
     assert CORRECTIONS["dense"].check(q_one) is None
     assert CORRECTIONS["scatter"].check(q_spread) is None
 
@@ -156,6 +168,19 @@ def test_bias_not_folded_when_shared(layers):
     np.testing.assert_allclose(run(model, x), ref(x, ws_hat, biases), rtol=2e-5, atol=2e-5)
 
 
+def test_auto_picks_the_cheaper_encoding_and_scatter_when_both_are_refused():
+    w = np.random.default_rng(0).normal(size=(N, K)).astype(np.float32)
+    one_row = quantize_rtn(w, 3 * K + np.arange(12), Granularity("block", 32))  # r = 1, c = 12
+    one_col = quantize_rtn(w, np.arange(12) * K + 5, Granularity("block", 32))  # r = 12, c = 1
+    assert rw.choose_correction(one_row, "auto") == ("rows", None)
+    assert rw.choose_correction(one_col, "auto") == ("dense", None)
+    assert rw.choose_correction(one_row, "dense") == ("dense", None)  # an explicit choice is kept
+    spread = quantize_rtn(w, np.arange(0, N * K, 7), Granularity("block", 32))  # every row and column
+    assert rw.choose_correction(spread, "auto") == ("scatter", None)  # dense and rows refused: too large
+    used, why = rw.choose_correction(spread, "rows")
+    assert used == "scatter" and why.startswith("rows refused") and "distinct output rows" in why
+
+
 def test_unknown_correction_is_refused(layers):
     ws, biases = layers
     with pytest.raises(ValueError, match="unknown correction"):
@@ -167,7 +192,7 @@ def test_unknown_correction_is_refused(layers):
 def test_cli_choices_match_registry():
     from edgeq.commands.perf_options import CORRECTION_CHOICES
 
-    assert tuple(CORRECTION_CHOICES) == tuple(CORRECTIONS)
+    assert tuple(CORRECTION_CHOICES) == rw.CORRECTION_CHOICES == ("auto", *CORRECTIONS)
     assert rw.DEFAULT_CORRECTION == ConvertConfig().correction
 
 

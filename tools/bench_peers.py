@@ -30,15 +30,19 @@ TASKS = {"rte": "RTE", "mrpc": "MRPC", "sst2": "SST-2"}
 
 # name → (k, bits, accuracy_level, correction, quantize embeddings)
 EDGEQ = {
-    "edgeq-k0": (0, 4, 0, "dense", False),
-    "edgeq-k256": (256, 4, 0, "dense", False),
+    "edgeq-k0": (0, 4, 0, "auto", False),
+    "edgeq-k256": (256, 4, 0, "auto", False),
+    "edgeq-k256-dense": (256, 4, 0, "dense", False),
     "edgeq-k256-scatter": (256, 4, 0, "scatter", False),
-    "edgeq-k0-emb": (0, 4, 0, "dense", True),
-    "edgeq-k256-emb": (256, 4, 0, "dense", True),
-    "edgeq-k0-acc4-emb": (0, 4, 4, "dense", True),
-    "edgeq-k256-acc4-emb": (256, 4, 4, "dense", True),
-    "edgeq-k256-b8-acc4-emb": (256, 8, 4, "dense", True),
-    "edgeq-k4096-emb": (4096, 4, 0, "dense", True),
+    "edgeq-k0-emb": (0, 4, 0, "auto", True),
+    "edgeq-k256-emb": (256, 4, 0, "auto", True),
+    "edgeq-k0-acc4": (0, 4, 4, "auto", False),
+    "edgeq-k256-acc4": (256, 4, 4, "auto", False),
+    "edgeq-k0-acc4-emb": (0, 4, 4, "auto", True),
+    "edgeq-k256-acc4-emb": (256, 4, 4, "auto", True),
+    "edgeq-k0-b8-acc4-emb": (0, 8, 4, "auto", True),
+    "edgeq-k256-b8-acc4-emb": (256, 8, 4, "auto", True),
+    "edgeq-k4096-emb": (4096, 4, 0, "auto", True),
 }
 
 
@@ -69,6 +73,13 @@ def build_variants(loaded, fp32, outdir: Path, names: list[str]) -> dict[str, Pa
         q.process()
         paths[name] = outdir / f"{name}.onnx"
         onnx.save(q.model.model, str(paths[name]))
+    if "ort-hqq" in names:  # HQQ (half-quadratic, asymmetric with zero points), block 32, int4
+        from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
+
+        q = MatMulNBitsQuantizer(copy.deepcopy(fp32), algo_config=HQQWeightOnlyQuantConfig(block_size=32, bits=4))
+        q.process()
+        paths["ort-hqq"] = outdir / "ort-hqq.onnx"
+        onnx.save(q.model.model, str(paths["ort-hqq"]))
     if "ort-int8-dynamic" in names:
         paths["ort-int8-dynamic"] = outdir / "ort-int8-dynamic.onnx"
         quantize_dynamic(str(paths["fp32"]), str(paths["ort-int8-dynamic"]), weight_type=QuantType.QInt8)
@@ -133,7 +144,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "results" / "bench")
     ap.add_argument("--tasks", default="rte,mrpc,sst2")
-    ap.add_argument("--variants", default=",".join(["ort-rtn-acc4", "ort-rtn-acc4-emb", "ort-int8-dynamic", *EDGEQ]))
+    ap.add_argument("--variants", default=",".join(["ort-rtn-acc4", "ort-rtn-acc4-emb", "ort-hqq", "ort-int8-dynamic", *EDGEQ]))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--shapes", default="1x16,1x128,8x128")

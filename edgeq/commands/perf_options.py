@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-CORRECTION_CHOICES = ("dense", "scatter")  # edgeq.onnx.rewrite.CORRECTIONS (kept in sync by a test)
+CORRECTION_CHOICES = ("auto", "dense", "rows", "scatter")  # edgeq.onnx.rewrite.CORRECTION_CHOICES (a test keeps them in sync)
 OPTION_NAMES = ("bits", "bits8", "correction", "quantize_embeddings")
 
 
@@ -18,8 +18,9 @@ def perf_options(fn):
                      help="MatMulNBits bits of every Linear (8 is fast only with --accuracy-level 4)."),
         click.option("--bits8", multiple=True, metavar="REGEX",
                      help="Quantize Linears whose name matches REGEX to 8 bits (repeatable)."),
-        click.option("--correction", type=click.Choice(CORRECTION_CHOICES), default="dense", show_default=True,
-                     help="Graph encoding of the k FP32 entries (dense: Gather+MatMul+Add; scatter: ScatterElements)."),
+        click.option("--correction", type=click.Choice(CORRECTION_CHOICES), default="auto", show_default=True,
+                     help="Graph encoding of the k FP32 entries: dense (Gather+MatMul+Add), rows "
+                          "(MatMul+MatMul+Add), scatter (ScatterElements); auto picks dense or rows per layer."),
         click.option("--quantize-embeddings/--no-quantize-embeddings", default=False, show_default=True,
                      help="Word-embedding table as 4-bit GatherBlockQuantized (block 32)."),
     ]

@@ -15,8 +15,16 @@ The correction has interchangeable graph encodings (``CORRECTIONS``, ``--correct
   constant subgraph ONNX Runtime folds once at session creation.  3 run-time nodes.  Refused (the
   layer falls back to ``scatter``) when D would hold more than ``DENSE_MAX_FRACTION`` of N·K
   entries — its memory and FLOPs grow with c·N.
+* ``rows``: with R the r distinct output rows of S, ``y = y_q + (x @ A) @ P`` where ``A [K, r]``
+  holds v_t at (j_t, position of i_t in R) and ``P [r, N]`` is one-hot (P[p, R_p] = 1); both are
+  rebuilt at load (ScatterND / OneHot, folded).  3 run-time nodes, no Gather: r·(K + N)
+  multiply-adds per token.  Every product is a salient x_j·v_t or an exact zero, as in ``dense``.
 * ``scatter``: ``ScatterElements(y_q, Expand(rows, Shape(u)), u = Gather(x, cols) ⊙ v, add)``;
   memory and FLOPs ∝ k, but 5 run-time nodes and an extra pass over y.
+* ``auto`` (default): per layer the cheapest accepted encoding by its cost per token in
+  multiply-add equivalents: dense ``c·(N + G)``, rows ``r·(K + N)``, scatter ``2·k·G``, where
+  G = GATHER_COST is what one element gathered (or scattered) along the last axis costs ONNX
+  Runtime's CPU kernels relative to one MatMul multiply-add (measured, docs/performance.md).
 
 A MatMul whose only consumer is ``Add(·, b)`` with a private constant ``b [N]`` gets b as
 MatMulNBits' bias input (the Add is removed and the correction writes its output), so the bias
@@ -47,7 +55,8 @@ from edgeq.quant.pack import pack_codes, unpack_codes
 
 MS_DOMAIN = "com.microsoft"
 LAYERS_KEY = "edgeq.layers"
-DENSE_MAX_FRACTION = 0.25  # dense correction refused when c·N > this · N·K
+DENSE_MAX_FRACTION = 0.5  # dense (rows) refused when c·N (r·(K+N)) > this · N·K: run-time memory
+GATHER_COST = 500  # multiply-add equivalents of one element gathered along the last axis (ORT CPU)
 
 
 @dataclass(frozen=True)
@@ -219,17 +228,77 @@ def _dense_build(layer: str, x: str, y_q: str, y: str, q: QuantizedLinear):
     return nodes, inits
 
 
+def _rows_check(q: QuantizedLinear) -> str | None:
+    n_out, k_in = q.shape
+    r = np.unique(q.salient_index // k_in).size
+    if r * (k_in + n_out) > DENSE_MAX_FRACTION * n_out * k_in:
+        return (f"{r} distinct output rows: [{k_in} x {r}] and [{r} x {n_out}] factors exceed "
+                f"{DENSE_MAX_FRACTION:g} of the weight's multiply-adds")
+    return None
+
+
+def _rows_build(layer: str, x: str, y_q: str, y: str, q: QuantizedLinear):
+    p = f"/{layer}/correction"
+    n_out, k_in = q.shape
+    rows, cols = _split(q)
+    row_ids, row_pos = np.unique(rows, return_inverse=True)
+    nodes = [  # constant subgraph (folded by ONNX Runtime at load): A [K, r], P [r, N] one-hot
+        helper.make_node("ConstantOfShape", [f"{layer}.corr_shape"], [f"{p}/zeros"], name=f"{p}/Zeros",
+                         value=_tensor(np.zeros(1, np.float32), "zero")),
+        helper.make_node("Cast", [f"{layer}.corr_colpos"], [f"{p}/pos64"], name=f"{p}/Cast", to=TensorProto.INT64),
+        helper.make_node("ScatterND", [f"{p}/zeros", f"{p}/pos64", f"{layer}.corr_vals"], [f"{p}/A"], name=f"{p}/Factor"),
+        helper.make_node("OneHot", [f"{layer}.corr_rowids", f"{layer}.corr_depth", f"{layer}.corr_onehot"], [f"{p}/P"],
+                         name=f"{p}/OneHot", axis=-1),
+        # run time: y = y_q + (x @ A) @ P
+        helper.make_node("MatMul", [x, f"{p}/A"], [f"{p}/u"], name=f"{p}/MatMul"),
+        helper.make_node("MatMul", [f"{p}/u", f"{p}/P"], [f"{p}/delta"], name=f"{p}/Spread"),
+        helper.make_node("Add", [y_q, f"{p}/delta"], [y], name=f"{p}/Add"),
+    ]
+    inits = [
+        _tensor(np.stack([cols, row_pos], axis=1).astype(np.int32), f"{layer}.corr_colpos"),
+        _tensor(q.salient_values.astype(np.float32), f"{layer}.corr_vals"),
+        _tensor(np.array([k_in, row_ids.size], np.int64), f"{layer}.corr_shape"),
+        _tensor(row_ids.astype(np.int64), f"{layer}.corr_rowids"),
+        _tensor(np.array([n_out], np.int64), f"{layer}.corr_depth"),
+        _tensor(np.array([0, 1], np.float32), f"{layer}.corr_onehot"),
+    ]
+    return nodes, inits
+
+
+def _cost(q: QuantizedLinear, encoding: str) -> float:
+    """Multiply-add equivalents per token of the run-time correction (the ``auto`` choice)."""
+    n_out, k_in = q.shape
+    if encoding == "dense":
+        return np.unique(q.salient_index % k_in).size * (n_out + GATHER_COST)
+    if encoding == "rows":
+        return np.unique(q.salient_index // k_in).size * (k_in + n_out)
+    return 2 * q.k * GATHER_COST
+
+
+def choose_correction(q: QuantizedLinear, requested: str) -> tuple[str, str | None]:
+    """(encoding to build, refusal reason or None) for ``--correction requested``; scatter never refuses."""
+    candidates = tuple(CORRECTIONS) if requested == "auto" else (requested,)
+    reasons = {name: CORRECTIONS[name].check(q) for name in candidates}
+    accepted = [name for name in candidates if reasons[name] is None]
+    if accepted:
+        return min(accepted, key=lambda name: _cost(q, name)), None
+    return FALLBACK_CORRECTION, "; ".join(f"{n} refused ({r})" for n, r in reasons.items())
+
+
 CORRECTIONS: dict[str, Correction] = {
     c.name: c
     for c in (
         Correction("dense", "Gather(x, distinct cols) @ D[c, N] + Add; D folded at load from (pos, v)",
                    _dense_check, _dense_build),
+        Correction("rows", "(x @ A[K, r]) @ one-hot P[r, N] + Add; A and P folded at load",
+                   _rows_check, _rows_build),
         Correction("scatter", "Gather(x, cols) * v → ScatterElements(add) into the output rows",
                    _scatter_check, _scatter_build),
     )
 }
-DEFAULT_CORRECTION = "dense"
+DEFAULT_CORRECTION = "auto"  # per layer: the cheaper of dense and rows (choose_correction)
 FALLBACK_CORRECTION = "scatter"  # never refuses
+CORRECTION_CHOICES = ("auto", *CORRECTIONS)
 
 
 def _bias_adds(graph: onnx.GraphProto, matches, inits, consumers) -> dict[int, tuple[onnx.NodeProto, str]]:
@@ -264,8 +333,8 @@ def rewrite_linears(
     fold_bias: bool = True,
 ) -> RewriteResult:
     """Rewrite, in place, every planned Linear of ``model``; raise if one cannot be mapped."""
-    if correction not in CORRECTIONS:
-        raise ValueError(f"unknown correction encoding {correction!r}; choose from {', '.join(CORRECTIONS)}")
+    if correction not in CORRECTION_CHOICES:
+        raise ValueError(f"unknown correction encoding {correction!r}; choose from {', '.join(CORRECTION_CHOICES)}")
     matches, refused = match_linears(model, weights)
     missing = [n for n in plan.layers if n not in matches]
     if missing:
@@ -323,11 +392,9 @@ def rewrite_linears(
         ]
         used = None
         if q.k:
-            used = correction
-            reason = CORRECTIONS[used].check(q)
+            used, reason = choose_correction(q, correction)
             if reason:
-                result.fallbacks.append((layer, f"{used} refused ({reason}); used {FALLBACK_CORRECTION}"))
-                used = FALLBACK_CORRECTION
+                result.fallbacks.append((layer, f"{reason}; used {FALLBACK_CORRECTION}"))
             nodes, tensors = CORRECTIONS[used].build(layer, x, y_q, y, q)
             new_nodes += nodes
             new_inits += tensors
@@ -387,7 +454,10 @@ def read_back(model: onnx.ModelProto) -> dict[str, np.ndarray]:
         codes = unpack_codes(arr(node.input[1]), k_in, bits).astype(np.float32)
         scales = np.repeat(arr(node.input[2]).reshape(codes.shape[0], -1), bs, axis=1)[:, :k_in]
         w = (codes - float(2 ** (bits - 1))) * scales
-        if f"{layer}.corr_pos" in inits:  # dense: (position in distinct cols, row)
+        if f"{layer}.corr_colpos" in inits:  # rows: (col, position in distinct rows)
+            pos = arr(f"{layer}.corr_colpos").astype(np.int64)
+            rows, cols = arr(f"{layer}.corr_rowids")[pos[:, 1]], pos[:, 0]
+        elif f"{layer}.corr_pos" in inits:  # dense: (position in distinct cols, row)
             pos = arr(f"{layer}.corr_pos").astype(np.int64)
             rows, cols = pos[:, 1], arr(f"{layer}.corr_cols")[pos[:, 0]]
         elif f"{layer}.corr_rows" in inits:  # scatter
