@@ -6,12 +6,11 @@ shape, one interleaved run), then:
 
 * for every peer (FP32 and ONNX Runtime's quantizers), lists the edgeq configurations that are at
   least as good on **all** of size, latency at the chosen shapes, dev accuracy on every task and
-  agreement with FP32 on every task (strict dominance), and for the closest edgeq configuration,
-  which criteria fail and by how much;
-* marks the non-dominated set over every model (size, latency, mean accuracy);
+  agreement with FP32 on every task (strict dominance; agreement is not compared against FP32
+  itself), and for the closest edgeq configuration, which criteria fail and by how much;
 * draws size × vs latency × (ratios to FP32 in the same run) with accuracy labels.
 
-    python tools/pareto.py results/bench/accuracy.json results/bench/bench.json \
+    python tools/pareto.py results/bench/accuracy.json results/bench/peers_rte.json \
         --md results/bench/pareto.md --png results/bench/pareto.png
 """
 
@@ -55,7 +54,7 @@ def shortfalls(e: dict, p: dict, shapes: list[str], tasks: list[str]) -> list[st
         if e[f"acc {t}"] < p[f"acc {t}"]:
             d = 100 * (p[f"acc {t}"] - e[f"acc {t}"])
             out.append(f"{t} acc −{d:.1f} pt ({d / (100 * p[f'se {t}']):.1f} SE)")
-        if e[f"agree {t}"] < p[f"agree {t}"]:
+        if p[f"agree {t}"] < 1.0 and e[f"agree {t}"] < p[f"agree {t}"]:  # FP32 itself: agreement 1 by definition
             out.append(f"{t} agree {e[f'agree {t}']:.3f} < {p[f'agree {t}']:.3f}")
     return out
 
@@ -84,23 +83,33 @@ def markdown(rows: dict[str, dict], all_shapes: list[str], shapes: list[str], ta
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: dict[str, dict], shape: str, tasks: list[str], png: Path) -> None:
+def plot(rows: dict[str, dict], shape: str, tasks: list[str], png: Path, ymax: float = 1.8) -> None:
+    """Size × vs latency × at ``shape``; points numbered, the key lists name and accuracies."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for n, r in rows.items():
+    fig, (ax, key) = plt.subplots(1, 2, figsize=(11, 5.5), gridspec_kw={"width_ratios": [1.4, 1]})
+    lines = []
+    for i, (n, r) in enumerate(rows.items(), 1):
         peer = not n.startswith("edgeq")
-        ax.scatter(r["size"], r[f"lat {shape}"], marker="s" if peer else "o", color="tab:gray" if peer else "tab:blue")
+        y = min(r[f"lat {shape}"], ymax)
+        ax.scatter(r["size"], y, marker="s" if peer else "o", color="tab:gray" if peer else "tab:blue",
+                   facecolors="none" if y < r[f"lat {shape}"] else None)
+        ax.annotate(str(i), (r["size"], y), fontsize=7, xytext=(3, 2), textcoords="offset points")
         accs = "/".join(f"{100 * r[f'acc {t}']:.1f}" for t in tasks)
-        ax.annotate(f"{n}\n{accs}", (r["size"], r[f"lat {shape}"]), fontsize=6, xytext=(3, 3),
-                    textcoords="offset points")
+        off = f" (latency {r[f'lat {shape}']:.1f}, off chart)" if y < r[f"lat {shape}"] else ""
+        lines.append(f"{i:2d} {n}: {accs}{off}")
+    ax.axhline(1.0, color="k", lw=0.5, ls=":")
+    ax.set_ylim(top=ymax * 1.03)
     ax.set_xlabel("file size × FP32 ONNX")
-    ax.set_ylabel(f"latency at {shape} × FP32 ONNX (same run)")
-    ax.set_title(f"size vs latency; labels: dev accuracy % ({'/'.join(tasks)})", fontsize=9)
+    ax.set_ylabel(f"median latency at {shape} × FP32 ONNX (same run)")
+    ax.set_title("squares: FP32 and ONNX Runtime's quantizers; circles: edgeq", fontsize=9)
     ax.grid(alpha=0.3)
+    key.axis("off")
+    key.text(0, 1, f"dev accuracy % ({'/'.join(tasks)})\n\n" + "\n".join(lines), va="top", family="monospace",
+             fontsize=7, transform=key.transAxes)
     fig.tight_layout()
     fig.savefig(png, dpi=130)
 
