@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from edgeq.quant.int4 import Granularity
+from edgeq.quant.int4 import GRIDS, Granularity
 from edgeq.saliency import SALIENCY_METHODS
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -22,6 +22,7 @@ class ConvertConfig:
     exclude: tuple[str, ...] = ()  # regexes of Linear names kept FP32
     accuracy_level: int = 0  # MatMulNBits accuracy_level; 0 = FP32 activations, same numbers on every runtime
     bits: int = 4  # MatMulNBits bits of every Linear: 4 (Q4-sym-7) or 8 (Q8-sym-127)
+    grid: str = "sym7"  # 4-bit grid: sym7 (max/7, the paper's) or sym8 (ONNX Runtime's signed max/8; rtn only)
     bits8: tuple[str, ...] = ()  # regexes of Linear names quantized to 8 bits whatever --bits says
     correction: str = "auto"  # graph encoding of the FP32 correction (edgeq.onnx.rewrite.CORRECTION_CHOICES)
     quantize_embeddings: bool = False  # word-embedding table as 4-bit GatherBlockQuantized
@@ -67,6 +68,11 @@ class ConvertConfig:
             raise ValueError("--opset must be at least 17 (ScatterElements with reduction, LayerNormalization)")
         if self.bits not in (4, 8):
             raise ValueError(f"--bits must be 4 or 8, got {self.bits!r}")
+        if self.grid not in GRIDS:
+            raise ValueError(f"--grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
+        if self.grid != "sym7" and self.quantizer != "rtn":
+            raise ValueError(f"--grid {self.grid} is implemented for --quantizer rtn only; use --grid sym7 "
+                             f"with --quantizer {self.quantizer}")
         from edgeq.onnx.rewrite import CORRECTION_CHOICES
 
         if self.correction not in CORRECTION_CHOICES:

@@ -71,11 +71,13 @@ def plan_layer(name: str, weight: np.ndarray, config: ConvertConfig, stats=None,
         score = method.score(torch.from_numpy(w), ctx)
         idx = topk_flat(score, k).numpy()
     if quantize is None:
+        bits = config.layer_bits(name)
         quant = quantize_rtn(w, idx, config.granularity, config.exclude_salient_from_scale,
-                             bits=config.layer_bits(name))
+                             bits=bits, grid=config.grid if bits == 4 else "sym7")
     else:
         quant = quantize(w, idx)
-    base = quantize_rtn(w, idx[:0], config.granularity, bits=quant.bits)
+    base = quantize_rtn(w, idx[:0], config.granularity, bits=quant.bits,
+                        grid=config.grid if quant.bits == 4 and quantize is None else "sym7")
     n, k_in = w.shape
     return LayerPlan(
         name=name,

@@ -47,3 +47,20 @@ def test_pack_round_trip(shape, block):
 def test_nibble_order_low_first():
     codes = np.array([[1, 2, 3, 4] + [8] * 12], np.uint8)
     assert pack_int4(codes, 16)[0, 0, :2].tolist() == [0x21, 0x43]
+
+
+@pytest.mark.parametrize("k_in,n,block", [(64, 5, 32), (96, 3, 16), (128, 4, 64), (80, 6, 32)])
+def test_grid_sym8_is_onnxruntimes_rtn_bit_for_bit(k_in, n, block):
+    """--grid sym8 on arbitrary (off-grid) weights: codes and scales equal ORT's symmetric RTN."""
+    from edgeq.quant.int4 import Granularity, quantize_rtn
+
+    w = np.random.default_rng(k_in * n).normal(size=(n, k_in)).astype(np.float32)  # our [N, K]
+    nb = -(-k_in // block)
+    ort_packed = np.zeros((n, nb, block // 2), np.uint8)
+    ort_scales = np.zeros(n * nb, np.float32)
+    zp = np.zeros((n, (nb + 1) // 2), np.uint8)
+    quantize_matmul_4bits(ort_packed, np.ascontiguousarray(w.T), ort_scales, zp, block, n, k_in, True)
+    q = quantize_rtn(w, np.empty(0, np.int64), Granularity("block", block), grid="sym8")
+    np.testing.assert_array_equal(q.scales, ort_scales.reshape(n, nb))
+    np.testing.assert_array_equal(q.codes, unpack_int4(ort_packed, k_in))
+    assert q.codes.min() == 0  # the -8 level is used: the signed max of every block

@@ -83,12 +83,12 @@ def concentrated(ws, k, cols=2):
     return out
 
 
-def plan_from(sel, bits=4):
+def plan_from(sel, bits=4, grid="sym7"):
     from edgeq.plan import LayerPlan, QuantPlan
 
     layers = {}
     for name, (w, idx) in sel.items():
-        q = quantize_rtn(w, idx, Granularity("block", 32), exclude_salient_from_scale=True, bits=bits)
+        q = quantize_rtn(w, idx, Granularity("block", 32), exclude_salient_from_scale=True, bits=bits, grid=grid)
         layers[name] = LayerPlan(name, q, 0.0, 0.0, 0, 0)
     return QuantPlan(layers, ())
 
@@ -165,6 +165,24 @@ def test_bias_not_folded_when_shared(layers):
     assert sum(n.op_type == "Add" and "b_shared" in n.input for n in model.graph.node) == 2
     x = np.random.default_rng(3).normal(size=(1, 4, K)).astype(np.float32)
     ws_hat = {n: plan.layers[n].quant.dequantize() for n in ws}
+    np.testing.assert_allclose(run(model, x), ref(x, ws_hat, biases), rtol=2e-5, atol=2e-5)
+
+
+def test_grid_sym8_codes_run_in_onnxruntime(layers):
+    """The -8 level (code 0) and negative scales of --grid sym8 decode and run exactly as planned."""
+    ws, biases = layers
+    sel = concentrated(ws, 12, cols=4)
+    plan = plan_from(sel, grid="sym8")
+    assert min(int(lp.quant.codes.min()) for lp in plan.layers.values()) == 0
+    assert any((lp.quant.scales < 0).any() for lp in plan.layers.values())
+    wsel = {n: w for n, (w, _) in sel.items()}
+    model = mlp(wsel, biases)
+    rewrite_linears(model, plan, wsel)
+    ws_hat = {n: plan.layers[n].quant.dequantize() for n in ws}
+    decoded = read_back(model)
+    for name in ws:
+        np.testing.assert_array_equal(decoded[name], ws_hat[name])
+    x = np.random.default_rng(4).normal(size=(2, 5, K)).astype(np.float32)
     np.testing.assert_allclose(run(model, x), ref(x, ws_hat, biases), rtol=2e-5, atol=2e-5)
 
 

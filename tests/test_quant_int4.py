@@ -95,3 +95,41 @@ def test_zero_block_gets_zero_scale():
 def test_invalid_block_sizes_are_refused(bad):
     with pytest.raises(ValueError, match="invalid block size"):
         Granularity.parse(bad)
+
+
+@pytest.mark.parametrize("gran", ["32", "per-channel", "per-tensor"])
+def test_grid_sym8_invariants(gran):
+    """sym8: the group's signed max is exact (code 0), step max/8 ≤ sym7's max/7, error ≤ step/2 except clipping."""
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(6, 64)).astype(np.float32)
+    g = Granularity.parse(gran)
+    q8 = quantize_rtn(w, np.empty(0, np.int64), g, grid="sym8")
+    q7 = quantize_rtn(w, np.empty(0, np.int64), g)
+    assert q8.codes.min() >= 0 and q8.codes.max() <= 15
+    err = np.abs(q8.dequantize() - w)
+    step = np.repeat(np.abs(q8.scales), q8.block_size, axis=1)[:, :64]
+    clipped = w / np.repeat(q8.scales, q8.block_size, axis=1)[:, :64] > 7.5
+    assert np.all(err[~clipped] <= step[~clipped] / 2 + 1e-6) and np.all(err[clipped] <= step[clipped] + 1e-6)
+    assert np.abs(q8.dequantize()).max() == np.abs(w).max()  # the largest entry is on the grid
+    assert np.all(np.abs(q8.scales) <= q7.scales + 1e-9)
+    assert np.sum((q8.dequantize() - w) ** 2) < np.sum((q7.dequantize() - w) ** 2)  # finer grid, lower error here
+    idx = np.array([3, 70, 200])
+    qs = quantize_rtn(w, idx, g, grid="sym8")
+    np.testing.assert_array_equal(qs.dequantize().reshape(-1)[idx], w.reshape(-1)[idx])  # salient exact
+    assert np.all(qs.codes.reshape(-1)[idx] == 8)
+
+
+def test_grid_sym8_refusals():
+    w = np.ones((2, 32), np.float32)
+    with pytest.raises(ValueError, match="sym8 only at 4 bits"):
+        quantize_rtn(w, np.empty(0, np.int64), Granularity("block", 32), bits=8, grid="sym8")
+    from edgeq.config import ConvertConfig
+
+    with pytest.raises(ValueError, match="--grid"):
+        ConvertConfig(grid="sym9")
+    with pytest.raises(ValueError, match="--quantizer rtn only"):
+        ConvertConfig(grid="sym8", quantizer="gptq", calib="rte")
+    from edgeq.commands.perf_options import GRID_CHOICES
+    from edgeq.quant.int4 import GRIDS
+
+    assert GRID_CHOICES == GRIDS

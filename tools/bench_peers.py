@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 TASKS = {"rte": "RTE", "mrpc": "MRPC", "sst2": "SST-2"}
 
-# name → (k, bits, accuracy_level, correction, quantize embeddings)
+# name → (k, bits, accuracy_level, correction, quantize embeddings[, 4-bit grid])
 EDGEQ = {
     "edgeq-k0": (0, 4, 0, "auto", False),
     "edgeq-k256": (256, 4, 0, "auto", False),
@@ -43,6 +43,13 @@ EDGEQ = {
     "edgeq-k0-b8-acc4-emb": (0, 8, 4, "auto", True),
     "edgeq-k256-b8-acc4-emb": (256, 8, 4, "auto", True),
     "edgeq-k4096-emb": (4096, 4, 0, "auto", True),
+    "edgeq-k0-g8": (0, 4, 0, "auto", False, "sym8"),
+    "edgeq-k256-g8": (256, 4, 0, "auto", False, "sym8"),
+    "edgeq-k0-g8-acc4": (0, 4, 4, "auto", False, "sym8"),
+    "edgeq-k256-g8-acc4": (256, 4, 4, "auto", False, "sym8"),
+    "edgeq-k0-g8-emb": (0, 4, 0, "auto", True, "sym8"),
+    "edgeq-k256-g8-emb": (256, 4, 0, "auto", True, "sym8"),
+    "edgeq-k0-g8-acc4-emb": (0, 4, 4, "auto", True, "sym8"),
 }
 
 
@@ -86,17 +93,19 @@ def build_variants(loaded, fp32, outdir: Path, names: list[str]) -> dict[str, Pa
     weights = loaded.linear_weights()
     plans = {}
     modules = module_names(fp32, loaded.model)
-    for name, (k, bits, acc, corr, emb) in EDGEQ.items():
+    for name, (k, bits, acc, corr, emb, *rest) in EDGEQ.items():
         if name not in names:
             continue
-        if (k, 4) not in plans:
+        grid = rest[0] if rest else "sym7"
+        if (k, 4, "sym7") not in plans:
             t0 = time.perf_counter()
-            plans[k, 4] = build_plan(weights, ConvertConfig(k=k))
+            plans[k, 4, "sym7"] = build_plan(weights, ConvertConfig(k=k))
             log(f"plan k={k}: {time.perf_counter() - t0:.1f} s")
-        if (k, bits) not in plans:  # same salient set, requantized at `bits` (what build_plan would do)
-            plans[k, bits] = QuantPlan({n: replace(lp, quant=quantize_rtn(
-                weights[n], lp.quant.salient_index, Granularity("block", 32), bits=bits)) for n, lp in plans[k, 4].layers.items()}, ())
-        plan = plans[k, bits]
+        if (k, bits, grid) not in plans:  # same salient set, requantized (what build_plan would do)
+            plans[k, bits, grid] = QuantPlan({n: replace(lp, quant=quantize_rtn(
+                weights[n], lp.quant.salient_index, Granularity("block", 32), bits=bits, grid=grid))
+                for n, lp in plans[k, 4, "sym7"].layers.items()}, ())
+        plan = plans[k, bits, grid]
         model = copy.deepcopy(fp32)
         res = rewrite_linears(model, plan, weights, acc, correction=corr)
         assert res.count == len(plan.layers)

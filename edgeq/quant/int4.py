@@ -18,6 +18,16 @@ The ``k`` salient entries S (flat indices ``i*K + j``) get ``code = 8`` (they co
 ``exclude_salient_from_scale`` the salient entries do not take part in ``s_G`` (SpQR's rule,
 ALGORITHMS.md §1.1 rule 4).  A group whose remaining entries are all zero gets ``s_G = 0``.
 
+Grid ``sym8`` (``grid="sym8"``, 4-bit only; ONNX Runtime's own symmetric RTN grid)::
+
+    m_G  = the entry of G with the largest |W_ij| (signed; first in row-major order on ties)
+    s_G  = −m_G / 8                                 # exact (power-of-two division); may be negative
+    q_ij = clamp(rint(W_ij / s_G), −8, 7),  code_ij = q_ij + 8 in [0, 15]
+
+so the largest entry lands exactly on code 0 (q = −8) and the step is max|W|/8 instead of /7; an
+entry of the opposite sign and |W| > 7.5·|s| is clipped to q = 7.  Codes and scales are bit-equal to
+``onnxruntime``'s ``quantize_matmul_4bits(..., is_symmetric=True)`` (tested).
+
 8-bit (``bits=8``, Q8-sym-127): the same with ``QMAX = 127`` and zero point 128, codes in
 [1, 255] (``q + 128``), salient entries = 128; MatMulNBits ``bits=8`` stores one code per byte.
 The 4-bit path is unchanged by this option.
@@ -37,6 +47,7 @@ QMAX = 7
 ZERO_POINT = 8
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits CPU fast path (MLAS)
 BITS = (4, 8)
+GRIDS = ("sym7", "sym8")  # 4-bit grids: Q4-sym-7 (default, the paper's) and ONNX Runtime's signed /8
 
 
 def qmax(bits: int) -> int:
@@ -89,7 +100,7 @@ class Granularity:
 class QuantizedLinear:
     """The int4 codes, scales and exact FP32 entries of one Linear weight ``[N, K]``."""
 
-    codes: np.ndarray  # uint8 [N, K], values 1..15 (1..255 at 8 bits), salient = zero point
+    codes: np.ndarray  # uint8 [N, K], values 1..15 (0..15 with grid sym8; 1..255 at 8 bits), salient = zero point
     scales: np.ndarray  # float32 [N, n_blocks], MatMulNBits layout (blocks along K)
     block_size: int  # MatMulNBits block_size
     salient_index: np.ndarray  # int64 [k], sorted flat indices i*K + j
@@ -131,16 +142,37 @@ def _group_amax(a: np.ndarray, gran: Granularity) -> np.ndarray:
     return padded.reshape(n, n_blocks, b).max(axis=2)
 
 
+def _group_signed_max(a: np.ndarray, gran: Granularity) -> np.ndarray:
+    """The signed entry of largest |a| per scale group (first on ties), in the ``[N, n_blocks]`` layout."""
+    n, k_in = a.shape
+    b = gran.export_block(k_in)
+    n_blocks = -(-k_in // b)
+    if gran.kind == "tensor":
+        flat = a.reshape(-1)
+        return np.full((n, n_blocks), flat[np.argmax(np.abs(flat))] if flat.size else 0.0, dtype=np.float32)
+    if gran.kind == "channel":
+        picked = a[np.arange(n), np.argmax(np.abs(a), axis=1)]
+        return np.repeat(picked[:, None], n_blocks, axis=1).astype(np.float32)
+    padded = np.zeros((n, n_blocks * b), dtype=np.float32)
+    padded[:, :k_in] = a
+    groups = padded.reshape(n, n_blocks, b)
+    return np.take_along_axis(groups, np.argmax(np.abs(groups), axis=2)[..., None], axis=2)[..., 0]
+
+
 def quantize_rtn(
     weight: np.ndarray,
     salient_index: np.ndarray,
     granularity: Granularity,
     exclude_salient_from_scale: bool = False,
     bits: int = 4,
+    grid: str = "sym7",
 ) -> QuantizedLinear:
-    """Round-to-nearest Q4-sym-7 (Q8-sym-127 with ``bits=8``) of ``weight [N, K]`` keeping ``salient_index`` exact."""
+    """Round-to-nearest Q4-sym-7 (Q8-sym-127 with ``bits=8``; ``grid="sym8"``: ORT's signed /8 grid)
+    of ``weight [N, K]`` keeping ``salient_index`` exact."""
     if bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}, got {bits}")
+    if grid not in GRIDS or (grid == "sym8" and bits != 4):
+        raise ValueError(f"grid must be one of {GRIDS} (sym8 only at 4 bits), got {grid!r} at {bits} bits")
     qm, zp = qmax(bits), zero_point(bits)
     w = np.ascontiguousarray(weight, dtype=np.float32)
     if w.ndim != 2:
@@ -157,12 +189,18 @@ def quantize_rtn(
     if exclude_salient_from_scale:
         absw = np.where(mask, np.float32(0), absw)
     b = granularity.export_block(k_in)
-    scales = (_group_amax(absw, granularity) / np.float32(qm)).astype(np.float32)
+    if grid == "sym8":
+        signed = np.where(mask, np.float32(0), w) if exclude_salient_from_scale else w
+        scales = (_group_signed_max(signed, granularity) / np.float32(-8)).astype(np.float32)
+        q_lo = -zp
+    else:
+        scales = (_group_amax(absw, granularity) / np.float32(qm)).astype(np.float32)
+        q_lo = -qm
 
     s_full = np.repeat(scales, b, axis=1)[:, :k_in]
     with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(s_full > 0, np.rint(w / s_full), 0.0)
-    q = np.clip(q, -qm, qm)
+        q = np.where(s_full != 0, np.rint(w / s_full), 0.0)
+    q = np.clip(q, q_lo, qm)
     codes = (q + zp).astype(np.uint8)
     codes[mask] = zp
     return QuantizedLinear(
