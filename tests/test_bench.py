@@ -58,3 +58,27 @@ def test_parse_shapes_and_vocab(tmp_path):
     with pytest.raises(ValueError, match="BATCHxSEQ"):
         parse_shapes("16")
     assert vocab_size(onnx.load(str(tiny(tmp_path / "v.onnx", vocab=17)))) == 17
+
+
+def test_bench_sessions_do_not_spin(tmp_path):
+    """Several sessions share the process: idle workers must block, not spin (docs/performance.md)."""
+    from edgeq.bench import _session
+
+    sess = _session(tiny(tmp_path / "a.onnx"), 2)
+    assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_pareto_shortfalls_name_every_failed_criterion():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("pareto", Path(__file__).parents[1] / "tools" / "pareto.py")
+    pareto = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pareto)
+    peer = {"size": 0.6, "lat 1x128": 1.0, "acc rte": 0.57, "se rte": 0.03, "agree rte": 0.92}
+    assert pareto.shortfalls(dict(peer), peer, ["1x128"], ["rte"]) == []  # ties dominate
+    worse = dict(peer, size=0.7, **{"lat 1x128": 1.1, "acc rte": 0.54, "agree rte": 0.90})
+    fails = pareto.shortfalls(worse, peer, ["1x128"], ["rte"])
+    assert len(fails) == 4 and fails[0].startswith("size") and "1.0 SE" in fails[2]
+    fp32 = dict(peer, **{"agree rte": 1.0})  # agreement is not compared against FP32 itself
+    assert pareto.shortfalls(dict(peer), fp32, ["1x128"], ["rte"]) == []
