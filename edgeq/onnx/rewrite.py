@@ -195,6 +195,17 @@ def _scatter_build(layer: str, x: str, y_q: str, y: str, q: QuantizedLinear):
     return nodes, inits
 
 
+def _scattered_constant(layer: str, pos: str, out: str, name: str) -> list[onnx.NodeProto]:
+    """``out = ScatterND(zeros(corr_shape), pos, corr_vals)``: a constant subgraph ONNX Runtime folds at load."""
+    p = f"/{layer}/correction"
+    return [
+        helper.make_node("ConstantOfShape", [f"{layer}.corr_shape"], [f"{p}/zeros"], name=f"{p}/Zeros",
+                         value=_tensor(np.zeros(1, np.float32), "zero")),
+        helper.make_node("Cast", [pos], [f"{p}/pos64"], name=f"{p}/Cast", to=TensorProto.INT64),
+        helper.make_node("ScatterND", [f"{p}/zeros", f"{p}/pos64", f"{layer}.corr_vals"], [out], name=name),
+    ]
+
+
 def _dense_check(q: QuantizedLinear) -> str | None:
     n_out, k_in = q.shape
     c = np.unique(q.salient_index % k_in).size
@@ -209,11 +220,7 @@ def _dense_build(layer: str, x: str, y_q: str, y: str, q: QuantizedLinear):
     n_out = q.shape[0]
     rows, cols = _split(q)
     distinct, pos = np.unique(cols, return_inverse=True)
-    nodes = [  # constant subgraph (folded by ONNX Runtime at load): D [c, N]
-        helper.make_node("ConstantOfShape", [f"{layer}.corr_shape"], [f"{p}/zeros"], name=f"{p}/Zeros",
-                         value=_tensor(np.zeros(1, np.float32), "zero")),
-        helper.make_node("Cast", [f"{layer}.corr_pos"], [f"{p}/pos64"], name=f"{p}/Cast", to=TensorProto.INT64),
-        helper.make_node("ScatterND", [f"{p}/zeros", f"{p}/pos64", f"{layer}.corr_vals"], [f"{p}/D"], name=f"{p}/Dense"),
+    nodes = _scattered_constant(layer, f"{layer}.corr_pos", f"{p}/D", f"{p}/Dense") + [
         # run time: y = y_q + x[..., C] @ D
         helper.make_node("Gather", [x, f"{layer}.corr_cols"], [f"{p}/x_sel"], name=f"{p}/Gather", axis=-1),
         helper.make_node("MatMul", [f"{p}/x_sel", f"{p}/D"], [f"{p}/delta"], name=f"{p}/MatMul"),
@@ -242,11 +249,7 @@ def _rows_build(layer: str, x: str, y_q: str, y: str, q: QuantizedLinear):
     n_out, k_in = q.shape
     rows, cols = _split(q)
     row_ids, row_pos = np.unique(rows, return_inverse=True)
-    nodes = [  # constant subgraph (folded by ONNX Runtime at load): A [K, r], P [r, N] one-hot
-        helper.make_node("ConstantOfShape", [f"{layer}.corr_shape"], [f"{p}/zeros"], name=f"{p}/Zeros",
-                         value=_tensor(np.zeros(1, np.float32), "zero")),
-        helper.make_node("Cast", [f"{layer}.corr_colpos"], [f"{p}/pos64"], name=f"{p}/Cast", to=TensorProto.INT64),
-        helper.make_node("ScatterND", [f"{p}/zeros", f"{p}/pos64", f"{layer}.corr_vals"], [f"{p}/A"], name=f"{p}/Factor"),
+    nodes = _scattered_constant(layer, f"{layer}.corr_colpos", f"{p}/A", f"{p}/Factor") + [
         helper.make_node("OneHot", [f"{layer}.corr_rowids", f"{layer}.corr_depth", f"{layer}.corr_onehot"], [f"{p}/P"],
                          name=f"{p}/OneHot", axis=-1),
         # run time: y = y_q + (x @ A) @ P
