@@ -77,7 +77,7 @@ def plan_layer(name: str, weight: np.ndarray, config: ConvertConfig, stats=None,
     else:
         quant = quantize(w, idx)
     base = quantize_rtn(w, idx[:0], config.granularity, bits=quant.bits,
-                        grid=config.grid if quant.bits == 4 and quantize is None else "sym7")
+                        grid=config.grid if quant.bits == 4 else "sym7")
     n, k_in = w.shape
     return LayerPlan(
         name=name,

@@ -24,7 +24,7 @@ def perf_options(fn):
                           "own RTN grid: signed scale max/8, levels -8..7, finer; --quantizer rtn only)."),
         click.option("--correction", type=click.Choice(CORRECTION_CHOICES), default="auto", show_default=True,
                      help="Graph encoding of the k FP32 entries: dense (Gather+MatMul+Add), rows "
-                          "(MatMul+MatMul+Add), scatter (ScatterElements); auto picks dense or rows per layer."),
+                          "(MatMul+MatMul+Add), scatter (ScatterElements); auto picks the cheapest per layer."),
         click.option("--quantize-embeddings/--no-quantize-embeddings", default=False, show_default=True,
                      help="Word-embedding table as 4-bit GatherBlockQuantized (block 32)."),
     ]

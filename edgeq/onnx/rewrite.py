@@ -299,7 +299,7 @@ CORRECTIONS: dict[str, Correction] = {
                    _scatter_check, _scatter_build),
     )
 }
-DEFAULT_CORRECTION = "auto"  # per layer: the cheaper of dense and rows (choose_correction)
+DEFAULT_CORRECTION = "auto"  # per layer: the cheapest accepted of dense, rows and scatter (choose_correction)
 FALLBACK_CORRECTION = "scatter"  # never refuses
 CORRECTION_CHOICES = ("auto", *CORRECTIONS)
 
