@@ -82,3 +82,13 @@ def test_pareto_shortfalls_name_every_failed_criterion():
     assert len(fails) == 4 and fails[0].startswith("size") and "1.0 SE" in fails[2]
     fp32 = dict(peer, **{"agree rte": 1.0})  # agreement is not compared against FP32 itself
     assert pareto.shortfalls(dict(peer), fp32, ["1x128"], ["rte"]) == []
+
+
+def test_busy_machine_warning(monkeypatch):
+    import edgeq.bench as bench
+
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert bench.busy_machine_warning(2) is None
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (9.5, 0.0, 0.0))
+    assert "load average 9.5 on 2 cores" in bench.busy_machine_warning(2)

@@ -34,7 +34,7 @@ def bench(models, shapes, threads, repeats, warmup, no_memory, json_path, quiet)
     Example:
       edgeq bench fp32.onnx edgeq-k256.onnx ort-rtn.onnx --shapes 1x16,1x128,8x128 --threads 2
     """
-    from edgeq.bench import component_table, parse_shapes, ratio_table, run_bench, to_json
+    from edgeq.bench import busy_machine_warning, component_table, parse_shapes, ratio_table, run_bench, to_json
 
     for m in models:
         if not m.is_file() or m.suffix != ".onnx":
@@ -48,6 +48,9 @@ def bench(models, shapes, threads, repeats, warmup, no_memory, json_path, quiet)
     except ValueError as e:
         raise UsageError(str(e)) from None
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
+    busy = busy_machine_warning(threads)
+    if busy:
+        click.echo(busy, err=True)
     try:
         results = run_bench(list(models), shape_list, threads, repeats, warmup, not no_memory, log)
     except ValueError as e:
