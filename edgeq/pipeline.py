@@ -140,6 +140,7 @@ def convert(
     if result.count != len(plan.layers):
         raise EdgeqError(f"rewrote {result.count} Linears but the plan has {len(plan.layers)}; please report this")
     planned = {name: lp.quant.dequantize() for name, lp in plan.layers.items()}
+    embeddings_report = None
     if config.quantize_embeddings:  # word embeddings → GatherBlockQuantized (edgeq.onnx.embeddings)
         from edgeq.onnx.embeddings import module_names, quantize_embeddings
 
@@ -149,6 +150,8 @@ def convert(
                              + ("; ".join(f"{n}: {r}" for n, r in emb.refused[:2]) or "no Gather on input_ids")
                              + "); use --no-quantize-embeddings")
         planned.update(emb.tables)
+        embeddings_report = {"int4": sorted(emb.rewritten.values()),
+                             "left_fp32": [{"node": n, "reason": r} for n, r in emb.refused]}
     decoded = read_back(model)
     bad = [n for n in planned if not np.array_equal(planned[n], decoded[n])]
     if bad:
@@ -184,6 +187,7 @@ def convert(
             "linears_total": len(weights),
             "linears_quantized": result.count,
             "linears_excluded": list(plan.excluded),
+            "embeddings": embeddings_report,
             "external_data": large,
             "export_max_abs_diff": export_diff,
             "recon_error_total": plan.total_recon_error,

@@ -361,9 +361,14 @@ def test_embedding_module_mapping(tmp_path):
     loaded = load_model(make_tiny_model(tmp_path / "m", hidden=64))
     model = export_fp32(loaded)
     names = module_names(model, loaded.model)
-    assert list(names.values()) == ["bert.embeddings.word_embeddings"]
+    prefix = "bert.embeddings."
+    assert sorted(names.values()) == [prefix + t for t in ("position_embeddings", "token_type_embeddings", "word_embeddings")]
     res = quantize_embeddings(model, 32, names)
-    assert list(read_back_tables(model)) == ["bert.embeddings.word_embeddings"] == list(res.tables)
+    quantized = sorted([prefix + "word_embeddings", prefix + "position_embeddings"])  # 160 positions ≥ MIN_ROWS
+    assert sorted(read_back_tables(model)) == quantized == sorted(res.tables)
+    assert len(res.refused) == 1 and "has 2 rows" in res.refused[0][1]  # token types: left FP32, with the reason
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["GatherBlockQuantized"] == 2 and ops["Gather"] >= 1
 
 
 def read_back_tables(model):
@@ -388,7 +393,13 @@ def test_convert_and_validate_with_perf_options(tmp_path):
     assert res.exit_code == 0, res.output
     model = onnx.load(str(out))
     ops = Counter(n.op_type for n in model.graph.node)
-    assert ops["GatherBlockQuantized"] == 1
+    assert ops["GatherBlockQuantized"] == 2  # word and position tables
+    import json
+
+    emb = json.loads(out.with_suffix(".json").read_text())["embeddings"]
+    assert emb["int4"] == ["bert.embeddings.position_embeddings", "bert.embeddings.word_embeddings"]
+    assert [e["reason"] for e in emb["left_fp32"]] == [
+        "table m.bert.embeddings.token_type_embeddings.weight has 2 rows (< 64): quantizing it saves nothing"]
     bits = Counter(a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits")
     assert bits[8] == 2 and bits[4] > 0  # one intermediate.dense per layer, 2 layers
     res = CliRunner().invoke(main, ["validate", str(model_dir), str(out)])

@@ -11,10 +11,12 @@ and stored as ONNX Runtime's GatherBlockQuantized expects for ``uint8`` data wit
 [V, H/block_size]``, no ``zero_points`` input (default 2^(bits−1) = 8), ``gather_axis=0``,
 ``quantize_axis=1``.  The op gathers rows and dequantizes them: ``out[..., h] = Ê[ids[...], h]``.
 
-Pattern: a ``Gather`` on axis 0 of a constant float32 2-D initializer indexed by the graph input
-``input_ids``.  Checks (a reason when refused): the table has no other consumer, H is a
-multiple of ``block_size`` (no padding in the op's layout).  Only the word-embedding table is
-rewritten; position and token-type tables are small.  :func:`read_embeddings` decodes Ê.
+Pattern: a ``Gather`` on axis 0 of a constant float32 2-D initializer that is indexed by the graph
+input ``input_ids`` (the word embeddings) or, when the source model's ``nn.Embedding`` tables are
+known (``modules``), is one of them (position embeddings, indexed by a sliced constant).  Checks (a
+reason when refused): the table has no other consumer, H is a multiple of ``block_size`` (no
+padding in the op's layout), and a non-word table has at least ``MIN_ROWS`` rows (token-type
+tables have 2: quantizing them saves nothing).  :func:`read_embeddings` decodes Ê.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from edgeq.quant.pack import pack_int4, unpack_int4
 MS_DOMAIN = "com.microsoft"
 EMBEDDINGS_KEY = "edgeq.embeddings"
 IDS_INPUT = "input_ids"
+MIN_ROWS = 64  # smaller non-word tables (token types) are left FP32
 
 
 @dataclass
@@ -52,9 +55,9 @@ def pack_table(q: QuantizedLinear) -> np.ndarray:
     return pack_int4(q.codes, q.block_size).reshape(v, -1)[:, : h // 2]
 
 
-def check_gather(node: onnx.NodeProto, inits, consumers, block_size: int) -> str | None:
-    """Why this Gather cannot become GatherBlockQuantized, or None."""
-    if len(node.input) < 2 or node.input[1] != IDS_INPUT:
+def check_gather(node: onnx.NodeProto, inits, consumers, block_size: int, known_table: bool = False) -> str | None:
+    """Why this Gather cannot become GatherBlockQuantized, or None (``known_table``: an nn.Embedding weight)."""
+    if len(node.input) < 2 or (node.input[1] != IDS_INPUT and not known_table):
         return f"indices are not the graph input {IDS_INPUT}"
     axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
     if axis != 0:
@@ -68,6 +71,8 @@ def check_gather(node: onnx.NodeProto, inits, consumers, block_size: int) -> str
         return f"table {t.name} is shared with other nodes (tied weights)"
     if t.dims[1] % block_size:
         return f"hidden size {t.dims[1]} is not a multiple of block size {block_size}"
+    if node.input[1] != IDS_INPUT and t.dims[0] < MIN_ROWS:
+        return f"table {t.name} has {t.dims[0]} rows (< {MIN_ROWS}): quantizing it saves nothing"
     return None
 
 
@@ -76,7 +81,7 @@ def module_names(model: onnx.ModelProto, torch_model) -> dict[str, str]:
     import torch
 
     inits = {t.name: t for t in model.graph.initializer}
-    tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and IDS_INPUT in n.input[1:]}
+    tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits}
     out = {}
     for name, mod in torch_model.named_modules():
         if not isinstance(mod, torch.nn.Embedding):
@@ -90,7 +95,7 @@ def module_names(model: onnx.ModelProto, torch_model) -> dict[str, str]:
 
 def quantize_embeddings(model: onnx.ModelProto, block_size: int = 32,
                         modules: dict[str, str] | None = None) -> EmbeddingResult:
-    """Rewrite, in place, the word-embedding Gather(s) of ``model``; return what was done and refused.
+    """Rewrite, in place, the embedding Gathers of ``model``; return what was done and refused.
 
     ``modules`` (table initializer → module name, see :func:`module_names`) is recorded in the
     file so that :func:`read_embeddings` can name the tables after the source model's modules.
@@ -104,11 +109,12 @@ def quantize_embeddings(model: onnx.ModelProto, block_size: int = 32,
     result = EmbeddingResult()
     new_nodes, drop, new_inits = [], set(), []
     for node in graph.node:
-        if node.op_type != "Gather" or IDS_INPUT not in node.input[1:]:
+        known = modules is not None and node.op_type == "Gather" and node.input[0] in modules
+        if node.op_type != "Gather" or (IDS_INPUT not in node.input[1:] and not known):
             new_nodes.append(node)
             continue
-        reason = check_gather(node, inits, consumers, block_size)
-        if reason is None and modules is not None and node.input[0] not in modules:
+        reason = check_gather(node, inits, consumers, block_size, known)
+        if reason is None and modules is not None and not known:
             reason = "table matches no nn.Embedding of the source model"
         if reason:
             result.refused.append((node.name, reason))
