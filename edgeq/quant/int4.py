@@ -128,20 +128,6 @@ class QuantizedLinear:
         return w
 
 
-def _group_amax(a: np.ndarray, gran: Granularity) -> np.ndarray:
-    """max|a| per scale group, broadcast back to ``[N, n_blocks]`` of the export layout."""
-    n, k_in = a.shape
-    b = gran.export_block(k_in)
-    n_blocks = -(-k_in // b)
-    if gran.kind == "tensor":
-        return np.full((n, n_blocks), a.max(initial=0.0), dtype=np.float32)
-    if gran.kind == "channel":
-        return np.repeat(a.max(axis=1, initial=0.0)[:, None], n_blocks, axis=1)
-    padded = np.zeros((n, n_blocks * b), dtype=np.float32)
-    padded[:, :k_in] = a
-    return padded.reshape(n, n_blocks, b).max(axis=2)
-
-
 def _group_signed_max(a: np.ndarray, gran: Granularity) -> np.ndarray:
     """The signed entry of largest |a| per scale group (first on ties), in the ``[N, n_blocks]`` layout."""
     n, k_in = a.shape
@@ -157,6 +143,11 @@ def _group_signed_max(a: np.ndarray, gran: Granularity) -> np.ndarray:
     padded[:, :k_in] = a
     groups = padded.reshape(n, n_blocks, b)
     return np.take_along_axis(groups, np.argmax(np.abs(groups), axis=2)[..., None], axis=2)[..., 0]
+
+
+def _group_amax(a: np.ndarray, gran: Granularity) -> np.ndarray:
+    """max|a| per scale group, broadcast back to ``[N, n_blocks]`` of the export layout."""
+    return np.abs(_group_signed_max(a, gran))
 
 
 def quantize_rtn(
