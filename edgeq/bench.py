@@ -219,14 +219,19 @@ def component_table(results: list[ModelResult]) -> str:
     return "MiB by component\n" + "\n".join([fmt(head)] + [fmt(row) for row in rows])
 
 
+def load_average() -> float | None:
+    """The 1-minute load average, or None where the platform has none."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return None
+
+
 def busy_machine_warning(threads: int) -> str | None:
     """A one-line warning when other work competes for the cores (1-minute load average), else None."""
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # not available on this platform
-        return None
+    load = load_average()
     cores = os.cpu_count() or 1
-    if load > max(0.5, cores - threads):
+    if load is not None and load > max(0.5, cores - threads):
         return (f"warning: load average {load:.1f} on {cores} cores — other work competes with the "
                 f"benchmark; ratios within one run stay comparable, absolute times do not")
     return None
@@ -235,13 +240,10 @@ def busy_machine_warning(threads: int) -> str | None:
 def to_json(results: list[ModelResult], shapes, threads: int, repeats: int, warmup: int) -> dict:
     import onnxruntime
 
-    try:
-        load = round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        load = None
+    load = load_average()
     return {
         "onnxruntime": onnxruntime.__version__,
-        "load_average_1min": load,
+        "load_average_1min": None if load is None else round(load, 2),
         "threads": threads,
         "repeats": repeats,
         "warmup": warmup,

@@ -141,7 +141,7 @@ def convert(
         raise EdgeqError(f"rewrote {result.count} Linears but the plan has {len(plan.layers)}; please report this")
     planned = {name: lp.quant.dequantize() for name, lp in plan.layers.items()}
     embeddings_report = None
-    if config.quantize_embeddings:  # word embeddings → GatherBlockQuantized (edgeq.onnx.embeddings)
+    if config.quantize_embeddings:  # word/position tables → GatherBlockQuantized (edgeq.onnx.embeddings)
         from edgeq.onnx.embeddings import module_names, quantize_embeddings
 
         emb = timer.run("embeddings", quantize_embeddings, model, 32, module_names(model, loaded.model))

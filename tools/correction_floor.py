@@ -1,7 +1,7 @@
 """The run-time floor of any graph-level correction branch: a k=0 model plus a trivial branch.
 
 Writes two variants of an edgeq k=0 file (every MatMulNBits output gets the branch) and times them
-against the original with ``edgeq bench``:
+against the original with ``edgeq.bench.run_bench`` (interleaved, as ``edgeq bench``):
 
 * ``add1``: ``y = y_q + c`` with a constant ``c [N]`` — one extra Add per Linear;
 * ``branch1col``: ``y = y_q + Gather(x, [0]) @ D[1, N]`` — the dense encoding with one column.
@@ -9,14 +9,12 @@ against the original with ``edgeq bench``:
 Any exact FP32 correction needs at least an op that reads x and an op that adds into y, so the
 second variant's ratio is a lower bound on the cost of a k > 0 branch at the same node count.
 
-    python tools/correction_floor.py k0.onnx OUTDIR [--threads 2 --repeats 40]
+    python tools/correction_floor.py k0.onnx OUTDIR [--threads 2 --repeats 40 --shapes 1x16,1x128,8x128]
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +53,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("k0", type=Path, help="an edgeq convert --k 0 file")
     ap.add_argument("outdir", type=Path)
-    ap.add_argument("--threads", default="2")
-    ap.add_argument("--repeats", default="40")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=40)
+    ap.add_argument("--shapes", default="1x16,1x128,8x128")
     args = ap.parse_args()
     import onnx
 
@@ -66,9 +65,12 @@ def main() -> None:
     for kind in ("add1", "branch1col"):
         paths.append(args.outdir / f"floor_{kind}.onnx")
         onnx.save(variant(model, kind), str(paths[-1]))
-    edgeq = Path(sys.executable).with_name("edgeq")
-    sys.exit(subprocess.call([str(edgeq), "bench", *map(str, paths), "--threads", args.threads,
-                              "--repeats", args.repeats, "--no-memory"]))
+    from edgeq.bench import parse_shapes, ratio_table, run_bench
+
+    shapes = parse_shapes(args.shapes)
+    results = run_bench(paths, shapes, args.threads, args.repeats, 3, memory=False)
+    print(f"{args.threads} thread(s), {args.repeats} interleaved rounds; ratios (×) against {args.k0.name}")
+    print(ratio_table(results, shapes))
 
 
 if __name__ == "__main__":
