@@ -13,7 +13,7 @@ numpy (before reading the file), then after creating the session and running eve
 the difference is the session's peak resident memory (parsed model, prepacked weights, folded
 constants, arenas, activations) in bytes.
 
-Size.  File bytes (plus external data) and :func:`edgeq.report.size_by_component`.
+Size.  File bytes (plus external data) and :func:`edgeq.onnx.sizes.size_by_component`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from edgeq.onnx.session import make_session
 
 MAX_RANDOM_ID = 1000  # token ids are drawn below min(vocab, this)
 
@@ -71,18 +73,9 @@ def make_feeds(input_names: list[str], batch: int, seq: int, vocab: int, seed: i
     return feeds
 
 
-def _session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    # Idle workers block instead of spinning: with several sessions alive in one process, the
-    # spinning workers of the session that just ran steal the cores of the next one (measured:
-    # 2 threads, FP32 MiniLM 1x16 8.3 ms with spinning vs 3.0 ms without, p10-p90 2.6-8.3 vs 2.9-3.2).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+def bench_session(path: Path, threads: int):
+    """A session whose idle workers block: several sessions share the process (edgeq.onnx.session)."""
+    return make_session(path, threads, spinning=False)
 
 
 @dataclass
@@ -111,14 +104,14 @@ def run_bench(
     """Measure every model in ``paths`` on every shape, interleaved; see the module docstring."""
     import onnx
 
-    from edgeq.report import size_by_component
+    from edgeq.onnx.sizes import size_by_component
 
     results, sessions, vocabs = [], [], []
     for p in paths:
         proto = onnx.load(str(p), load_external_data=False)
         results.append(ModelResult(str(p), file_bytes(p), size_by_component(proto)))
         vocabs.append(vocab_size(proto) or MAX_RANDOM_ID)
-        sessions.append(_session(p, threads))
+        sessions.append(bench_session(p, threads))
     names = [i.name for i in sessions[0].get_inputs()]
     for p, s in zip(paths, sessions):
         if [i.name for i in s.get_inputs()] != names:
@@ -181,7 +174,7 @@ def _memory_child(path: str, shapes: str, threads: int, vocab: int) -> dict:
     import onnxruntime  # noqa: F401 - counted in the baseline
 
     before = _peak_rss_kib()
-    sess = _session(Path(path), threads)
+    sess = bench_session(Path(path), threads)
     names = [i.name for i in sess.get_inputs()]
     for b, s in parse_shapes(shapes):
         sess.run(None, make_feeds(names, b, s, vocab))
@@ -210,7 +203,7 @@ def ratio_table(results: list[ModelResult], shapes: list[tuple[int, int]]) -> st
 
 
 def component_table(results: list[ModelResult]) -> str:
-    from edgeq.report import COMPONENTS
+    from edgeq.onnx.sizes import COMPONENTS
 
     head = ["model"] + list(COMPONENTS)
     rows = [[Path(r.path).name] + [f"{r.sizes.get(c, 0) / 2**20:.2f}" for c in COMPONENTS] for r in results]

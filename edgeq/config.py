@@ -24,7 +24,7 @@ class ConvertConfig:
     bits: int = 4  # MatMulNBits bits of every Linear: 4 (Q4-sym-7) or 8 (Q8-sym-127)
     grid: str = "sym7"  # 4-bit grid: sym7 (max/7, the paper's) or sym8 (ONNX Runtime's signed max/8; rtn only)
     bits8: tuple[str, ...] = ()  # regexes of Linear names quantized to 8 bits whatever --bits says
-    correction: str = "auto"  # graph encoding of the FP32 correction (edgeq.onnx.rewrite.CORRECTION_CHOICES)
+    correction: str = "auto"  # graph encoding of the FP32 correction (edgeq.onnx.corrections.CORRECTION_CHOICES)
     quantize_embeddings: bool = False  # word-embedding table as 4-bit GatherBlockQuantized
     opset: int = 17
     allow_pickle: bool = False
@@ -73,7 +73,7 @@ class ConvertConfig:
         if self.grid != "sym7" and self.quantizer != "rtn":
             raise ValueError(f"--grid {self.grid} is implemented for --quantizer rtn only; use --grid sym7 "
                              f"with --quantizer {self.quantizer}")
-        from edgeq.onnx.rewrite import CORRECTION_CHOICES
+        from edgeq.onnx.corrections import CORRECTION_CHOICES
 
         if self.correction not in CORRECTION_CHOICES:
             raise ValueError(f"unknown --correction {self.correction!r}; choose from {', '.join(CORRECTION_CHOICES)}")

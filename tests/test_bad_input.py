@@ -184,7 +184,7 @@ def _read_only_dir(ctx):
     d.chmod(0o555)
     if os.access(d, os.W_OK):  # running as root: permissions do not bind, so simulate what the OS would say
         real = os.access
-        ctx.monkeypatch.setattr("edgeq.output.os.access", lambda p, mode: False if Path(p) == d else real(p, mode))
+        ctx.monkeypatch.setattr("edgeq.pipeline.output.os.access", lambda p, mode: False if Path(p) == d else real(p, mode))
     return {"out": d / "out.onnx"}
 
 

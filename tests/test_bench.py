@@ -62,9 +62,9 @@ def test_parse_shapes_and_vocab(tmp_path):
 
 def test_bench_sessions_do_not_spin(tmp_path):
     """Several sessions share the process: idle workers must block, not spin (docs/performance.md)."""
-    from edgeq.bench import _session
+    from edgeq.bench import bench_session
 
-    sess = _session(tiny(tmp_path / "a.onnx"), 2)
+    sess = bench_session(tiny(tmp_path / "a.onnx"), 2)
     assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 

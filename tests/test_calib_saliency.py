@@ -10,16 +10,28 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from edgeq.calib import (
-    InputStats, accumulate, collect_input_stats, load_calibration_texts, masked_rows, resolve_calib_source,
-)
 from edgeq.cli import main
 from edgeq.config import ConvertConfig
 from edgeq.errors import EdgeqError
-from edgeq.overlap import (
-    LayerPair, chance_iou, descending_order, intersection_size, iou, layer_overlaps, summarize, topk_from_order,
+from edgeq.model.calib import (
+    InputStats,
+    accumulate,
+    collect_input_stats,
+    load_calibration_texts,
+    masked_rows,
+    resolve_calib_source,
 )
 from edgeq.saliency import ScoreContext, get_method, topk_flat
+from edgeq.saliency.overlap import (
+    LayerPair,
+    chance_iou,
+    descending_order,
+    intersection_size,
+    iou,
+    layer_overlaps,
+    summarize,
+    topk_from_order,
+)
 from tests.conftest import make_tiny_model
 
 SENTENCES = [
@@ -69,7 +81,7 @@ def test_masked_rows_drops_padding_and_keeps_cls_only_inputs():
 
 
 def _batches(loaded, texts, pad_to=None, batch_size=4):
-    from edgeq.validate import encode_batches
+    from edgeq.model.texts import encode_batches
 
     batches = encode_batches(loaded, [(t, None) for t in texts], batch_size)
     if pad_to:  # extra padding tokens on the right, masked out
@@ -83,7 +95,7 @@ def _batches(loaded, texts, pad_to=None, batch_size=4):
 
 
 def test_statistics_exclude_padding(tmp_path):
-    from edgeq.hf_model import load_model
+    from edgeq.model.load import load_model
 
     loaded = load_model(make_tiny_model(tmp_path / "m"))
     plain = _batches(loaded, SENTENCES)
@@ -335,8 +347,8 @@ def test_convert_spqr_with_calibration_records_it(tiny, tmp_path):
 
 @pytest.mark.real
 def test_real_model_calibration_and_planted_outliers():
-    from edgeq.calib import calibrate
-    from edgeq.hf_model import load_model
+    from edgeq.model.calib import calibrate
+    from edgeq.model.load import load_model
     from tests.conftest import shared_path
 
     loaded = load_model(shared_path("models", "minilm-l6-rte"))

@@ -62,7 +62,7 @@ def _encode(folder: Path, pairs, batch: int = 16):
     """Tokenise with the tokenizer saved in the output folder (as a client would)."""
     from transformers import AutoTokenizer
 
-    from edgeq.validate import encode_texts
+    from edgeq.model.texts import encode_texts
 
     return encode_texts(AutoTokenizer.from_pretrained(folder), pairs, batch_size=batch)
 
@@ -161,7 +161,7 @@ def test_ort_format_single_file(tiny_bert, tmp_path):
 @pytest.fixture(scope="module")
 def rte(tmp_path_factory):
     """The shared RTE model at k=256 as a folder with model.ort; the RTE dev inputs; Python ORT logits."""
-    from edgeq.data import read_glue_texts
+    from edgeq.model.texts import read_glue_texts
 
     model_dir = shared_path("models", "minilm-l6-rte")
     dev = shared_path("data", "glue", "RTE", "dev.tsv")

@@ -11,8 +11,7 @@ from click.testing import CliRunner
 
 from edgeq.cli import main
 from edgeq.errors import EdgeqError, UsageError
-from edgeq.glue import get_task, label_ids, read_examples
-
+from edgeq.evaluation.tasks import get_task, label_ids, read_examples
 from tests.conftest import WORDS, make_tiny_model
 
 RTE_LABELS = {"0": "entailment", "1": "not_entailment"}
@@ -90,7 +89,7 @@ def test_regression_task_needs_one_output():
 
 
 def _expected_accuracy(model_dir: Path, tsv: Path) -> float:
-    """Independent of edgeq.evaluate: one example at a time, no batching, labels from config.json."""
+    """Independent of edgeq.evaluation.evaluate: one example at a time, no batching, labels from config.json."""
     import torch
     import transformers
 
@@ -109,7 +108,7 @@ def _expected_accuracy(model_dir: Path, tsv: Path) -> float:
 def test_eval_pytorch_and_onnx_agree_with_independent_loop(tiny_rte, tmp_path):
     import onnx
 
-    from edgeq.hf_model import load_model
+    from edgeq.model.load import load_model
     from edgeq.onnx.export import export_fp32
 
     root, model = tiny_rte

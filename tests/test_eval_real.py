@@ -15,9 +15,9 @@ pytestmark = pytest.mark.real
 def test_rte_fp32_onnx_equals_pytorch_and_training_json(tmp_path):
     import onnx
 
-    from edgeq.evaluate import evaluate_path
-    from edgeq.glue import get_task, read_examples
-    from edgeq.hf_model import load_model
+    from edgeq.evaluation.evaluate import evaluate_path
+    from edgeq.evaluation.tasks import get_task, read_examples
+    from edgeq.model.load import load_model
     from edgeq.onnx.export import export_fp32
 
     model_dir = shared_path("models", "minilm-l6-rte")
@@ -41,7 +41,7 @@ def test_rte_fp32_onnx_equals_pytorch_and_training_json(tmp_path):
                                        ("QNLI", 5463), ("RTE", 277), ("WNLI", 71)])
 def test_every_glue_dev_file_reads_in_full(task, rows):
     """GLUE's official dev sizes: a quote-handling or header mistake loses or merges rows."""
-    from edgeq.glue import get_task, read_examples
+    from edgeq.evaluation.tasks import get_task, read_examples
 
     spec = get_task(task)
     ex = read_examples(spec, shared_path("data", "glue", spec.name, "dev.tsv"))

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from edgeq import metrics
+from edgeq.evaluation import metrics
 
 
 def test_accuracy_and_f1_by_hand():

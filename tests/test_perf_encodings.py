@@ -14,12 +14,20 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeq.config import ConvertConfig
-from edgeq.onnx import rewrite as rw
-from edgeq.onnx.embeddings import module_names, pack_table, quantize_embeddings, quantize_table, read_embeddings
-from edgeq.onnx.rewrite import CORRECTIONS, exact_arithmetic_copy, read_back, rewrite_linears
-from edgeq.plan import build_plan
+from edgeq.onnx import corrections as corr
+from edgeq.onnx.corrections import CORRECTIONS
+from edgeq.onnx.embeddings import (
+    module_names,
+    pack_table,
+    quantize_embeddings,
+    quantize_table,
+    read_embeddings,
+)
+from edgeq.onnx.readback import read_back
+from edgeq.onnx.rewrite import exact_arithmetic_copy, rewrite_linears
 from edgeq.quant.int4 import Granularity, quantize_rtn
 from edgeq.quant.pack import pack_codes, unpack_codes
+from edgeq.quant.plan import build_plan
 from tests.test_quant_int4 import snapped
 
 K, N = 96, 40
@@ -84,7 +92,7 @@ def concentrated(ws, k, cols=2):
 
 
 def plan_from(sel, bits=4, grid="sym7"):
-    from edgeq.plan import LayerPlan, QuantPlan
+    from edgeq.quant.plan import LayerPlan, QuantPlan
 
     layers = {}
     for name, (w, idx) in sel.items():
@@ -101,7 +109,7 @@ ENCODING_OPS = {
 }
 
 
-@pytest.mark.parametrize("correction", rw.CORRECTION_CHOICES)
+@pytest.mark.parametrize("correction", corr.CORRECTION_CHOICES)
 @pytest.mark.parametrize("k", [0, 1, 12])
 def test_correction_structure_and_numerics(layers, correction, k):
     ws, biases = layers
@@ -109,7 +117,7 @@ def test_correction_structure_and_numerics(layers, correction, k):
     plan = plan_from(sel)
     wsel = {n: w for n, (w, _) in sel.items()}
     model = mlp(wsel, biases)
-    result = rewrite_linears(model, plan, wsel, correction=correction)
+    result = rewrite_linears(model, plan.quants, wsel, correction=correction)
     onnx.checker.check_model(model)
     ops = Counter(n.op_type for n in model.graph.node)
     assert result.count == 2 == ops["MatMulNBits"] and not result.fallbacks
@@ -133,7 +141,7 @@ def test_dense_refused_when_columns_spread_falls_back_to_scatter(layers):
     ws, biases = layers
     plan = build_plan(ws, ConvertConfig(k=200, method="random"))  # 200 random entries touch most columns
     model = mlp(ws, biases)
-    result = rewrite_linears(model, plan, ws, correction="dense")
+    result = rewrite_linears(model, plan.quants, ws, correction="dense")
     assert len(result.fallbacks) == 2 and all("distinct input columns" in why for _, why in result.fallbacks)
     assert {v["correction"] for v in result.layers.values()} == {"scatter"}
     ops = Counter(n.op_type for n in model.graph.node)
@@ -150,7 +158,7 @@ def test_dense_check_reason_names_the_block():
     w = np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32)
     q_spread = quantize_rtn(w, np.arange(0, 48), Granularity("block", 32))  # 48 of 64 columns (row 0)
     q_one = quantize_rtn(w, np.arange(0, 8 * 64, 64), Granularity("block", 32))  # column 0 only
-    assert rw.DENSE_MAX_FRACTION < 48 / 64
+    assert corr.DENSE_MAX_FRACTION < 48 / 64
     assert "48 distinct input columns" in CORRECTIONS["dense"].check(q_spread)
     assert CORRECTIONS["dense"].check(q_one) is None
     assert CORRECTIONS["scatter"].check(q_spread) is None
@@ -161,7 +169,7 @@ def test_bias_not_folded_when_shared(layers):
     biases = {n: biases["l1"] for n in ws}
     plan = build_plan(ws, ConvertConfig(k=3))
     model = mlp(ws, biases, share_bias=True)
-    rewrite_linears(model, plan, ws)
+    rewrite_linears(model, plan.quants, ws)
     assert sum(n.op_type == "Add" and "b_shared" in n.input for n in model.graph.node) == 2
     x = np.random.default_rng(3).normal(size=(1, 4, K)).astype(np.float32)
     ws_hat = {n: plan.layers[n].quant.dequantize() for n in ws}
@@ -177,7 +185,7 @@ def test_grid_sym8_codes_run_in_onnxruntime(layers):
     assert any((lp.quant.scales < 0).any() for lp in plan.layers.values())
     wsel = {n: w for n, (w, _) in sel.items()}
     model = mlp(wsel, biases)
-    rewrite_linears(model, plan, wsel)
+    rewrite_linears(model, plan.quants, wsel)
     ws_hat = {n: plan.layers[n].quant.dequantize() for n in ws}
     decoded = read_back(model)
     for name in ws:
@@ -190,28 +198,40 @@ def test_auto_picks_the_cheaper_encoding_and_scatter_when_both_are_refused():
     w = np.random.default_rng(0).normal(size=(N, K)).astype(np.float32)
     one_row = quantize_rtn(w, 3 * K + np.arange(12), Granularity("block", 32))  # r = 1, c = 12
     one_col = quantize_rtn(w, np.arange(12) * K + 5, Granularity("block", 32))  # r = 12, c = 1
-    assert rw.choose_correction(one_row, "auto") == ("rows", None)
-    assert rw.choose_correction(one_col, "auto") == ("dense", None)
-    assert rw.choose_correction(one_row, "dense") == ("dense", None)  # an explicit choice is kept
+    assert corr.choose_correction(one_row, "auto") == ("rows", None)
+    assert corr.choose_correction(one_col, "auto") == ("dense", None)
+    assert corr.choose_correction(one_row, "dense") == ("dense", None)  # an explicit choice is kept
     spread = quantize_rtn(w, np.arange(0, N * K, 7), Granularity("block", 32))  # every row and column
-    assert rw.choose_correction(spread, "auto") == ("scatter", None)  # dense and rows refused: too large
-    used, why = rw.choose_correction(spread, "rows")
+    assert corr.choose_correction(spread, "auto") == ("scatter", None)  # dense and rows refused: too large
+    used, why = corr.choose_correction(spread, "rows")
     assert used == "scatter" and why.startswith("rows refused") and "distinct output rows" in why
 
 
 def test_unknown_correction_is_refused(layers):
     ws, biases = layers
     with pytest.raises(ValueError, match="unknown correction"):
-        rewrite_linears(mlp(ws, biases), build_plan(ws, ConvertConfig(k=1)), ws, correction="sparse")
+        rewrite_linears(mlp(ws, biases), build_plan(ws, ConvertConfig(k=1)).quants, ws, correction="sparse")
     with pytest.raises(ValueError, match="--correction"):
         ConvertConfig(correction="sparse")
 
 
-def test_cli_choices_match_registry():
-    from edgeq.commands.perf_options import CORRECTION_CHOICES
+def test_cli_choices_come_from_the_registries():
+    """Every choice list of the CLI is the registry itself, and every default is ConvertConfig's."""
+    from edgeq.cli.convert import convert
+    from edgeq.cli.options import BLOCK_CHOICES
+    from edgeq.quant.int4 import BLOCK_SIZES, GRIDS
+    from edgeq.quant.registry import QUANTIZERS
+    from edgeq.saliency import SALIENCY_METHODS
 
-    assert tuple(CORRECTION_CHOICES) == rw.CORRECTION_CHOICES == ("auto", *CORRECTIONS)
-    assert rw.DEFAULT_CORRECTION == ConvertConfig().correction
+    params = {p.name: p for p in convert.params}
+    assert tuple(params["correction"].type.choices) == corr.CORRECTION_CHOICES == ("auto", *CORRECTIONS)
+    assert tuple(params["grid"].type.choices) == tuple(GRIDS)
+    assert set(params["method"].type.choices) == set(SALIENCY_METHODS)
+    assert tuple(params["quantizer"].type.choices) == tuple(QUANTIZERS)
+    assert list(params["block_size"].type.choices) == BLOCK_CHOICES == [*map(str, BLOCK_SIZES), "per-channel", "per-tensor"]
+    defaults = ConvertConfig()
+    for name in ("correction", "grid", "method", "quantizer", "block_size", "k", "rank", "seed"):
+        assert str(params[name].default) == str(getattr(defaults, name)), name
 
 
 # ------------------------------------------------------------------ 8-bit MatMulNBits
@@ -271,7 +291,7 @@ def test_q8_numerics_in_ort(layers, level):
     plan = plan_from(sel, bits=8)
     wsel = {n: w for n, (w, _) in sel.items()}
     model = mlp(wsel, biases)
-    rewrite_linears(model, plan, wsel, accuracy_level=level)
+    rewrite_linears(model, plan.quants, wsel, accuracy_level=level)
     assert {(a.i) for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"} == {8}
     decoded = read_back(model)
     for name in ws:
@@ -354,7 +374,7 @@ def test_embeddings_refusals():
 
 
 def test_embedding_module_mapping(tmp_path):
-    from edgeq.hf_model import load_model
+    from edgeq.model.load import load_model
     from edgeq.onnx.export import export_fp32
     from tests.conftest import make_tiny_model
 

@@ -23,10 +23,11 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeq.onnx import rewrite
-from edgeq.onnx.rewrite import read_back, rewrite_linears
-from edgeq.plan import LayerPlan, QuantPlan
+from edgeq.onnx.readback import read_back
+from edgeq.onnx.rewrite import rewrite_linears
 from edgeq.quant.int4 import BLOCK_SIZES, QMAX, ZERO_POINT, Granularity, quantize_rtn
 from edgeq.quant.pack import pack_int4, unpack_int4
+from edgeq.quant.plan import LayerPlan, QuantPlan
 
 # the correction-branch layouts rewrite_linears offers (none to choose from in older versions)
 CORRECTION_KINDS = sorted(getattr(rewrite, "CORRECTIONS", {})) or [None]
@@ -82,7 +83,7 @@ def test_matmulnbits_with_correction_equals_reference(problem, op, rows, correct
 
     model = _graph(w, op, bias, x_shape)
     kwargs = {"correction": correction} if correction else {}
-    result = rewrite_linears(model, _plan(q), {"lin": w}, **kwargs)
+    result = rewrite_linears(model, _plan(q).quants, {"lin": w}, **kwargs)
     assert result.count == 1
     assert {nd.op_type for nd in model.graph.node} >= {"MatMulNBits"}
     assert not any("W" in nd.input for nd in model.graph.node)  # the FP32 weight is gone

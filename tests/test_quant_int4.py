@@ -129,7 +129,3 @@ def test_grid_sym8_refusals():
         ConvertConfig(grid="sym9")
     with pytest.raises(ValueError, match="--quantizer rtn only"):
         ConvertConfig(grid="sym8", quantizer="gptq", calib="rte")
-    from edgeq.commands.perf_options import GRID_CHOICES
-    from edgeq.quant.int4 import GRIDS
-
-    assert GRID_CHOICES == GRIDS

@@ -72,7 +72,7 @@ def test_each_calibrated_quantizer_converts_validates_and_reports(tmp_path, tiny
 
 
 def test_registry_is_the_cli_choice_list():
-    from edgeq.commands.quantizer_options import quantizer_options
+    from edgeq.cli.options import quantizer_options
 
     assert list(QUANTIZERS) == ["rtn", "gptq", "sarqc-gbs", "sarqc-gs", "lsi"]
     import click

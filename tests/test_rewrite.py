@@ -13,8 +13,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeq.config import ConvertConfig
-from edgeq.onnx.rewrite import match_linears, read_back, rewrite_linears
-from edgeq.plan import build_plan
+from edgeq.onnx.readback import read_back
+from edgeq.onnx.rewrite import match_linears, rewrite_linears
+from edgeq.quant.plan import build_plan
 from tests.test_quant_int4 import snapped
 
 K, N, N2 = 80, 24, 6  # K = 80 is not a multiple of 32: exercises padding
@@ -72,7 +73,7 @@ def test_rewrite_structure_and_numerics(weights, k):
     ws, b1, b2 = weights
     model = linear_graph(ws["lin1"], b1, ws["lin2"], b2)
     plan = build_plan(ws, ConvertConfig(k=k, block_size="32"))
-    result = rewrite_linears(model, plan, ws, correction="scatter")  # dense: tests/test_perf_encodings.py
+    result = rewrite_linears(model, plan.quants, ws, correction="scatter")  # dense: tests/test_perf_encodings.py
     onnx.checker.check_model(model)
     ops = Counter(n.op_type for n in model.graph.node)
     assert result.count == 2 == ops["MatMulNBits"]
@@ -103,7 +104,7 @@ def test_correction_is_exact_for_off_grid_weights():
     model = linear_graph(ws["lin1"], b1, ws["lin2"], b2)
     plan = build_plan(ws, ConvertConfig(k=16, method="magnitude"))
     assert 3 * K + 7 in plan.layers["lin1"].quant.salient_index
-    rewrite_linears(model, plan, ws)
+    rewrite_linears(model, plan.quants, ws)
     w_hat = {n: lp.quant.dequantize() for n, lp in plan.layers.items()}
     assert w_hat["lin1"][3, 7] == 40.0
     x = rng.normal(size=(2, 4, K)).astype(np.float32)
@@ -113,7 +114,7 @@ def test_correction_is_exact_for_off_grid_weights():
 def test_accuracy_level_attribute(weights):
     ws, b1, b2 = weights
     model = linear_graph(ws["lin1"], b1, ws["lin2"], b2)
-    rewrite_linears(model, build_plan(ws, ConvertConfig(k=4)), ws, accuracy_level=4)
+    rewrite_linears(model, build_plan(ws, ConvertConfig(k=4)).quants, ws, accuracy_level=4)
     levels = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
     assert levels == {4}
 
@@ -123,7 +124,7 @@ def test_excluded_linear_stays_fp32(weights):
     model = linear_graph(ws["lin1"], b1, ws["lin2"], b2)
     plan = build_plan(ws, ConvertConfig(k=4, exclude=("lin2",)))
     assert plan.excluded == ("lin2",)
-    assert rewrite_linears(model, plan, ws).count == 1
+    assert rewrite_linears(model, plan.quants, ws).count == 1
     assert Counter(n.op_type for n in model.graph.node)["Gemm"] == 1
 
 
@@ -133,7 +134,7 @@ def test_refuses_shared_weight_and_names_the_linear(weights):
     matches, refused = match_linears(model, ws)
     assert "lin1" not in matches and any("shared" in r for _, r in refused)
     with pytest.raises(ValueError, match="lin1"):
-        rewrite_linears(model, build_plan(ws, ConvertConfig(k=4)), ws)
+        rewrite_linears(model, build_plan(ws, ConvertConfig(k=4)).quants, ws)
 
 
 def test_refuses_activation_matmul_and_gemm_variants(weights):

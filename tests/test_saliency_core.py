@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from edgeq.config import ConvertConfig
-from edgeq.plan import build_plan
+from edgeq.quant.plan import build_plan
 from edgeq.saliency import SALIENCY_METHODS, ScoreContext, get_method, topk_flat
 
 

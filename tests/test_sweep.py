@@ -1,4 +1,4 @@
-"""`edgeq sweep` on a tiny model: cells match `edgeq.plan`, resumability, Table I / Figure 1 files."""
+"""`edgeq sweep` on a tiny model: cells match `edgeq.quant.plan`, resumability, Table I / Figure 1 files."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from edgeq.cli import main
 from edgeq.errors import UsageError
-from edgeq.sweep import FP32, INT4, SweepSettings, _Context, run_sweep
+from edgeq.research.sweep import FP32, INT4, SweepSettings, _Context, run_sweep
 from tests.conftest import make_tiny_model
 from tests.test_eval import RTE_LABELS, set_labels, write_rte
 
@@ -26,9 +26,9 @@ def tiny(tmp_path_factory):
 
 
 def test_selection_reused_across_k_equals_build_plan(tiny):
-    """order[:k] of one score per layer must equal what `edgeq.plan.build_plan` selects for each k."""
+    """order[:k] of one score per layer must equal what `edgeq.quant.plan.build_plan` selects for each k."""
     from edgeq.config import ConvertConfig
-    from edgeq.plan import build_plan
+    from edgeq.quant.plan import build_plan
 
     root, model = tiny
     ctx = _Context(SweepSettings(str(model), "RTE", block_size="16"), root / "glue", 1, True, lambda s: None)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-from dataclasses import replace
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -64,9 +64,10 @@ def build_variants(loaded, fp32, outdir: Path, names: list[str]) -> dict[str, Pa
 
     from edgeq.config import ConvertConfig
     from edgeq.onnx.embeddings import module_names, quantize_embeddings
-    from edgeq.onnx.rewrite import read_back, rewrite_linears
-    from edgeq.plan import QuantPlan, build_plan
+    from edgeq.onnx.readback import read_back
+    from edgeq.onnx.rewrite import rewrite_linears
     from edgeq.quant.int4 import Granularity, quantize_rtn
+    from edgeq.quant.plan import QuantPlan, build_plan
 
     outdir.mkdir(parents=True, exist_ok=True)
     paths = {"fp32": outdir / "fp32.onnx"}
@@ -107,7 +108,7 @@ def build_variants(loaded, fp32, outdir: Path, names: list[str]) -> dict[str, Pa
                 for n, lp in plans[k, 4, "sym7"].layers.items()}, ())
         plan = plans[k, bits, grid]
         model = copy.deepcopy(fp32)
-        res = rewrite_linears(model, plan, weights, acc, correction=corr)
+        res = rewrite_linears(model, plan.quants, weights, acc, correction=corr)
         assert res.count == len(plan.layers)
         if emb:
             quantize_embeddings(model, 32, modules)
@@ -123,8 +124,8 @@ def build_variants(loaded, fp32, outdir: Path, names: list[str]) -> dict[str, Pa
 def evaluate(paths: dict[str, Path], loaded, task: str, threads: int) -> dict[str, dict]:
     import onnxruntime as ort
 
-    from edgeq.evaluate import encode_sorted
-    from edgeq.glue import get_task, label_ids, read_examples
+    from edgeq.evaluation.evaluate import encode_sorted
+    from edgeq.evaluation.tasks import get_task, label_ids, read_examples
 
     spec = get_task(TASKS[task])
     ex = read_examples(spec, SHARED / "data" / "glue" / TASKS[task] / "dev.tsv")
@@ -161,8 +162,8 @@ def main() -> None:
     ap.add_argument("--skip-bench", action="store_true")
     args = ap.parse_args()
 
-    from edgeq.bench import parse_shapes, ratio_table, component_table, run_bench, to_json
-    from edgeq.hf_model import load_model
+    from edgeq.bench import component_table, parse_shapes, ratio_table, run_bench, to_json
+    from edgeq.model.load import load_model
     from edgeq.onnx.export import export_fp32
 
     names = args.variants.split(",")

@@ -23,7 +23,7 @@ def main(argv=None) -> int:
         return 2
     import onnx
 
-    from edgeq.hf_model import load_model
+    from edgeq.model.load import load_model
     from edgeq.onnx.export import export_fp32
 
     model_dir, out = Path(argv[0]), Path(argv[1])

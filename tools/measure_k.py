@@ -34,12 +34,13 @@ def main() -> None:
     args = ap.parse_args()
 
     from edgeq.config import ConvertConfig
-    from edgeq.data import validation_texts
-    from edgeq.hf_model import load_model
+    from edgeq.model.load import load_model
+    from edgeq.model.texts import encode_batches, validation_texts
     from edgeq.onnx.export import export_fp32
     from edgeq.onnx.rewrite import rewrite_linears
-    from edgeq.plan import build_plan
-    from edgeq.validate import encode_batches, fidelity, make_session, run_onnx, run_torch
+    from edgeq.onnx.session import make_session
+    from edgeq.pipeline.parity import fidelity, run_onnx, run_torch
+    from edgeq.quant.plan import build_plan
 
     rows = []
     for model_dir, data in zip(args.models.split(","), args.data.split(",")):
@@ -58,7 +59,7 @@ def main() -> None:
                     plan = build_plan(weights, ConvertConfig(method=method, k=k, block_size=block,
                                                        exclude_salient_from_scale=args.exclude_salient_from_scale))
                     model = copy.deepcopy(base)
-                    assert rewrite_linears(model, plan, weights).count == len(plan.layers)
+                    assert rewrite_linears(model, plan.quants, weights).count == len(plan.layers)
                     got = run_onnx(make_session(model.SerializeToString(), args.threads), batches)
                     fid = fidelity(got, fp32)
                     p, n = fid["top1_agreement"], len(texts)

@@ -28,7 +28,7 @@ def encode(folder: Path, pairs, batch: int = 16):
     """Tokenise with the tokenizer saved in the output folder (as a client would)."""
     from transformers import AutoTokenizer
 
-    from edgeq.validate import encode_texts
+    from edgeq.model.texts import encode_texts
 
     return encode_texts(AutoTokenizer.from_pretrained(folder), pairs, batch_size=batch)
 
@@ -66,8 +66,8 @@ def main() -> int:
     import onnx
     import onnxruntime
 
-    from edgeq.data import read_glue_texts
-    from edgeq.deploy import graph_ops, read_required_operators
+    from edgeq.model.texts import read_glue_texts
+    from edgeq.pipeline.deploy import graph_ops, read_required_operators
 
     folder = args.folder
     ops = graph_ops(onnx.load(str(folder / "model.onnx"), load_external_data=False))

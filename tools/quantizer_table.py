@@ -2,7 +2,7 @@
 
 For one GLUE task: load the model and export its FP32 ONNX graph once; for each cell
 (quantizer × k × block size) plan the quantization exactly as ``edgeq convert`` does (``build_plan``
-for rtn, ``edgeq.calib_sequential.quantize_sequential`` for the calibrated quantizers, calibration =
+for rtn, ``edgeq.model.sequential.quantize_sequential`` for the calibrated quantizers, calibration =
 a seeded sample of the task's *train* split), rewrite a copy of the graph with MatMulNBits
 (``rewrite_linears``), check that the graph decodes to the plan and that ONNX Runtime matches the
 PyTorch model carrying the planned weights (plan parity, as convert does), then compute accuracy
@@ -39,7 +39,7 @@ CALIB_SEED = 1  # the calibration sample (train split); dev is the evaluation se
 def dev_set(task: str, loaded):
     import csv
 
-    from edgeq.data import read_glue_texts
+    from edgeq.model.texts import read_glue_texts
 
     path = SHARED / "data" / "glue" / task / "dev.tsv"
     texts = read_glue_texts(path)
@@ -54,7 +54,7 @@ def dev_set(task: str, loaded):
 
 
 def run_logits(session, batches, order):
-    from edgeq.validate import run_onnx
+    from edgeq.pipeline.parity import run_onnx
 
     logits = run_onnx(session, batches)["logits"]
     out = np.empty_like(logits)
@@ -66,14 +66,17 @@ def main_task(task: str, threads: int, only: tuple[str, ...] = QUANTIZERS, lsi: 
               blocks: tuple[str, ...] = ("32", "per-channel")) -> None:
     import torch
 
-    from edgeq.calib import load_calibration_texts
-    from edgeq.calib_sequential import quantize_sequential
     from edgeq.config import ConvertConfig
-    from edgeq.hf_model import load_model
+    from edgeq.model.calib import load_calibration_texts
+    from edgeq.model.load import load_model
+    from edgeq.model.texts import encode_batches
     from edgeq.onnx.export import export_fp32
-    from edgeq.onnx.rewrite import read_back, rewrite_linears
-    from edgeq.plan import build_plan
-    from edgeq.validate import encode_batches, make_session, reference_model, relative_max_diff, run_onnx, run_torch
+    from edgeq.onnx.readback import read_back
+    from edgeq.onnx.rewrite import rewrite_linears
+    from edgeq.onnx.session import make_session
+    from edgeq.pipeline.parity import reference_model, relative_max_diff, run_onnx, run_torch
+    from edgeq.quant.plan import build_plan
+    from edgeq.model.sequential import quantize_sequential
 
     torch.set_num_threads(threads)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -119,7 +122,7 @@ def main_task(task: str, threads: int, only: tuple[str, ...] = QUANTIZERS, lsi: 
             plan, info = res.plan, res.layers
         t_quant, c_quant = time.perf_counter() - t0, time.process_time() - c0
         model = copy.deepcopy(fp32)
-        rewrite_linears(model, plan, weights, 0)
+        rewrite_linears(model, plan.quants, weights, 0)
         planned = {n: lp.quant.dequantize() for n, lp in plan.layers.items()}
         decoded = read_back(model)
         assert all(np.array_equal(planned[n], decoded[n]) for n in planned), "graph does not encode the plan"

@@ -18,10 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgeq.calib import calibrate
-from edgeq.hf_model import load_model
-from edgeq.overlap import LayerPair, descending_order, intersection_size, summarize, topk_from_order
+from edgeq.model.calib import calibrate
+from edgeq.model.load import load_model
 from edgeq.saliency import ScoreContext, get_method
+from edgeq.saliency.overlap import (
+    LayerPair,
+    descending_order,
+    intersection_size,
+    summarize,
+    topk_from_order,
+)
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from edgeq.hf_model import LoadedModel
+from edgeq.model.load import LoadedModel
 
 
 def export_fp32(loaded: LoadedModel, opset: int = 17, external_data_threshold: int = 2_000_000_000):

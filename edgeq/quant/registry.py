@@ -10,7 +10,7 @@ plan-parity validation carry all of them unchanged.
 
 * ``"layer"`` — ``fn(w [N, K], salient_index, config, ctx) → (QuantizedLinear, info dict)``, one
   Linear at a time; ``ctx`` (a :class:`LayerContext`) holds the layer's calibration Hessians.
-* ``"block"`` — block-wise reconstruction (LSI), driven by ``edgeq.calib_sequential``.
+* ``"block"`` — block-wise reconstruction (LSI), driven by ``edgeq.model.sequential``.
 
 Heavy imports are lazy (``edgeq --help`` must not import torch).
 """

@@ -1,7 +1,9 @@
 """Saliency methods: importing this package registers every built-in method."""
 
-from edgeq.saliency import weight_only  # noqa: F401  (registers svd, magnitude, random)
-from edgeq.saliency import calibrated  # noqa: F401  (registers awq, spqr)
+from edgeq.saliency import (
+    calibrated,  # noqa: F401  (registers awq, spqr)
+    weight_only,  # noqa: F401  (registers svd, magnitude, random)
+)
 from edgeq.saliency.registry import SALIENCY_METHODS, ScoreContext, get_method, topk_flat
 
 __all__ = ["SALIENCY_METHODS", "ScoreContext", "get_method", "topk_flat"]

@@ -1,4 +1,4 @@
-"""Saliency scores that need calibration statistics (``edgeq.calib.InputStats`` of the layer input).
+"""Saliency scores that need calibration statistics (``edgeq.model.calib.InputStats`` of the layer input).
 
 With ``X ∈ R^{N×n}`` the non-padding calibration inputs of a Linear ``W [m, n]``:
 

@@ -16,7 +16,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from edgeq.sweep import FP32, INT4, cell_id
+from edgeq.research.sweep import FP32, INT4, cell_id
 
 
 def rows(cells: dict[str, dict], methods: Sequence[str], ks: Sequence[int]) -> list[dict]:

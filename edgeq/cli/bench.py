@@ -34,7 +34,14 @@ def bench(models, shapes, threads, repeats, warmup, no_memory, json_path, quiet)
     Example:
       edgeq bench fp32.onnx edgeq-k256.onnx ort-rtn.onnx --shapes 1x16,1x128,8x128 --threads 2
     """
-    from edgeq.bench import busy_machine_warning, component_table, parse_shapes, ratio_table, run_bench, to_json
+    from edgeq.bench import (
+        busy_machine_warning,
+        component_table,
+        parse_shapes,
+        ratio_table,
+        run_bench,
+        to_json,
+    )
 
     for m in models:
         if not m.is_file() or m.suffix != ".onnx":

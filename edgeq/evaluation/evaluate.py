@@ -3,7 +3,7 @@
 Examples are tokenised once with the model's own tokenizer (truncated to ``max_length``),
 sorted by length and cut into batches padded to their longest member, so little compute goes
 to padding; results are put back in file order.  The logit column of each class comes from
-the model's ``id2label`` (:func:`edgeq.glue.label_ids`).  Prediction = argmax of the logits
+the model's ``id2label`` (:func:`edgeq.evaluation.tasks.label_ids`).  Prediction = argmax of the logits
 (regression: the single output).
 """
 
@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from edgeq import metrics
 from edgeq.errors import EdgeqError, UsageError
-from edgeq.glue import Examples, TaskSpec, label_ids
+from edgeq.evaluation import metrics
+from edgeq.evaluation.tasks import Examples, TaskSpec, label_ids
 
 BATCH_SIZE = 32
 MAX_LENGTH = 128
@@ -136,21 +136,6 @@ def agreement(a: Sequence, b: Sequence) -> float:
 # ------------------------------------------------------------------ engines
 
 
-def onnx_session(model, threads: int = 1):
-    """CPU ONNX Runtime session of a path or serialized bytes; ``threads`` 0 = runtime default."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    try:
-        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - ORT raises several types for unreadable models
-        where = model if isinstance(model, (str, Path)) else "the model"
-        raise EdgeqError(f"ONNX Runtime cannot load {where}: {str(e).splitlines()[0][:200]}") from None
-
-
 def onnx_predictor(session) -> tuple[Callable[[dict], np.ndarray], tuple[str, ...]]:
     outputs = [o.name for o in session.get_outputs()]
     out = "logits" if "logits" in outputs else outputs[0]
@@ -213,7 +198,7 @@ def load_tokenizer(model_dir: Path):
 
 
 def read_id2label(model_dir: Path) -> dict[int, str] | None:
-    from edgeq.hf_model import read_config
+    from edgeq.model.load import read_config
 
     cfg = read_config(model_dir)
     raw = cfg.get("id2label")
@@ -238,7 +223,7 @@ def evaluate_path(model: Path, task: TaskSpec, ex: Examples, threads: int = 1, t
     if model.is_dir():
         import torch
 
-        from edgeq.hf_model import load_model
+        from edgeq.model.load import load_model
 
         if threads:
             torch.set_num_threads(threads)
@@ -254,7 +239,9 @@ def evaluate_path(model: Path, task: TaskSpec, ex: Examples, threads: int = 1, t
     if model.suffix != ".onnx":
         raise UsageError(f"{model} is not an .onnx file; pass an .onnx file or a Hugging Face model directory")
     assets = find_assets(model, tokenizer_dir)
-    session = onnx_session(str(model), threads)
+    from edgeq.onnx.session import make_session
+
+    session = make_session(str(model), threads)
     predict, inputs = onnx_predictor(session)
     id2label = read_id2label(assets)
     outs = {o.name: o for o in session.get_outputs()}

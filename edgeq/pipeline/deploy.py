@@ -6,7 +6,7 @@ A folder ``OUT_DIR/`` holds ``model.onnx``, ``config.json``, the tokenizer files
 transformers' ``AutoTokenizer.from_pretrained(OUT_DIR)`` read. ``--ort-format`` adds ``model.ort``
 (ONNX Runtime's own converter: optimization level "all", fixed style, no NCHWc layout so the file is
 portable to ARM) and ``model.required_operators.config`` (the ops a reduced ORT build must keep).
-Every file is staged by :mod:`edgeq.output` and appears together with the others, or not at all.
+Every file is staged by :mod:`edgeq.pipeline.output` and appears together with the others, or not at all.
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ def check_folder_output(out: Path, inputs: list[Path], force: bool) -> None:
 
 @contextlib.contextmanager
 def staged(layout: Layout) -> Iterator:
-    """:func:`edgeq.output.staged_output` beside the model file; a folder made for it goes again on failure."""
-    from edgeq.output import staged_output
+    """:func:`edgeq.pipeline.output.staged_output` beside the model file; a folder made for it goes again on failure."""
+    from edgeq.pipeline.output import staged_output
 
     made = layout.folder is not None and not layout.folder.exists()
     try:
@@ -119,7 +119,10 @@ def stage_ort_format(stage, layout: Layout, staged_model: Path) -> tuple[Path, P
     """Convert the staged ``.onnx`` with ONNX Runtime's converter; stage ``.ort`` and its operator config."""
     import logging
 
-    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+    from onnxruntime.tools.convert_onnx_models_to_ort import (
+        OptimizationStyle,
+        convert_onnx_models_to_ort,
+    )
 
     logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)  # its INFO lines would bypass --quiet
     tmp = stage.dir / ".ort"
@@ -188,7 +191,8 @@ def check_ort(onnx_session, ort_path: Path, batches, threads: int = 0) -> dict:
     """Outputs of the ``.ort`` file vs the ``.onnx`` session on ``batches``; refuse a mismatch."""
     import numpy as np
 
-    from edgeq.validate import make_session, run_onnx
+    from edgeq.onnx.session import make_session
+    from edgeq.pipeline.parity import run_onnx
 
     ref = run_onnx(onnx_session, batches)
     got = run_onnx(make_session(str(ort_path), threads), batches)

@@ -13,7 +13,7 @@ import numpy as np
 from edgeq import __version__
 from edgeq.config import ConvertConfig
 from edgeq.errors import EdgeqError, UsageError, ValidationFailed
-from edgeq.validate import Check, ParityReport
+from edgeq.pipeline.parity import Check, ParityReport
 
 EXPORT_TOLERANCE = 1e-4  # FP32 ONNX vs PyTorch, max|Δ| (relative to max(1, max|ref|))
 PLAN_TOLERANCE = 1e-4  # quantized ONNX vs same-quantization PyTorch, max|Δ| / max|ref|
@@ -47,7 +47,13 @@ def parity_checks(loaded, session, fp32_out, ref_weights, batches, thresholds: T
     ``plan_session``: for (a) when the file's MatMulNBits use accuracy_level ≠ 0 (int8 activations
     are run-time arithmetic, not the weights): the same graph at accuracy_level 0.
     """
-    from edgeq.validate import fidelity, reference_model, relative_max_diff, run_onnx, run_torch
+    from edgeq.pipeline.parity import (
+        fidelity,
+        reference_model,
+        relative_max_diff,
+        run_onnx,
+        run_torch,
+    )
 
     got = run_onnx(session, batches)
     got_plan = run_onnx(plan_session, batches) if plan_session is not None else got
@@ -83,16 +89,18 @@ def convert(
     """Convert ``model_dir`` to ``out`` (atomically) and return the report (also written as JSON)."""
     import onnx
 
-    from edgeq.data import validation_texts
-    from edgeq.hf_model import load_model
+    from edgeq.model.load import load_model
+    from edgeq.model.texts import encode_batches, validation_texts
     from edgeq.onnx.export import export_fp32
-    from edgeq.onnx.rewrite import exact_arithmetic_copy, read_back, rewrite_linears
+    from edgeq.onnx.readback import read_back
+    from edgeq.onnx.rewrite import exact_arithmetic_copy, rewrite_linears
     from edgeq.onnx.safe_load import save_onnx, weight_bytes
-    from edgeq.deploy import Layout, stage_deployment, staged
-    from edgeq.plan import build_plan
+    from edgeq.onnx.session import make_session, session_of_model
+    from edgeq.onnx.sizes import size_by_component
+    from edgeq.pipeline.deploy import Layout, stage_deployment, staged
+    from edgeq.pipeline.parity import run_onnx, run_torch
+    from edgeq.quant.plan import build_plan
     from edgeq.saliency import get_method
-    from edgeq.report import size_by_component
-    from edgeq.validate import encode_batches, make_session, run_onnx, run_torch
 
     t_start = time.perf_counter()
     timer = Timer(log)
@@ -103,8 +111,8 @@ def convert(
                          "of 2 GB or more (protobuf limit), only models whose total exceeds it")
     calibration = None
     needs_one_pass = config.quantizer == "rtn" or get_method(config.method).needs_calibration
-    if config.calib and needs_one_pass:  # statistics of every Linear input (edgeq.calib), for calibration-based methods
-        from edgeq.calib import calibrate
+    if config.calib and needs_one_pass:  # statistics of every Linear input (edgeq.model.calib), for calibration-based methods
+        from edgeq.model.calib import calibrate
 
         calibration = timer.run("calibrate", calibrate, loaded, config.calib, config.calib_samples, config.seed,
                                 config.data_dir, progress=progress)
@@ -113,7 +121,7 @@ def convert(
     fp32_out = run_torch(loaded.model, loaded, batches)
 
     model = timer.run("export", export_fp32, loaded, config.opset, config.external_data_threshold)
-    fp32_got = run_onnx(_session(model, threads or 0, config.external_data_threshold), batches)
+    fp32_got = run_onnx(session_of_model(model, threads or 0, config.external_data_threshold), batches)
     export_diff = {k: float(np.max(np.abs(fp32_got[k] - v))) for k, v in fp32_out.items()}
     for k, d in export_diff.items():
         scale = max(1.0, float(np.max(np.abs(fp32_out[k]))))
@@ -125,15 +133,15 @@ def convert(
     if config.quantizer == "rtn":
         plan = timer.run("plan", build_plan, weights, config, calibration.stats if calibration else None)
         quantizer_report = {"name": "rtn", "hyperparameters": {}, "calibration": None}
-    else:  # calibrated quantizers: sequential, block by block (edgeq.calib_sequential)
-        from edgeq.calib_sequential import run_quantizer
+    else:  # calibrated quantizers: sequential, block by block (edgeq.model.sequential)
+        from edgeq.model.sequential import run_quantizer
 
         plan, quantizer_report = timer.run("quantize", run_quantizer, loaded, weights, config, calibration, log,
                                            progress)
     if not plan.layers:
         raise UsageError(f"no Linear left to quantize (--exclude keeps all {len(weights)} in FP32); loosen --exclude")
     try:
-        result = timer.run("rewrite", rewrite_linears, model, plan, weights, config.accuracy_level,
+        result = timer.run("rewrite", rewrite_linears, model, plan.quants, weights, config.accuracy_level,
                            correction=config.correction)
     except ValueError as e:
         raise EdgeqError(f"{e}; exclude them with --exclude REGEX or report this model") from None
@@ -162,7 +170,7 @@ def convert(
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     model.producer_name, model.producer_version = "edgeq", __version__
 
-    layout = Layout.for_output(out)  # one .onnx file, or a Hugging Face folder (edgeq.deploy)
+    layout = Layout.for_output(out)  # one .onnx file, or a Hugging Face folder (edgeq.pipeline.deploy)
     with staged(layout) as stage:
         tmp_model = stage.path(layout.model)
         tmp_report = stage.path(layout.report)
@@ -171,7 +179,7 @@ def convert(
         timer.run("save", save_onnx, model, tmp_model, large)
         session = make_session(str(tmp_model), threads or 0)
         exact = exact_arithmetic_copy(model)
-        plan_session = None if exact is None else _session(exact, threads or 0, config.external_data_threshold)
+        plan_session = None if exact is None else session_of_model(exact, threads or 0, config.external_data_threshold)
         parity = timer.run(
             "validate", parity_checks, loaded, session, fp32_out, planned, batches, thresholds, source, plan_session
         )
@@ -211,21 +219,6 @@ def convert(
     return report
 
 
-def _session(model, threads: int, external_data_threshold: int):
-    """An ORT session of an in-memory model; above the threshold via a temporary file (2 GB limit)."""
-    import tempfile
-
-    from edgeq.onnx.safe_load import save_onnx, weight_bytes
-    from edgeq.validate import make_session
-
-    if weight_bytes(model) <= external_data_threshold:
-        return make_session(model.SerializeToString(), threads)
-    with tempfile.TemporaryDirectory(prefix="edgeq-fp32-") as d:
-        path = Path(d) / "fp32.onnx"
-        save_onnx(model, path, True)
-        return make_session(str(path), threads)  # ORT has read the weights; the files can go
-
-
 def validate_file(
     model_dir: Path,
     onnx_path: Path,
@@ -236,11 +229,13 @@ def validate_file(
     allow_pickle: bool = False,
 ) -> ParityReport:
     """Check an edgeq ONNX file against its source model: plan parity (decoded from the file) and fidelity."""
-    from edgeq.data import validation_texts
-    from edgeq.hf_model import load_model
-    from edgeq.onnx.rewrite import exact_arithmetic_copy, read_back
+    from edgeq.model.load import load_model
+    from edgeq.model.texts import encode_batches, validation_texts
+    from edgeq.onnx.readback import read_back
+    from edgeq.onnx.rewrite import exact_arithmetic_copy
     from edgeq.onnx.safe_load import load_onnx
-    from edgeq.validate import encode_batches, make_session, run_torch
+    from edgeq.onnx.session import make_session, session_of_model
+    from edgeq.pipeline.parity import run_torch
 
     model = load_onnx(onnx_path)  # refuses external data outside the file's directory
     loaded = load_model(model_dir, allow_pickle)
@@ -256,11 +251,5 @@ def validate_file(
     fp32_out = run_torch(loaded.model, loaded, batches)
     session = make_session(str(onnx_path), threads or 0)
     exact = exact_arithmetic_copy(model)
-    plan_session = None if exact is None else _session(exact, threads or 0, 2_000_000_000)
+    plan_session = None if exact is None else session_of_model(exact, threads or 0)
     return parity_checks(loaded, session, fp32_out, decoded, batches, thresholds, source, plan_session)
-
-
-def _has_external(model) -> bool:
-    from onnx.external_data_helper import uses_external_data
-
-    return any(uses_external_data(t) for t in model.graph.initializer)

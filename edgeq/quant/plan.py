@@ -50,6 +50,11 @@ class QuantPlan:
     excluded: tuple[str, ...]  # Linears kept FP32 by --exclude
 
     @property
+    def quants(self) -> dict[str, QuantizedLinear]:
+        """Layer name → its quantization: what the ONNX rewrite needs of the plan."""
+        return {name: lp.quant for name, lp in self.layers.items()}
+
+    @property
     def total_recon_error(self) -> float:
         return float(sum(p.recon_error for p in self.layers.values()))
 

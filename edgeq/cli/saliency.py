@@ -7,8 +7,7 @@ from pathlib import Path
 
 import click
 
-from edgeq.commands.calib_options import calib_options
-
+from edgeq.cli.options import calib_options
 from edgeq.errors import UsageError
 
 DEFAULT_KS = "1,16,64,256,1024,4096"
@@ -57,7 +56,7 @@ def saliency_cmd(model_dir, methods, k_list, calib, calib_samples, data_dir, see
     """
     import re
 
-    from edgeq.saliency_analysis import analyze, check_methods, write_outputs
+    from edgeq.research.saliency_report import analyze, check_methods, write_outputs
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     ks = _ints(k_list)
@@ -70,7 +69,7 @@ def saliency_cmd(model_dir, methods, k_list, calib, calib_samples, data_dir, see
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir} is a file; pass a directory")
     if calib:
-        from edgeq.calib import resolve_calib_source
+        from edgeq.model.calib import resolve_calib_source
 
         resolve_calib_source(calib, data_dir)
     if threads:

@@ -1,6 +1,6 @@
 """GLUE tasks: where their text and labels are, their official metrics, and label alignment.
 
-The TSVs are read by :func:`edgeq.data._read_tsv` (quoting disabled, BOM stripped).  Each task
+The TSVs are read by :func:`edgeq.model.texts._read_tsv` (quoting disabled, BOM stripped).  Each task
 names its labels (``TaskSpec.labels``, in the order the TSV's gold values are listed in
 ``gold``); the model's own ``id2label`` decides which logit column is which label, so a model
 whose labels differ from the task's is refused instead of silently mis-scored.
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq.data import _read_tsv
 from edgeq.errors import EdgeqError, UsageError
+from edgeq.model.texts import _read_tsv
 
 
 @dataclass(frozen=True)

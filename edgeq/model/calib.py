@@ -17,10 +17,10 @@ API (used by the AWQ/SpQR saliency scores, ``edgeq saliency`` and the GPTQ-famil
 * :func:`load_calibration_texts` — N examples (seeded sample) of a GLUE task's **train** split,
   a GLUE TSV, or a plain text file (one example per line).
 * :func:`collect_input_stats` — forward hooks on a torch model over tokenized batches
-  (dicts of numpy arrays with ``attention_mask``, e.g. from ``edgeq.validate.encode_batches``);
+  (dicts of numpy arrays with ``attention_mask``, e.g. from ``edgeq.model.texts.encode_batches``);
   returns ``{linear name: InputStats}``.  Works on any ``nn.Module`` (FP32 or already quantized,
   so a sequential GPTQ can call it once per block on the partly quantized model).
-* :func:`calibrate` — the two above for a :class:`edgeq.hf_model.LoadedModel`, plus provenance.
+* :func:`calibrate` — the two above for a :class:`edgeq.model.load.LoadedModel`, plus provenance.
 * :func:`masked_rows`, :func:`accumulate` — the statistics math, exposed for reuse and tests.
 """
 
@@ -248,7 +248,7 @@ def resolve_calib_source(spec: str, data_dir: str | Path | None = None) -> Path:
 
 def read_calib_file(path: Path) -> list:
     """Examples of a GLUE TSV (its text columns), a 1–2 column TSV, or a text file (one per line)."""
-    from edgeq.data import read_glue_texts
+    from edgeq.model.texts import read_glue_texts
 
     if path.suffix.lower() == ".tsv":
         try:
@@ -312,13 +312,13 @@ class Calibration:
 def calibrate(loaded, spec: str, samples: int = DEFAULT_SAMPLES, seed: int = 0,
               data_dir: str | Path | None = None, names: Sequence[str] | None = None,
               xtx: bool = True, progress: bool = False, batch_size: int = CALIB_BATCH_SIZE) -> Calibration:
-    """Sample calibration text for ``loaded`` (an ``edgeq.hf_model.LoadedModel``) and collect statistics.
+    """Sample calibration text for ``loaded`` (an ``edgeq.model.load.LoadedModel``) and collect statistics.
 
     Examples are tokenized like validation data (max length 128); they are sorted by length
     before batching so that little compute is spent on padding (the statistics are sums, so the
     order does not matter).
     """
-    from edgeq.validate import encode_batches
+    from edgeq.model.texts import encode_batches
 
     t0 = time.perf_counter()
     ct = load_calibration_texts(spec, samples, seed, data_dir)

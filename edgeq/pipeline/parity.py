@@ -17,30 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgeq.hf_model import LoadedModel
-
-BATCH_SIZE = 32
-MAX_LENGTH = 128
-
-
-def encode_texts(tokenizer, texts, input_names=None, batch_size: int = BATCH_SIZE) -> list[dict[str, np.ndarray]]:
-    """Tokenise (sentence or pair) ``texts`` into int64 batches; ``input_names`` None keeps every tokenizer output."""
-    batches = []
-    for i in range(0, len(texts), batch_size):
-        chunk = texts[i : i + batch_size]
-        a = [t[0] for t in chunk]
-        b = [t[1] or "" for t in chunk] if any(t[1] is not None for t in chunk) else None
-        enc = tokenizer(a, b, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="np")
-        names = input_names or list(enc.keys())
-        batch = {n: enc[n].astype(np.int64) for n in names if n in enc}
-        if "token_type_ids" in names and "token_type_ids" not in batch:
-            batch["token_type_ids"] = np.zeros_like(batch["input_ids"])
-        batches.append(batch)
-    return batches
-
-
-def encode_batches(loaded: LoadedModel, texts, batch_size: int = BATCH_SIZE) -> list[dict[str, np.ndarray]]:
-    return encode_texts(loaded.tokenizer, texts, loaded.input_names, batch_size)
+from edgeq.model.load import LoadedModel
 
 
 def _collect(outputs: list[dict[str, np.ndarray]], batches) -> dict[str, np.ndarray]:
@@ -61,16 +38,6 @@ def run_torch(model, loaded: LoadedModel, batches) -> dict[str, np.ndarray]:
             res = model(**{k: torch.from_numpy(v) for k, v in b.items()}, return_dict=True)
             outs.append({n: res[n].float().numpy() for n in loaded.output_names})
     return _collect(outs, batches)
-
-
-def make_session(model_bytes_or_path, threads: int = 2):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(model_bytes_or_path, so, providers=["CPUExecutionProvider"])
 
 
 def run_onnx(session, batches) -> dict[str, np.ndarray]:

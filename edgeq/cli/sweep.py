@@ -9,10 +9,8 @@ from pathlib import Path
 
 import click
 
+from edgeq.cli.options import BLOCK_CHOICES
 from edgeq.errors import UsageError
-from edgeq.quant.int4 import BLOCK_SIZES
-
-BLOCK_CHOICES = [str(b) for b in BLOCK_SIZES] + ["per-channel", "per-tensor"]
 
 
 def _ints(text: str) -> list[int]:
@@ -63,9 +61,9 @@ def sweep_cmd(model_dir, task, methods, k_list, block_size, out, rank, seed, exc
       edgeq sweep ../shared/models/minilm-l6-rte --task RTE --methods svd,magnitude,random \\
           --block-size 32 --threads 1 --out results/rte-b32
     """
-    from edgeq.glue import get_task
-    from edgeq.sweep import SweepSettings, run_sweep
-    from edgeq.table1 import write_outputs
+    from edgeq.research.sweep import SweepSettings, run_sweep
+    from edgeq.research.table import write_outputs
+    from edgeq.evaluation.tasks import get_task
 
     spec = get_task(task)
     method_list = list(dict.fromkeys(m.strip() for m in methods.split(",") if m.strip()))

@@ -1,7 +1,7 @@
 """``edgeq saliency``: score every Linear once per method, then compare the top-k selections.
 
 Flow: load → (calibrate, when a method needs it) → for each Linear, each method: score once,
-keep the first max(k) of its stable descending order → :mod:`edgeq.overlap` for every k and
+keep the first max(k) of its stable descending order → :mod:`edgeq.saliency.overlap` for every k and
 pair → JSON, CSV and a PNG in the style of the SVD paper's Figure 2 (IoU vs k, log x).
 """
 
@@ -44,9 +44,9 @@ def analyze(model_dir: Path, methods: Sequence[str], ks: Sequence[int], calib: s
     """The full report (JSON-ready): per-layer pairs, summary, concentration, timings."""
     import torch
 
-    from edgeq.hf_model import load_model
-    from edgeq.overlap import descending_order, layer_overlaps, summarize
+    from edgeq.model.load import load_model
     from edgeq.saliency import ScoreContext, get_method
+    from edgeq.saliency.overlap import descending_order, layer_overlaps, summarize
 
     check_methods(methods, calib)
     t0 = time.perf_counter()
@@ -55,7 +55,7 @@ def analyze(model_dir: Path, methods: Sequence[str], ks: Sequence[int], calib: s
     timings["load"] = round(time.perf_counter() - t0, 3)
     calibration = None
     if calib and any(get_method(m).needs_calibration for m in methods):
-        from edgeq.calib import calibrate
+        from edgeq.model.calib import calibrate
 
         log("calibrating ...")
         calibration = calibrate(loaded, calib, calib_samples, seed, data_dir, progress=progress)

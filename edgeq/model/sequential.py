@@ -4,13 +4,13 @@ ALGORITHMS.md §1.3: quantize transformer block i, then run the *quantized* bloc
 inputs of block i+1 (gptq's ``opt_sequential``, OmniQuant).  The Linears outside the blocks (BERT's
 pooler, the classification heads) come last, on the inputs of the fully quantized encoder.
 
-Calibration examples (``edgeq.calib.load_calibration_texts``: a seeded sample of a GLUE train
+Calibration examples (``edgeq.model.calib.load_calibration_texts``: a seeded sample of a GLUE train
 split or a file) are split once: the last quarter of the seeded sample is **held out** (for
 SARQC's λ choice and LSI's early stopping), the rest fits.  Padding tokens never enter a statistic
-or a loss (``edgeq.calib`` masks them; the LSI loss is masked).
+or a loss (``edgeq.model.calib`` masks them; the LSI loss is masked).
 
 * ``layer`` quantizers (gptq, sarqc-*): for each block, one streamed pass per split of
-  ``edgeq.calib.collect_input_stats`` over the partly quantized model gives each Linear's
+  ``edgeq.model.calib.collect_input_stats`` over the partly quantized model gives each Linear's
   H = (2/N) XᵀX on the fitting tokens, on the held-out tokens and on all of them; each Linear is
   then quantized by its registry function and its Ŵ written into the working model.
 * ``block`` quantizer (lsi): one FP32 pass records every block's inputs and call arguments; for
@@ -18,7 +18,7 @@ or a loss (``edgeq.calib`` masks them; the LSI loss is masked).
   FP32 block output from the quantized-model input (``edgeq.quant.lsi.reconstruct``); the head
   Linears outside the blocks are trained layer-wise on their recorded inputs.
 
-The salient entries of each Linear are picked exactly as for RTN (``edgeq.plan.plan_layer`` with
+The salient entries of each Linear are picked exactly as for RTN (``edgeq.quant.plan.plan_layer`` with
 the configured ``--method``, on the original weight and the one-pass FP32 statistics).
 """
 
@@ -42,7 +42,7 @@ HEAD_ROWS_CAP = 8192  # rows kept per head Linear for layer-wise LSI
 
 @dataclass
 class SequentialResult:
-    plan: object  # edgeq.plan.QuantPlan
+    plan: object  # edgeq.quant.plan.QuantPlan
     layers: dict[str, dict]  # quantizer info per Linear (λ, held-out errors, ...)
     timings_s: dict[str, float] = field(default_factory=dict)
     split: dict = field(default_factory=dict)
@@ -71,7 +71,7 @@ def _split(texts: list) -> tuple[list, list]:
 
 
 def _batches(loaded, texts, batch_size):
-    from edgeq.validate import encode_batches
+    from edgeq.model.texts import encode_batches
 
     return encode_batches(loaded, sorted(texts, key=lambda t: len(t[0]) + len(t[1] or "")), batch_size) if texts else []
 
@@ -95,7 +95,7 @@ def quantize_sequential(
     """Plan every Linear of ``weights`` (except ``--exclude``) with the calibrated ``config.quantizer``."""
     import torch
 
-    from edgeq.plan import QuantPlan
+    from edgeq.quant.plan import QuantPlan
 
     q = get_quantizer(config.quantizer)
     fit_texts, ho_texts = _split(list(texts))
@@ -120,7 +120,7 @@ def quantize_sequential(
 
 
 def _plan(name, w, config, stats, quantize):
-    from edgeq.plan import plan_layer
+    from edgeq.quant.plan import plan_layer
 
     return plan_layer(name, w, config, stats, quantize=quantize)
 
@@ -147,10 +147,10 @@ def _hessians(sf, sh, name):
 
 
 def _block_stats(block, names, prefix, xs, args, masks):
-    """Input statistics (edgeq.calib's InputStats, XᵀX) of the Linears ``names`` of one block."""
+    """Input statistics (edgeq.model.calib's InputStats, XᵀX) of the Linears ``names`` of one block."""
     import torch
 
-    from edgeq.calib import InputStats, accumulate, masked_rows
+    from edgeq.model.calib import InputStats, accumulate, masked_rows
 
     mods = dict(block.named_modules())
     stats: dict = {}
@@ -179,7 +179,7 @@ def _block_stats(block, names, prefix, xs, args, masks):
 def _run_layerwise(work, weights, config, groups, fit, ho, sel_stats, log, progress):
     import torch
 
-    from edgeq.calib import collect_input_stats
+    from edgeq.model.calib import collect_input_stats
 
     q = get_quantizer(config.quantizer)
     plans, info = {}, {}
@@ -328,7 +328,7 @@ def _sig(p):
 def _run_lsi(work, weights, config, groups, fit, ho, sel_stats, log, progress):
     import torch
 
-    from edgeq.calib import masked_rows
+    from edgeq.model.calib import masked_rows
     from edgeq.quant.lsi import reconstruct
 
     torch.manual_seed(config.seed)
@@ -429,7 +429,7 @@ def _head_inputs(model, names, batches, masked_rows):
 def run_quantizer(loaded, weights, config: ConvertConfig, calibration=None,
                   log: Callable[[str], None] = lambda s: None, progress: bool = False):
     """``edgeq convert``'s entry point: (QuantPlan, the report's "quantizer" section)."""
-    from edgeq.calib import load_calibration_texts
+    from edgeq.model.calib import load_calibration_texts
 
     t0 = time.perf_counter()
     ct = load_calibration_texts(config.calib, config.calib_samples, config.seed, config.data_dir)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
+
 from edgeq.errors import EdgeqError
 
 # column(s) holding the text of each GLUE task's TSV (header names; CoLA has no header)
@@ -87,3 +89,27 @@ def validation_texts(path: str | Path | None, limit: int | None = None) -> tuple
     if limit is not None:
         texts = texts[:limit]
     return texts, source
+
+
+BATCH_SIZE = 32
+MAX_LENGTH = 128
+
+
+def encode_texts(tokenizer, texts, input_names=None, batch_size: int = BATCH_SIZE) -> list[dict[str, np.ndarray]]:
+    """Tokenise (sentence or pair) ``texts`` into int64 batches; ``input_names`` None keeps every tokenizer output."""
+    batches = []
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i : i + batch_size]
+        a = [t[0] for t in chunk]
+        b = [t[1] or "" for t in chunk] if any(t[1] is not None for t in chunk) else None
+        enc = tokenizer(a, b, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="np")
+        names = input_names or list(enc.keys())
+        batch = {n: enc[n].astype(np.int64) for n in names if n in enc}
+        if "token_type_ids" in names and "token_type_ids" not in batch:
+            batch["token_type_ids"] = np.zeros_like(batch["input_ids"])
+        batches.append(batch)
+    return batches
+
+
+def encode_batches(loaded, texts, batch_size: int = BATCH_SIZE) -> list[dict[str, np.ndarray]]:
+    return encode_texts(loaded.tokenizer, texts, loaded.input_names, batch_size)

@@ -40,8 +40,8 @@ def eval_cmd(model, task, data_dir, limit, json_out, threads, tokenizer_dir, max
       edgeq eval out.onnx --task RTE --tokenizer ../shared/models/minilm-l6-rte
       edgeq eval ../shared/models/minilm-l6-rte --task RTE --json fp32.json
     """
-    from edgeq.evaluate import evaluate_path
-    from edgeq.glue import dev_file, get_task, read_examples
+    from edgeq.evaluation.evaluate import evaluate_path
+    from edgeq.evaluation.tasks import dev_file, get_task, read_examples
 
     spec = get_task(task)
     ex = read_examples(spec, dev_file(spec, data_dir), limit)

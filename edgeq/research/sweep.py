@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq import metrics
 from edgeq.errors import EdgeqError, UsageError
+from edgeq.evaluation import metrics
 
 FP32, INT4 = "fp32", "int4-k0"
 CALIB_FIELDS = ("calib", "calib_samples", "percdamp")
@@ -129,9 +129,9 @@ class _Context:
         import onnx  # noqa: F401
         import torch
 
-        from edgeq.evaluate import encode_sorted
-        from edgeq.glue import dev_file, get_task, label_ids, read_examples
-        from edgeq.hf_model import load_model
+        from edgeq.evaluation.evaluate import encode_sorted
+        from edgeq.evaluation.tasks import dev_file, get_task, label_ids, read_examples
+        from edgeq.model.load import load_model
         from edgeq.onnx.export import export_fp32
 
         if threads:
@@ -154,18 +154,19 @@ class _Context:
         self._int4_error: dict[str, float] = {}
 
     def evaluate(self, model_bytes, engine="onnxruntime"):
-        from edgeq.evaluate import evaluate, onnx_predictor, onnx_session, torch_predictor
+        from edgeq.evaluation.evaluate import evaluate, onnx_predictor, torch_predictor
+        from edgeq.onnx.session import make_session
 
         if engine == "pytorch":
             predict = torch_predictor(self.loaded.model)
         else:
-            predict, _ = onnx_predictor(onnx_session(model_bytes, self.threads))
+            predict, _ = onnx_predictor(make_session(model_bytes, self.threads))
         return evaluate(self.task, self.examples, predict, self.batches, self.loaded.id2label,
                         str(self.settings.model_dir), engine, self.quiet)
 
     def calibration(self):
         if self._calibration is None:
-            from edgeq.calib import calibrate
+            from edgeq.model.calib import calibrate
 
             s = self.settings
             if not s.calib:
@@ -199,9 +200,10 @@ class _Context:
         """The rewritten ONNX bytes of one cell and its plan statistics (checked against the plan)."""
         import onnx
 
-        from edgeq.onnx.rewrite import read_back, rewrite_linears
-        from edgeq.plan import LayerPlan, QuantPlan
+        from edgeq.onnx.readback import read_back
+        from edgeq.onnx.rewrite import rewrite_linears
         from edgeq.quant.int4 import Granularity, quantize_rtn
+        from edgeq.quant.plan import LayerPlan, QuantPlan
 
         gran = Granularity.parse(self.settings.block_size)
         layers = {}
@@ -218,7 +220,7 @@ class _Context:
         plan = QuantPlan(layers, ())
         model = onnx.ModelProto()
         model.CopyFrom(self.fp32)
-        result = rewrite_linears(model, plan, self.weights, self.settings.accuracy_level)
+        result = rewrite_linears(model, plan.quants, self.weights, self.settings.accuracy_level)
         if result.count != len(plan.layers):
             raise EdgeqError(f"rewrote {result.count} Linears but the plan has {len(plan.layers)}; please report this")
         decoded = read_back(model)
@@ -234,7 +236,7 @@ def run_sweep(settings: SweepSettings, methods: Sequence[str], ks: Sequence[int]
               data_dir: Path | None = None, threads: int = 1, quiet: bool = False,
               log: Callable[[str], None] = lambda s: None) -> SweepRun:
     """Compute every missing cell of ``methods × ks`` (plus FP32 and int4) into ``out/cells``."""
-    from edgeq.glue import get_task
+    from edgeq.evaluation.tasks import get_task
     from edgeq.saliency import get_method
 
     for m in methods:

@@ -1,0 +1,143 @@
+"""Options shared by several commands, defined once; every choice list comes from its registry.
+
+* :func:`calib_options` — ``--calib``, ``--calib-samples``, ``--data-dir`` (convert, saliency, sweep).
+* :func:`quantizer_options` — ``--quantizer`` and its hyper-parameters (``edgeq.quant.registry``).
+* :func:`perf_options` — bits, grid, per-layer 8-bit, correction encoding, 4-bit embeddings.
+* :func:`threshold_options` — validation data and gates (convert, validate).
+* :data:`BLOCK_CHOICES` — ``--block-size`` values (``edgeq.quant.int4.BLOCK_SIZES``).
+
+The values land in :class:`edgeq.config.ConvertConfig`, whose field defaults are the defaults here.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from edgeq.config import ConvertConfig
+from edgeq.onnx.corrections import CORRECTION_CHOICES
+from edgeq.quant.int4 import BLOCK_SIZES, GRIDS
+from edgeq.quant.registry import QUANTIZERS, SARQC_SALIENCY
+
+BLOCK_CHOICES = [str(b) for b in BLOCK_SIZES] + ["per-channel", "per-tensor"]
+
+
+def _apply(fn, opts):
+    """Apply click options so that --help lists them in the given order."""
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def calib_options(fn):
+    """Add --calib, --calib-samples and --data-dir to a click command (in this order in --help)."""
+    opts = [
+        click.option("--calib", metavar="TASK_OR_FILE", default=None,
+                     help="Calibration data for awq/spqr and the calibrated quantizers: a GLUE task name "
+                          "(its train split, e.g. rte) or a text/TSV file."),
+        click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True,
+                     help="Calibration examples (a --seed sample)."),
+        click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+                     help="GLUE directory for --calib TASK (default: $EDGEQ_GLUE_DIR, else ../shared/data/glue)."),
+    ]
+    return _apply(fn, opts)
+
+
+QUANTIZER_OPTION_NAMES = ("quantizer", "sarqc_lambda", "sarqc_saliency", "lsi_epochs", "lsi_rank", "lsi_lr", "lwc_lr")
+
+
+def _default(name: str):
+    return ConvertConfig.__dataclass_fields__[name].default  # one source of truth for defaults
+
+
+def quantizer_options(fn):
+    """Add the quantizer options to a click command (applied in reverse so --help lists them in order)."""
+    opts = [
+        click.option("--quantizer", type=click.Choice(list(QUANTIZERS)), default="rtn", show_default=True,
+                     help="How the non-salient weights are rounded: rtn (data-free) or a calibrated one "
+                          "(gptq, sarqc-gbs, sarqc-gs, lsi; these need --calib)."),
+        click.option("--sarqc-lambda", default=_default("sarqc_lambda"), show_default=True, metavar="FLOAT|auto",
+                     help="SARQC regularisation toward W (relative to mean diag H); auto: per layer, the best of "
+                          "0,0.01,0.03,0.1,0.3,1 on held-out calibration tokens."),
+        click.option("--sarqc-saliency", type=click.Choice(list(SARQC_SALIENCY)), default=_default("sarqc_saliency"), show_default=True,
+                     help="SARQC saliency weighting the regulariser."),
+        click.option("--lsi-epochs", type=click.IntRange(min=0), default=_default("lsi_epochs"), show_default=True,
+                     help="LSI epochs per block (the best held-out epoch is kept)."),
+        click.option("--lsi-rank", type=click.IntRange(min=0), default=_default("lsi_rank"), show_default=True,
+                     help="Singular values with a learnable increment (0: learnable clipping only)."),
+        click.option("--lsi-lr", type=click.FloatRange(min=0), default=_default("lsi_lr"), show_default=True,
+                     help="Learning rate of the singular-value increments."),
+        click.option("--lwc-lr", type=click.FloatRange(min=0), default=_default("lwc_lr"), show_default=True,
+                     help="Learning rate of the learnable clipping logits."),
+    ]
+    return _apply(fn, opts)
+
+
+def quantizer_kwargs(params: dict) -> dict:
+    """The ConvertConfig fields among a command's parameters."""
+    return {k: params[k] for k in QUANTIZER_OPTION_NAMES if k in params}
+
+
+PERF_OPTION_NAMES = ("bits", "bits8", "grid", "correction", "quantize_embeddings")
+
+
+def perf_options(fn):
+    opts = [
+        click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True,
+                     help="MatMulNBits bits of every Linear (8 is fast only with --accuracy-level 4)."),
+        click.option("--bits8", multiple=True, metavar="REGEX",
+                     help="Quantize Linears whose name matches REGEX to 8 bits (repeatable)."),
+        click.option("--grid", type=click.Choice(GRIDS), default="sym7", show_default=True,
+                     help="4-bit grid: sym7 (scale max|w|/7, levels -7..7, the paper's) or sym8 (ONNX Runtime's "
+                          "own RTN grid: signed scale max/8, levels -8..7, finer; --quantizer rtn only)."),
+        click.option("--correction", type=click.Choice(CORRECTION_CHOICES), default="auto", show_default=True,
+                     help="Graph encoding of the k FP32 entries: dense (Gather+MatMul+Add), rows "
+                          "(MatMul+MatMul+Add), scatter (ScatterElements); auto picks the cheapest per layer."),
+        click.option("--quantize-embeddings/--no-quantize-embeddings", default=False, show_default=True,
+                     help="Word-embedding table as 4-bit GatherBlockQuantized (block 32)."),
+    ]
+    return _apply(fn, opts)
+
+
+def perf_kwargs(params: dict) -> dict:
+    """The ConvertConfig fields among a command's parameters."""
+    out = {k: params[k] for k in PERF_OPTION_NAMES if k in params}
+    if "bits" in out:
+        out["bits"] = int(out["bits"])
+    if "bits8" in out:
+        out["bits8"] = tuple(out["bits8"])
+    return out
+
+
+def threshold_options(fn):
+    """Validation data, threads and the gates of convert and validate."""
+    fn = click.option("--max-abs-diff", type=float, default=None,
+                      help="Fail if max|Δ| of the first output against FP32 exceeds this.")(fn)
+    fn = click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
+                      help="Fail if top-1 agreement with FP32 is below this (0-1).")(fn)
+    fn = click.option("--max-plan-diff", type=float, default=1e-4, show_default=True,
+                      help="Fail if ONNX vs same-quantization PyTorch max|Δ|/max|ref| exceeds this.")(fn)
+    fn = click.option("--data", type=click.Path(path_type=Path), default=None,
+                      help="GLUE TSV whose sentences are used for validation (default: built-in sample text).")(fn)
+    fn = click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most N examples.")(fn)
+    fn = click.option("--threads", type=click.IntRange(min=0), default=0,
+                      help="ONNX Runtime intra-op threads (0: runtime default).")(fn)
+    return fn
+
+
+def thresholds(max_plan_diff, min_agreement, max_abs_diff):
+    from edgeq.pipeline.convert import Thresholds
+
+    return Thresholds(max_plan_diff, min_agreement, max_abs_diff)
+
+
+def progress_log(quiet: bool):
+    start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        if not quiet:
+            click.echo(f"[{time.perf_counter() - start:6.1f}s] {msg}", err=True)
+
+    return log

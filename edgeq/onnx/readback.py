@@ -1,0 +1,58 @@
+"""Read the quantized weights back from an edgeq ONNX file: Ŵ = dequantized MatMulNBits + FP32 entries.
+
+For each rewritten Linear (listed in the ``edgeq.layers`` metadata)::
+
+    Ŵ[i, j] = (code_ij − 2^(bits−1)) · s_{i, ⌊j / block⌋}  +  Σ_t [i = i_t, j = j_t] v_t
+
+with the codes unpacked from the MatMulNBits ``B`` input, the scales repeated over each block, and
+the FP32 entries (i_t, j_t, v_t) decoded by whichever correction encoding the layer uses
+(:func:`edgeq.onnx.corrections.decode_correction`).  4-bit embedding tables are decoded by
+:func:`edgeq.onnx.embeddings.read_embeddings`.  The decode knows nothing of the plan that wrote the
+file, which is what makes "the file equals the plan" a real check.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from edgeq.onnx.corrections import decode_correction
+from edgeq.onnx.embeddings import read_embeddings
+from edgeq.onnx.rewrite import LAYERS_KEY
+from edgeq.quant.pack import unpack_codes
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def read_back(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Ŵ ``[N, K]`` of every rewritten Linear (and Ê of 4-bit embedding tables), decoded from the file."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    if LAYERS_KEY not in meta:
+        raise ValueError("this ONNX file was not written by edgeq convert (no edgeq.layers metadata)")
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+
+    def arr(name: str) -> np.ndarray:
+        return numpy_helper.to_array(inits[name])
+
+    out = {}
+    for layer in json.loads(meta[LAYERS_KEY]):
+        node = nodes.get(f"/{layer}/MatMulNBits")
+        if node is None:
+            raise ValueError(f"the edgeq.layers metadata names {layer}, but the graph has no /{layer}/MatMulNBits")
+        k_in, bs, bits = _attr(node, "K", 0), _attr(node, "block_size", 0), _attr(node, "bits", 4)
+        codes = unpack_codes(arr(node.input[1]), k_in, bits).astype(np.float32)
+        scales = np.repeat(arr(node.input[2]).reshape(codes.shape[0], -1), bs, axis=1)[:, :k_in]
+        w = (codes - float(2 ** (bits - 1))) * scales
+        entries = decode_correction(layer, inits, arr)
+        if entries is not None:
+            rows, cols, vals = entries
+            np.add.at(w, (rows, cols), vals)
+        out[layer] = w.astype(np.float32)
+    out.update(read_embeddings(model))  # 4-bit word/position embeddings, keyed by module name
+    return out
