@@ -12,7 +12,7 @@ RTE 0 = entailment, 1 = not_entailment.
     python tools/finetune_glue.py --task RTE --epochs 6 --out models-out/minilm-l6-rte
 
 Full runs take CPU hours (SST-2: 67k examples); this script was only smoke-tested here
-(``--max-steps 2 --train-limit 16``, tests/test_finetune_tool.py).  Bit-identical weights are
+(``--max-steps 2 --train-limit 16``, tests/tools/test_finetune_glue.py).  Bit-identical weights are
 not expected (thread count, library versions); the dev accuracy should land near the recorded one.
 """
 

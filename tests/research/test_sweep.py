@@ -13,7 +13,7 @@ from edgeq.cli import main
 from edgeq.errors import UsageError
 from edgeq.research.sweep import FP32, INT4, SweepSettings, _Context, run_sweep
 from tests.conftest import make_tiny_model
-from tests.test_eval import RTE_LABELS, set_labels, write_rte
+from tests.evaluation.test_evaluate import RTE_LABELS, set_labels, write_rte
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Calibration statistics, awq/spqr saliency, selection overlap and `edgeq saliency` (ALGORITHMS.md §3.1, §4.1, §7, §12).
 
-§12 item 1 (rank ≤ r ⇒ svd selection == magnitude) is tested in test_saliency_core.py.
+§12 item 1 (rank ≤ r ⇒ svd selection == magnitude) is tested in tests/saliency/test_weight_only.py.
 """
 
 import json

@@ -28,7 +28,7 @@ from edgeq.onnx.rewrite import exact_arithmetic_copy, rewrite_linears
 from edgeq.quant.int4 import Granularity, quantize_rtn
 from edgeq.quant.pack import pack_codes, unpack_codes
 from edgeq.quant.plan import build_plan
-from tests.test_quant_int4 import snapped
+from tests.quant.test_int4 import snapped
 
 K, N = 96, 40
 

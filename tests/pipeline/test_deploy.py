@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from edgeq.cli import main
 
-from .conftest import REPO, shared_path
+from tests.conftest import REPO, shared_path
 
 NODE_DIR = REPO / "tests" / "node"
 TOL = 1e-4  # JavaScript / .ort logits vs Python ONNX Runtime, max|Δ|
@@ -96,7 +96,7 @@ def test_folder_layout_loads_in_optimum(tiny_bert, tmp_path):
 
 
 def test_encoder_folder_loads_in_optimum_feature_extraction(tmp_path):
-    from .conftest import make_tiny_model
+    from tests.conftest import make_tiny_model
 
     src = make_tiny_model(tmp_path / "enc", "RobertaModel", "roberta")
     out = tmp_path / "deploy"

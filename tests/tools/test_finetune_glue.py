@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from edgeq.cli import main
 from tests.conftest import REPO, make_tiny_model
-from tests.test_eval import write_rte
+from tests.evaluation.test_evaluate import write_rte
 
 
 def test_finetune_two_steps_then_eval(tmp_path):

@@ -16,7 +16,7 @@ from edgeq.config import ConvertConfig
 from edgeq.onnx.readback import read_back
 from edgeq.onnx.rewrite import match_linears, rewrite_linears
 from edgeq.quant.plan import build_plan
-from tests.test_quant_int4 import snapped
+from tests.quant.test_int4 import snapped
 
 K, N, N2 = 80, 24, 6  # K = 80 is not a multiple of 32: exercises padding
 
@@ -73,7 +73,7 @@ def test_rewrite_structure_and_numerics(weights, k):
     ws, b1, b2 = weights
     model = linear_graph(ws["lin1"], b1, ws["lin2"], b2)
     plan = build_plan(ws, ConvertConfig(k=k, block_size="32"))
-    result = rewrite_linears(model, plan.quants, ws, correction="scatter")  # dense: tests/test_perf_encodings.py
+    result = rewrite_linears(model, plan.quants, ws, correction="scatter")  # dense: tests/onnx/test_corrections.py
     onnx.checker.check_model(model)
     ops = Counter(n.op_type for n in model.graph.node)
     assert result.count == 2 == ops["MatMulNBits"]
