@@ -19,6 +19,7 @@ Size.  File bytes (plus external data) and :func:`edgeq.onnx.sizes.size_by_compo
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -31,6 +32,8 @@ import numpy as np
 from edgeq.onnx.session import make_session
 
 MAX_RANDOM_ID = 1000  # token ids are drawn below min(vocab, this)
+
+logger = logging.getLogger(__name__)
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -99,7 +102,6 @@ def run_bench(
     repeats: int = 30,
     warmup: int = 3,
     memory: bool = True,
-    log=lambda s: None,
 ) -> list[ModelResult]:
     """Measure every model in ``paths`` on every shape, interleaved; see the module docstring."""
     import onnx
@@ -134,7 +136,7 @@ def run_bench(
                 times[i, r] = time.perf_counter() - t0
         for i in range(m):
             results[i].latency[key] = _quantiles(times[i])
-        log(f"{key}: " + ", ".join(f"{results[i].latency[key]['median_ms']:.2f}" for i in range(m)) + " ms")
+        logger.info(f"{key}: " + ", ".join(f"{results[i].latency[key]['median_ms']:.2f}" for i in range(m)) + " ms")
     del sessions
     if memory:
         for res, p in zip(results, paths):

@@ -181,7 +181,7 @@ def main() -> None:
     if not args.skip_bench:
         shapes = parse_shapes(args.shapes)
         order = list(first_paths)
-        results = run_bench([first_paths[n] for n in order], shapes, args.threads, args.repeats, 3, True, log)
+        results = run_bench([first_paths[n] for n in order], shapes, args.threads, args.repeats, 3, True)
         (args.out / "bench.json").write_text(json.dumps(to_json(results, shapes, args.threads, args.repeats, 3), indent=2) + "\n")
         (args.out / "bench.txt").write_text(ratio_table(results, shapes) + "\n\n" + component_table(results) + "\n")
         print(ratio_table(results, shapes))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from edgeq.cli.options import configure_logging
 from edgeq.errors import UsageError
 
 
@@ -54,12 +55,12 @@ def bench(models, shapes, threads, repeats, warmup, no_memory, json_path, quiet)
         shape_list = parse_shapes(shapes)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
+    configure_logging(quiet)
     busy = busy_machine_warning(threads)
     if busy:
         click.echo(busy, err=True)
     try:
-        results = run_bench(list(models), shape_list, threads, repeats, warmup, not no_memory, log)
+        results = run_bench(list(models), shape_list, threads, repeats, warmup, not no_memory)
     except ValueError as e:
         raise UsageError(str(e)) from None
     click.echo(f"{threads} thread(s), {repeats} interleaved rounds after {warmup} warm-up runs; "

@@ -10,9 +10,9 @@ import click
 from edgeq.cli.options import (
     BLOCK_CHOICES,
     calib_options,
+    configure_logging,
     perf_kwargs,
     perf_options,
-    progress_log,
     quantizer_kwargs,
     quantizer_options,
     threshold_options,
@@ -114,9 +114,9 @@ def convert(model_dir, out, k, method, rank, seed, block_size, exclude_salient_f
         from edgeq.model.calib import resolve_calib_source
 
         resolve_calib_source(calib, data_dir)  # fail before loading the model
-    log = progress_log(quiet)
+    configure_logging(quiet)
     report = run_convert(model_dir, out, config, data, limit, thresholds(max_plan_diff, min_agreement, max_abs_diff),
-                         threads, log, progress=not quiet, ort_format=ort_format)
+                         threads, progress=not quiet, ort_format=ort_format)
     if json_out:
         click.echo(json.dumps(report, indent=2))
     elif not quiet:

@@ -11,6 +11,8 @@ The values land in :class:`edgeq.config.ConvertConfig`, whose field defaults are
 
 from __future__ import annotations
 
+import logging
+import sys
 import time
 from pathlib import Path
 
@@ -133,11 +135,30 @@ def thresholds(max_plan_diff, min_agreement, max_abs_diff):
     return Thresholds(max_plan_diff, min_agreement, max_abs_diff)
 
 
-def progress_log(quiet: bool):
-    start = time.perf_counter()
+class _ElapsedFormatter(logging.Formatter):
+    """``[  12.3s] message``: seconds since the command started."""
 
-    def log(msg: str) -> None:
-        if not quiet:
-            click.echo(f"[{time.perf_counter() - start:6.1f}s] {msg}", err=True)
+    def __init__(self) -> None:
+        super().__init__()
+        self.start = time.perf_counter()
 
-    return log
+    def format(self, record: logging.LogRecord) -> str:
+        return f"[{time.perf_counter() - self.start:6.1f}s] {record.getMessage()}"
+
+
+def configure_logging(quiet: bool) -> None:
+    """Progress of the ``edgeq`` loggers on stderr (one formatter); warnings only with ``--quiet``.
+
+    Library code only logs (``logging.getLogger(__name__)``); this, called by each command, is the
+    one place that decides where messages go.  Re-running it (several commands in one process, as
+    in the tests) replaces the handler, bound to the current ``sys.stderr``.
+    """
+    root = logging.getLogger("edgeq")
+    for h in [h for h in root.handlers if getattr(h, "_edgeq_cli", False)]:
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_ElapsedFormatter())
+    handler._edgeq_cli = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    root.propagate = False

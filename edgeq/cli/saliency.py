@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import click
 
-from edgeq.cli.options import calib_options
+from edgeq.cli.options import calib_options, configure_logging
 from edgeq.errors import UsageError
 
 DEFAULT_KS = "1,16,64,256,1024,4096"
@@ -76,10 +75,9 @@ def saliency_cmd(model_dir, methods, k_list, calib, calib_samples, data_dir, see
         import torch
 
         torch.set_num_threads(threads)
-    start = time.perf_counter()
-    log = (lambda s: None) if quiet else (lambda s: click.echo(f"[{time.perf_counter() - start:6.1f}s] {s}", err=True))
+    configure_logging(quiet)
     report = analyze(model_dir, names, ks, calib, calib_samples, seed, data_dir, rank, percdamp, tuple(exclude),
-                     allow_pickle, progress=not quiet, log=log)
+                     allow_pickle, progress=not quiet)
     paths = write_outputs(report, out_dir)
     if quiet:
         return

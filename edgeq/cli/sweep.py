@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import click
 
-from edgeq.cli.options import BLOCK_CHOICES
+from edgeq.cli.options import BLOCK_CHOICES, configure_logging
 from edgeq.errors import UsageError
 
 
@@ -61,9 +60,9 @@ def sweep_cmd(model_dir, task, methods, k_list, block_size, out, rank, seed, exc
       edgeq sweep ../shared/models/minilm-l6-rte --task RTE --methods svd,magnitude,random \\
           --block-size 32 --threads 1 --out results/rte-b32
     """
+    from edgeq.evaluation.tasks import get_task
     from edgeq.research.sweep import SweepSettings, run_sweep
     from edgeq.research.table import write_outputs
-    from edgeq.evaluation.tasks import get_task
 
     spec = get_task(task)
     method_list = list(dict.fromkeys(m.strip() for m in methods.split(",") if m.strip()))
@@ -77,13 +76,8 @@ def sweep_cmd(model_dir, task, methods, k_list, block_size, out, rank, seed, exc
         exclude_salient_from_scale=exclude_salient_from_scale, limit=limit, max_length=max_length,
         calib=calib, calib_samples=calib_samples, percdamp=percdamp,
     )
-    start = time.perf_counter()
-
-    def log(msg: str) -> None:
-        if not quiet:
-            click.echo(f"[{time.perf_counter() - start:7.1f}s] {msg}", err=True)
-
-    run = run_sweep(settings, method_list, ks, out, data_dir, threads, quiet, log)
+    configure_logging(quiet)
+    run = run_sweep(settings, method_list, ks, out, data_dir, threads, quiet)
     title = f"{spec.name} dev, {Path(model_dir).resolve().name}, block {settings.block_size}"
     meta = {"command": "edgeq " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "settings": settings.key(),
             "calib": settings.calib_key(), "methods": method_list, "k": ks}

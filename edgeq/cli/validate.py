@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
 import click
 
-from edgeq.cli.options import progress_log, threshold_options, thresholds
+from edgeq.cli.options import configure_logging, threshold_options, thresholds
 from edgeq.errors import UsageError
 
 
@@ -42,7 +43,9 @@ def validate(model_dir, model_onnx, allow_pickle, json_out, quiet, data, limit, 
         raise UsageError(f"{model_onnx} is a model directory; the second argument is the .onnx file")
     if not model_onnx.is_file():
         raise UsageError(f"{model_onnx} does not exist; pass the .onnx file written by edgeq convert")
-    progress_log(quiet)(f"checking {model_onnx} against {model_dir} (loads the model, runs PyTorch and ONNX Runtime) ...")
+    configure_logging(quiet)
+    logging.getLogger("edgeq.cli").info(
+        f"checking {model_onnx} against {model_dir} (loads the model, runs PyTorch and ONNX Runtime) ...")
     report = validate_file(model_dir, model_onnx, data, limit,
                            thresholds(max_plan_diff, min_agreement, max_abs_diff), threads, allow_pickle)
     if json_out:

@@ -25,9 +25,10 @@ the configured ``--method``, on the original weight and the one-pass FP32 statis
 from __future__ import annotations
 
 import copy
+import logging
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +39,8 @@ from edgeq.quant.registry import LayerContext, get_quantizer, hyperparameters
 
 HOLDOUT_FRACTION = 0.25
 HEAD_ROWS_CAP = 8192  # rows kept per head Linear for layer-wise LSI
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,7 +91,6 @@ def quantize_sequential(
     config: ConvertConfig,
     texts: list,
     sel_stats: Mapping[str, object] | None = None,
-    log: Callable[[str], None] = lambda s: None,
     progress: bool = False,
     batch_size: int = 16,
 ) -> SequentialResult:
@@ -113,7 +115,7 @@ def quantize_sequential(
     groups.append(("heads", [n for n in targets if n not in in_blocks]))
     runner = _run_layerwise if q.kind == "layer" else _run_lsi
     with torch.inference_mode(False):
-        plans, info, timings = runner(work, weights, config, groups, fit, ho, sel_stats or {}, log, progress)
+        plans, info, timings = runner(work, weights, config, groups, fit, ho, sel_stats or {}, progress)
     ordered = {n: plans[n] for n in targets}
     return SequentialResult(QuantPlan(layers=ordered, excluded=excluded), {n: info[n] for n in targets},
                             {k: round(v, 3) for k, v in timings.items()}, split)
@@ -176,7 +178,7 @@ def _block_stats(block, names, prefix, xs, args, masks):
     return stats
 
 
-def _run_layerwise(work, weights, config, groups, fit, ho, sel_stats, log, progress):
+def _run_layerwise(work, weights, config, groups, fit, ho, sel_stats, progress):
     import torch
 
     from edgeq.model.calib import collect_input_stats
@@ -230,7 +232,7 @@ def _run_layerwise(work, weights, config, groups, fit, ho, sel_stats, log, progr
         t["quantize"] += t2 - t1
         t["propagate"] += t3 - t2
         t[f"block:{prefix}"] = t3 - t0
-        log(f"{config.quantizer} {prefix}: {len(names)} Linears in {t3 - t0:.1f} s")
+        logger.info(f"{config.quantizer} {prefix}: {len(names)} Linears in {t3 - t0:.1f} s")
         bar.update(1)
     bar.close()
     return plans, info, t
@@ -325,7 +327,7 @@ def _sig(p):
     return torch.sigmoid(p.detach()).numpy()
 
 
-def _run_lsi(work, weights, config, groups, fit, ho, sel_stats, log, progress):
+def _run_lsi(work, weights, config, groups, fit, ho, sel_stats, progress):
     import torch
 
     from edgeq.model.calib import masked_rows
@@ -366,7 +368,7 @@ def _run_lsi(work, weights, config, groups, fit, ho, sel_stats, log, progress):
         t["train"] += t1 - t0
         t["propagate"] += t2 - t1
         t[f"block:{prefix}"] = t2 - t0
-        log(f"lsi {prefix}: held-out block MSE {res.held_out_init:.4g} -> {res.held_out_best:.4g} "
+        logger.info(f"lsi {prefix}: held-out block MSE {res.held_out_init:.4g} -> {res.held_out_best:.4g} "
             f"(epoch {res.best_epoch}, {res.steps} steps) in {t2 - t0:.1f} s")
         bar.update(1)
     heads = groups[-1][1]
@@ -389,7 +391,7 @@ def _run_lsi(work, weights, config, groups, fit, ho, sel_stats, log, progress):
             _finish([name], wr, weights, config, sel_stats, res, work, plans, info)
         t["train"] += time.perf_counter() - t0
         t["block:heads"] = time.perf_counter() - t0
-        log(f"lsi heads: {len(heads)} Linears in {time.perf_counter() - t0:.1f} s")
+        logger.info(f"lsi heads: {len(heads)} Linears in {time.perf_counter() - t0:.1f} s")
     bar.update(1)
     bar.close()
     return plans, info, t
@@ -426,15 +428,14 @@ def _head_inputs(model, names, batches, masked_rows):
     return out
 
 
-def run_quantizer(loaded, weights, config: ConvertConfig, calibration=None,
-                  log: Callable[[str], None] = lambda s: None, progress: bool = False):
+def run_quantizer(loaded, weights, config: ConvertConfig, calibration=None, progress: bool = False):
     """``edgeq convert``'s entry point: (QuantPlan, the report's "quantizer" section)."""
     from edgeq.model.calib import load_calibration_texts
 
     t0 = time.perf_counter()
     ct = load_calibration_texts(config.calib, config.calib_samples, config.seed, config.data_dir)
     res = quantize_sequential(loaded, weights, config, ct.texts, calibration.stats if calibration else None,
-                              log, progress)
+                              progress)
     res.timings_s["total"] = round(time.perf_counter() - t0, 3)
     src = {"source": ct.source, "samples": len(ct.texts), "available": ct.available, "seed": ct.seed}
     return res.plan, res.report(config, src)

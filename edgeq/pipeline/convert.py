@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +18,8 @@ from edgeq.pipeline.parity import Check, ParityReport
 EXPORT_TOLERANCE = 1e-4  # FP32 ONNX vs PyTorch, max|Δ| (relative to max(1, max|ref|))
 PLAN_TOLERANCE = 1e-4  # quantized ONNX vs same-quantization PyTorch, max|Δ| / max|ref|
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Thresholds:
@@ -28,15 +30,16 @@ class Thresholds:
 
 @dataclass
 class Timer:
-    log: Callable[[str], None] = lambda s: None
+    """Runs named stages, logs their start and duration, and keeps the durations for the report."""
+
     stages: dict[str, float] = field(default_factory=dict)
 
     def run(self, name: str, fn, *args, **kwargs):
-        self.log(f"{name} ...")
+        logger.info(f"{name} ...")
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
         self.stages[name] = round(time.perf_counter() - t0, 3)
-        self.log(f"{name}: {self.stages[name]:.1f} s")
+        logger.info(f"{name}: {self.stages[name]:.1f} s")
         return out
 
 
@@ -82,7 +85,6 @@ def convert(
     limit: int | None = None,
     thresholds: Thresholds = Thresholds(),
     threads: int | None = None,
-    log: Callable[[str], None] = lambda s: None,
     progress: bool = False,
     ort_format: bool = False,
 ) -> dict:
@@ -103,7 +105,7 @@ def convert(
     from edgeq.saliency import get_method
 
     t_start = time.perf_counter()
-    timer = Timer(log)
+    timer = Timer()
     loaded = timer.run("load", load_model, model_dir, config.allow_pickle)
     huge = next(((n, p.numel() * 4) for n, p in loaded.model.named_parameters() if p.numel() * 4 >= 2**31), None)
     if huge:  # protobuf cannot copy one message of 2 GB or more, which the ONNX rewrite needs
@@ -136,7 +138,7 @@ def convert(
     else:  # calibrated quantizers: sequential, block by block (edgeq.model.sequential)
         from edgeq.model.sequential import run_quantizer
 
-        plan, quantizer_report = timer.run("quantize", run_quantizer, loaded, weights, config, calibration, log,
+        plan, quantizer_report = timer.run("quantize", run_quantizer, loaded, weights, config, calibration,
                                            progress)
     if not plan.layers:
         raise UsageError(f"no Linear left to quantize (--exclude keeps all {len(weights)} in FP32); loosen --exclude")
@@ -207,7 +209,7 @@ def convert(
             "timings_s": {**timer.stages, "total": round(time.perf_counter() - t_start, 3)},
         }
         if not parity.ok:
-            log("validation:\n" + parity.table())
+            logger.info("validation:\n" + parity.table())
             failed = "; ".join(f"{c.name} = {c.value:.4g}, limit {c.limit:.4g}" for c in parity.failures())
             raise ValidationFailed(f"validation failed, no output written ({failed}); relax the threshold or raise --k")
         if layout.folder is not None or ort_format:

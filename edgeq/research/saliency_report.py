@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from edgeq import __version__
@@ -22,6 +23,8 @@ LAYERS_CSV = "overlap_layers.csv"
 CONCENTRATION_CSV = "concentration.csv"
 REPORT_JSON = "saliency.json"
 PLOT_PNG = "iou.png"
+
+logger = logging.getLogger(__name__)
 
 
 def check_methods(methods: Sequence[str], calib: str | None) -> None:
@@ -40,7 +43,7 @@ def check_methods(methods: Sequence[str], calib: str | None) -> None:
 def analyze(model_dir: Path, methods: Sequence[str], ks: Sequence[int], calib: str | None = None,
             calib_samples: int = 128, seed: int = 0, data_dir: Path | None = None, rank: int = 8,
             percdamp: float = 0.01, exclude: Sequence[str] = (), allow_pickle: bool = False,
-            progress: bool = False, log: Callable[[str], None] = lambda s: None) -> dict:
+            progress: bool = False) -> dict:
     """The full report (JSON-ready): per-layer pairs, summary, concentration, timings."""
     import torch
 
@@ -57,7 +60,7 @@ def analyze(model_dir: Path, methods: Sequence[str], ks: Sequence[int], calib: s
     if calib and any(get_method(m).needs_calibration for m in methods):
         from edgeq.model.calib import calibrate
 
-        log("calibrating ...")
+        logger.info("calibrating ...")
         calibration = calibrate(loaded, calib, calib_samples, seed, data_dir, progress=progress)
         timings["calibrate"] = round(calibration.seconds, 3)
     weights = {n: w for n, w in loaded.linear_weights().items() if not any(re.search(p, n) for p in exclude)}

@@ -16,9 +16,10 @@ were made with other settings.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from edgeq.evaluation import metrics
 
 FP32, INT4 = "fp32", "int4-k0"
 CALIB_FIELDS = ("calib", "calib_samples", "percdamp")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,7 @@ class SweepRun:
 class _Context:
     """Everything loaded once when at least one cell has to be computed."""
 
-    def __init__(self, settings: SweepSettings, data_dir, threads: int, quiet: bool, log):
+    def __init__(self, settings: SweepSettings, data_dir, threads: int, quiet: bool):
         import onnx  # noqa: F401
         import torch
 
@@ -136,7 +139,7 @@ class _Context:
 
         if threads:
             torch.set_num_threads(threads)
-        self.settings, self.data_dir, self.threads, self.quiet, self.log = settings, data_dir, threads, quiet, log
+        self.settings, self.data_dir, self.threads, self.quiet = settings, data_dir, threads, quiet
         self.task = get_task(settings.task)
         self.examples = read_examples(self.task, dev_file(self.task, data_dir), settings.limit)
         self.loaded = load_model(Path(settings.model_dir))
@@ -149,7 +152,7 @@ class _Context:
         t0 = time.perf_counter()
         self.fp32 = export_fp32(self.loaded)
         self.loaded.model.eval()  # torch.onnx.export leaves the wrapped model in training mode (dropout on)
-        log(f"loaded and exported FP32 in {time.perf_counter() - t0:.1f} s")
+        logger.info(f"loaded and exported FP32 in {time.perf_counter() - t0:.1f} s")
         self._calibration = None
         self._int4_error: dict[str, float] = {}
 
@@ -173,7 +176,7 @@ class _Context:
                 raise UsageError("the awq/spqr methods need calibration data; pass --calib TASK_OR_FILE (e.g. --calib rte)")
             self._calibration = calibrate(self.loaded, s.calib, s.calib_samples, s.seed, self.data_dir,
                                           progress=not self.quiet)
-            self.log(f"calibration: {self._calibration.info()}")
+            logger.info(f"calibration: {self._calibration.info()}")
         return self._calibration
 
     def orders(self, method: str, k_max: int) -> dict[str, np.ndarray]:
@@ -234,7 +237,7 @@ class _Context:
 
 def run_sweep(settings: SweepSettings, methods: Sequence[str], ks: Sequence[int], out: Path,
               data_dir: Path | None = None, threads: int = 1, quiet: bool = False,
-              log: Callable[[str], None] = lambda s: None) -> SweepRun:
+) -> SweepRun:
     """Compute every missing cell of ``methods × ks`` (plus FP32 and int4) into ``out/cells``."""
     from edgeq.evaluation.tasks import get_task
     from edgeq.saliency import get_method
@@ -260,7 +263,7 @@ def run_sweep(settings: SweepSettings, methods: Sequence[str], ks: Sequence[int]
     if not missing:
         return SweepRun({c: cells[c] for c in wanted}, computed, reused)
 
-    ctx = _Context(settings, data_dir, threads, quiet, log)
+    ctx = _Context(settings, data_dir, threads, quiet)
     base = {"settings": settings.key(), "engine": "onnxruntime", "threads": threads}
 
     def store(cell: dict) -> None:
@@ -268,7 +271,7 @@ def run_sweep(settings: SweepSettings, methods: Sequence[str], ks: Sequence[int]
         cells[cell["cell"]] = cell
         computed.append(cell["cell"])
         acc = cell["metrics"].get("accuracy")
-        log(f"{cell['cell']:<16} " + (f"accuracy {100 * acc:6.2f} ({cell['correct']}/{cell['examples']})" if acc is not None else
+        logger.info(f"{cell['cell']:<16} " + (f"accuracy {100 * acc:6.2f} ({cell['correct']}/{cell['examples']})" if acc is not None else
                                       str(cell["metrics"])) + (f", agreement {100 * cell['agreement']:.2f}" if "agreement" in cell else ""))
 
     if FP32 not in cells:
@@ -288,7 +291,7 @@ def run_sweep(settings: SweepSettings, methods: Sequence[str], ks: Sequence[int]
         t0 = time.perf_counter()
         orders = ctx.orders(m, max(todo))
         score_s = round(time.perf_counter() - t0, 3)
-        log(f"{m}: scored {len(orders)} Linears in {score_s:.1f} s")
+        logger.info(f"{m}: scored {len(orders)} Linears in {score_s:.1f} s")
         calib = {"calib": settings.calib_key(), "calibration": ctx.calibration().info()} \
             if get_method(m).needs_calibration else {}
         for k in todo:

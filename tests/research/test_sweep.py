@@ -31,7 +31,7 @@ def test_selection_reused_across_k_equals_build_plan(tiny):
     from edgeq.quant.plan import build_plan
 
     root, model = tiny
-    ctx = _Context(SweepSettings(str(model), "RTE", block_size="16"), root / "glue", 1, True, lambda s: None)
+    ctx = _Context(SweepSettings(str(model), "RTE", block_size="16"), root / "glue", 1, True)
     assert not ctx.loaded.model.training  # the export must not leave dropout on for PyTorch eval/calibration
     for method in ("svd", "magnitude", "random"):
         orders = ctx.orders(method, 200)
@@ -47,8 +47,7 @@ def test_sweep_resumes_without_recomputing(tiny, tmp_path):
     settings = SweepSettings(str(model), "RTE", block_size="16")
     out = tmp_path / "sweep"
     methods, ks = ["svd", "random"], [0, 1, 64]
-    logs: list[str] = []
-    first = run_sweep(settings, methods, ks, out, root / "glue", 1, True, logs.append)
+    first = run_sweep(settings, methods, ks, out, root / "glue", 1, True)
     assert sorted(first.computed) == sorted([FP32, INT4, "svd-k1", "svd-k64", "random-k1", "random-k64"])
     cells = first.cells
     fp32 = cells[FP32]
@@ -68,13 +67,13 @@ def test_sweep_resumes_without_recomputing(tiny, tmp_path):
     assert cells["svd-k64"]["recon_error_total"] < cells[INT4]["recon_error_total"]
 
     mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
-    second = run_sweep(settings, methods, ks, out, root / "glue", 1, True, logs.append)
+    second = run_sweep(settings, methods, ks, out, root / "glue", 1, True)
     assert second.computed == [] and sorted(second.reused) == sorted(first.computed)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()} == mtimes
 
     # an interrupted sweep: a lost cell is recomputed, and only that one
     os.remove(out / "cells" / "random-k64.json")
-    third = run_sweep(settings, methods, ks + [16], out, root / "glue", 1, True, logs.append)
+    third = run_sweep(settings, methods, ks + [16], out, root / "glue", 1, True)
     assert sorted(third.computed) == ["random-k16", "random-k64", "svd-k16"]
     assert third.cells["random-k64"]["predictions"] == cells["random-k64"]["predictions"]
 
