@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from edgeq.quant.int4 import GRIDS, Granularity
+from edgeq.quant.int4 import BITS, COMPACT_BITS, GRIDS, Granularity
 from edgeq.saliency import SALIENCY_METHODS
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -21,11 +21,13 @@ class ConvertConfig:
     exclude_salient_from_scale: bool = False
     exclude: tuple[str, ...] = ()  # regexes of Linear names kept FP32
     accuracy_level: int = 0  # MatMulNBits accuracy_level; 0 = FP32 activations, same numbers on every runtime
-    bits: int = 4  # MatMulNBits bits of every Linear: 4 (Q4-sym-7) or 8 (Q8-sym-127)
+    bits: int = 4  # bits per Linear weight: 4 (Q4-sym-7), 8 (Q8-sym-127), or 2/3 (stored compact, run at 4)
     grid: str = "sym7"  # 4-bit grid: sym7 (max/7, the paper's) or sym8 (ONNX Runtime's signed max/8; rtn only)
     bits8: tuple[str, ...] = ()  # regexes of Linear names quantized to 8 bits whatever --bits says
     correction: str = "auto"  # graph encoding of the FP32 correction (edgeq.onnx.corrections.CORRECTION_CHOICES)
     quantize_embeddings: bool = False  # word-embedding table as 4-bit GatherBlockQuantized
+    storage: str = "auto"  # plain (MatMulNBits inputs) or compact (b-bit planes + fp16 scales); auto: compact below 4 bits
+    kernel: str = "int4"  # int4 (every width runs the 4-bit kernel) or native (ONNX Runtime's own 2-bit kernel)
     opset: int = 17
     allow_pickle: bool = False
     external_data_threshold: int = 2_000_000_000  # bytes; larger models use external data
@@ -66,8 +68,9 @@ class ConvertConfig:
             raise ValueError(f"--accuracy-level must be one of {ACCURACY_LEVELS}, got {self.accuracy_level}")
         if self.opset < 17:
             raise ValueError("--opset must be at least 17 (ScatterElements with reduction, LayerNormalization)")
-        if self.bits not in (4, 8):
-            raise ValueError(f"--bits must be 4 or 8, got {self.bits!r}")
+        if self.bits not in BITS:
+            raise ValueError(f"--bits must be one of {', '.join(map(str, BITS))}, got {self.bits!r}")
+        self._check_storage()
         if self.grid not in GRIDS:
             raise ValueError(f"--grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
         if self.grid != "sym7" and self.quantizer != "rtn":
@@ -83,6 +86,36 @@ class ConvertConfig:
                     re.compile(pattern)
                 except re.error as e:
                     raise ValueError(f"{option} {pattern!r} is not a valid regular expression: {e}") from None
+
+    def _check_storage(self) -> None:
+        from edgeq.onnx.storage import KERNELS, STORAGES
+
+        if self.kernel not in KERNELS:
+            raise ValueError(f"unknown --kernel {self.kernel!r}; choose from {', '.join(KERNELS)}")
+        if self.storage == "auto":
+            compact = self.bits in COMPACT_BITS and self.kernel == "int4"
+            object.__setattr__(self, "storage", "compact" if compact else "plain")
+        if self.storage not in STORAGES:
+            raise ValueError(f"unknown --storage {self.storage!r}; choose from auto, {', '.join(STORAGES)}")
+        if self.kernel == "native" and self.bits != 2:
+            raise ValueError(f"--kernel native runs ONNX Runtime's own 2-bit MatMulNBits, so it needs --bits 2 "
+                             f"(there is no {self.bits}-bit native kernel here); use --kernel int4")
+        if self.kernel == "native" and self.storage == "compact":
+            raise ValueError("--kernel native stores ONNX Runtime's own 2-bit layout; drop --storage compact")
+        if self.bits in COMPACT_BITS and self.kernel == "int4" and self.storage != "compact":
+            raise ValueError(f"--bits {self.bits} is stored compact and run by the 4-bit kernel; "
+                             "use --storage compact (or auto), or --kernel native for 2 bits")
+        if self.storage == "compact" and self.quantizer != "rtn":
+            raise ValueError(f"--storage compact (and --bits 2/3) is implemented for --quantizer rtn only; the "
+                             f"calibrated quantizers do not plan float16 scales yet (got --quantizer {self.quantizer})")
+        if self.storage == "compact" and self.bits == 8:
+            raise ValueError("--storage compact holds 2, 3 or 4 bits per weight; use --bits 2, 3 or 4 "
+                             "(--bits8 layers stay plain)")
+
+    @property
+    def fp16_scales(self) -> bool:
+        """Plans use float16 scales when the file stores them (compact storage)."""
+        return self.storage == "compact"
 
     def layer_bits(self, layer: str) -> int:
         """8 when ``--bits8`` matches ``layer``, else ``--bits``."""

@@ -20,7 +20,8 @@ import click
 
 from edgeq.config import ConvertConfig
 from edgeq.onnx.corrections import CORRECTION_CHOICES
-from edgeq.quant.int4 import BLOCK_SIZES, GRIDS
+from edgeq.onnx.storage import KERNELS, STORAGES
+from edgeq.quant.int4 import BITS, BLOCK_SIZES, GRIDS
 from edgeq.quant.registry import QUANTIZERS, SARQC_SALIENCY
 
 BLOCK_CHOICES = [str(b) for b in BLOCK_SIZES] + ["per-channel", "per-tensor"]
@@ -82,13 +83,21 @@ def quantizer_kwargs(params: dict) -> dict:
     return {k: params[k] for k in QUANTIZER_OPTION_NAMES if k in params}
 
 
-PERF_OPTION_NAMES = ("bits", "bits8", "grid", "correction", "quantize_embeddings")
+PERF_OPTION_NAMES = ("bits", "bits8", "grid", "correction", "quantize_embeddings", "storage", "kernel")
 
 
 def perf_options(fn):
     opts = [
-        click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True,
-                     help="MatMulNBits bits of every Linear (8 is fast only with --accuracy-level 4)."),
+        click.option("--bits", type=click.Choice([str(b) for b in BITS]), default="4", show_default=True,
+                     help="Bits per Linear weight. 4 (Q4-sym-7) and 8 (fast only with --accuracy-level 4) are "
+                          "MatMulNBits' own; 2 and 3 are stored compact and run by the 4-bit kernel."),
+        click.option("--storage", type=click.Choice(["auto", *STORAGES]), default="auto", show_default=True,
+                     help="How codes and scales sit in the file: plain (MatMulNBits inputs, float32 scales) or "
+                          "compact (b bits per weight and float16 scales, unpacked by ops ONNX Runtime folds at "
+                          "load). auto: compact for 2 and 3 bits. --bits8 layers stay plain."),
+        click.option("--kernel", type=click.Choice(KERNELS), default="int4", show_default=True,
+                     help="int4: every width runs the 4-bit MatMulNBits kernel; native: ONNX Runtime's own "
+                          "2-bit kernel (--bits 2 only; slow on x86, for comparison)."),
         click.option("--bits8", multiple=True, metavar="REGEX",
                      help="Quantize Linears whose name matches REGEX to 8 bits (repeatable)."),
         click.option("--grid", type=click.Choice(GRIDS), default="sym7", show_default=True,

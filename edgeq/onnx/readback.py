@@ -4,7 +4,8 @@ For each rewritten Linear (listed in the ``edgeq.layers`` metadata)::
 
     Ŵ[i, j] = (code_ij − 2^(bits−1)) · s_{i, ⌊j / block⌋}  +  Σ_t [i = i_t, j = j_t] v_t
 
-with the codes unpacked from the MatMulNBits ``B`` input, the scales repeated over each block, and
+with the codes and scales decoded from however they are stored (``edgeq.onnx.storage``: plain
+MatMulNBits inputs, compact bit planes + float16 scales, or the native 2-bit layout), and
 the FP32 entries (i_t, j_t, v_t) decoded by whichever correction encoding the layer uses
 (:func:`edgeq.onnx.corrections.decode_correction`).  4-bit embedding tables are decoded by
 :func:`edgeq.onnx.embeddings.read_embeddings`.  The decode knows nothing of the plan that wrote the
@@ -17,16 +18,12 @@ import json
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from edgeq.onnx.corrections import decode_correction
 from edgeq.onnx.embeddings import read_embeddings
 from edgeq.onnx.rewrite import LAYERS_KEY
-from edgeq.quant.pack import unpack_codes
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+from edgeq.onnx.storage import decode_weight
 
 
 def read_back(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -45,10 +42,7 @@ def read_back(model: onnx.ModelProto) -> dict[str, np.ndarray]:
         node = nodes.get(f"/{layer}/MatMulNBits")
         if node is None:
             raise ValueError(f"the edgeq.layers metadata names {layer}, but the graph has no /{layer}/MatMulNBits")
-        k_in, bs, bits = _attr(node, "K", 0), _attr(node, "block_size", 0), _attr(node, "bits", 4)
-        codes = unpack_codes(arr(node.input[1]), k_in, bits).astype(np.float32)
-        scales = np.repeat(arr(node.input[2]).reshape(codes.shape[0], -1), bs, axis=1)[:, :k_in]
-        w = (codes - float(2 ** (bits - 1))) * scales
+        w = decode_weight(layer, node, inits, arr)  # plain, compact or native storage (edgeq.onnx.storage)
         entries = decode_correction(layer, inits, arr)
         if entries is not None:
             rows, cols, vals = entries

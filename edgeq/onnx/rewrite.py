@@ -39,8 +39,8 @@ from edgeq.onnx.corrections import (
     FALLBACK_CORRECTION,
     choose_correction,
 )
+from edgeq.onnx.storage import weight_inputs
 from edgeq.quant.int4 import QuantizedLinear
-from edgeq.quant.pack import pack_codes
 
 MS_DOMAIN = "com.microsoft"
 LAYERS_KEY = "edgeq.layers"
@@ -169,6 +169,8 @@ def rewrite_linears(
     accuracy_level: int = 0,
     correction: str = DEFAULT_CORRECTION,
     fold_bias: bool = True,
+    storage: str = "plain",
+    kernel: str = "int4",
 ) -> RewriteResult:
     """Rewrite, in place, every Linear of ``layers`` (name → its quantization) in ``model``; raise if one cannot be mapped."""
     if correction not in CORRECTION_CHOICES:
@@ -207,7 +209,8 @@ def rewrite_linears(
             add, bias_name = bias_adds[id(node)]
             y = add.output[0]
         y_q = f"/{layer}/MatMulNBits_output" if q.k else y
-        inputs = [x, f"{layer}.qweight", f"{layer}.scales"]
+        b_name, s_name, bits, unpack_nodes, weight_inits = weight_inputs(layer, q, storage, kernel)
+        inputs = [x, b_name, s_name]
         bias_add = None
         if bias_name:  # MatMulNBits' own bias input when it is a private vector, else an Add
             c = inits.get(bias_name)
@@ -218,16 +221,14 @@ def rewrite_linears(
             else:
                 y_mm = f"/{layer}/MatMulNBits_nobias"
                 bias_add = helper.make_node("Add", [y_mm, bias_name], [y_q], name=f"/{layer}/BiasAdd")
+        new_nodes += unpack_nodes  # compact storage: constant subgraph folded at load (edgeq.onnx.storage)
         new_nodes.append(helper.make_node(
             "MatMulNBits", inputs, [y_mm if bias_add else y_q], name=f"/{layer}/MatMulNBits",
-            domain=MS_DOMAIN, K=k_in, N=n_out, bits=q.bits, block_size=q.block_size, accuracy_level=accuracy_level,
+            domain=MS_DOMAIN, K=k_in, N=n_out, bits=bits, block_size=q.block_size, accuracy_level=accuracy_level,
         ))
         if bias_add is not None:
             new_nodes.append(bias_add)
-        new_inits += [
-            _tensor(pack_codes(q.codes, q.block_size, q.bits), f"{layer}.qweight"),
-            _tensor(q.scales.astype(np.float32), f"{layer}.scales"),
-        ]
+        new_inits += weight_inits
         used = None
         if q.k:
             used, reason = choose_correction(q, correction)
@@ -237,7 +238,7 @@ def rewrite_linears(
             new_nodes += nodes
             new_inits += tensors
         drop_inits.add(match.weight)
-        result.layers[layer] = {"node": node.name, "k": q.k, "bits": q.bits, "correction": used}
+        result.layers[layer] = {"node": node.name, "k": q.k, "bits": q.stored_bits, "correction": used}
         result.count += 1
 
     del graph.node[:]

@@ -144,7 +144,7 @@ def convert(
         raise UsageError(f"no Linear left to quantize (--exclude keeps all {len(weights)} in FP32); loosen --exclude")
     try:
         result = timer.run("rewrite", rewrite_linears, model, plan.quants, weights, config.accuracy_level,
-                           correction=config.correction)
+                           correction=config.correction, storage=config.storage, kernel=config.kernel)
     except ValueError as e:
         raise EdgeqError(f"{e}; exclude them with --exclude REGEX or report this model") from None
     if result.count != len(plan.layers):

@@ -1,4 +1,4 @@
-"""Symmetric int4 (Q4-sym-7) weight quantization with k exact FP32 entries.
+"""Symmetric low-bit (Q4-sym-7; 2/3/8-bit variants) weight quantization with k exact FP32 entries.
 
 For a Linear weight ``W`` of shape ``[N, K]`` (``nn.Linear.weight``: N = out_features,
 K = in_features) and a scale group ``G`` (a block of ``block_size`` consecutive inputs of
@@ -32,6 +32,19 @@ entry of the opposite sign and |W| > 7.5·|s| is clipped to q = 7.  Codes and sc
 [1, 255] (``q + 128``), salient entries = 128; MatMulNBits ``bits=8`` stores one code per byte.
 The 4-bit path is unchanged by this option.
 
+2 and 3 bits (``bits=2|3``, b bits of storage, run by the 4-bit kernel): the signed-max grid with
+``2^b`` levels, then carried exactly by 4-bit codes at a ``2^(4−b)`` times finer scale::
+
+    s_G = −m_G / 2^(b−1),   q_ij = clamp(rint(W_ij / s_G), −2^(b−1), 2^(b−1) − 1)
+    code_ij = q_ij · 2^(4−b) + 8,   s4_G = s_G / 2^(4−b)            # (code − 8) · s4 = q · s_G
+
+so the returned codes/scales are ordinary 4-bit MatMulNBits data (``bits=4``) with
+``storage_bits=b``: every code is ``u · 2^(4−b)`` for a b-bit ``u = q + 2^(b−1)``, which is what a
+compact file stores (``edgeq.quant.pack.pack_planes``).  Both divisions by powers of two are exact.
+
+``fp16_scales=True`` rounds each scale to float16 *before* the codes are computed, so the plan
+holds exactly the scales a file storing float16 scales will use (and the codes that go with them).
+
 Every granularity is represented exactly by MatMulNBits, whose scales are per (row, block of
 ``export_block`` inputs): a per-row or per-tensor scale is repeated in every block of the row.
 Pure numpy; no I/O.
@@ -46,7 +59,8 @@ import numpy as np
 QMAX = 7
 ZERO_POINT = 8
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits CPU fast path (MLAS)
-BITS = (4, 8)
+BITS = (2, 3, 4, 8)
+COMPACT_BITS = (2, 3)  # stored in b bits, computed by the 4-bit kernel (codes u·2^(4−b))
 GRIDS = ("sym7", "sym8")  # 4-bit grids: Q4-sym-7 (default, the paper's) and ONNX Runtime's signed /8
 
 
@@ -105,7 +119,14 @@ class QuantizedLinear:
     block_size: int  # MatMulNBits block_size
     salient_index: np.ndarray  # int64 [k], sorted flat indices i*K + j
     salient_values: np.ndarray  # float32 [k], W at those indices (exact)
-    bits: int = 4  # 4 (Q4-sym-7) or 8 (Q8-sym-127)
+    bits: int = 4  # MatMulNBits bits of these codes: 4 or 8
+    storage_bits: int | None = None  # b when the codes lie on a b-bit grid (2, 3), else None (= bits)
+    fp16_scales: bool = False  # scales are float16 values (exactly representable)
+
+    @property
+    def stored_bits(self) -> int:
+        """Bits per weight a compact file needs for these codes."""
+        return self.storage_bits or self.bits
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -157,13 +178,18 @@ def quantize_rtn(
     exclude_salient_from_scale: bool = False,
     bits: int = 4,
     grid: str = "sym7",
+    fp16_scales: bool = False,
 ) -> QuantizedLinear:
-    """Round-to-nearest Q4-sym-7 (Q8-sym-127 with ``bits=8``; ``grid="sym8"``: ORT's signed /8 grid)
-    of ``weight [N, K]`` keeping ``salient_index`` exact."""
+    """Round-to-nearest Q4-sym-7 (Q8-sym-127 with ``bits=8``; ``grid="sym8"``: ORT's signed /8 grid;
+    ``bits=2|3``: the signed-max b-bit grid carried by 4-bit codes) of ``weight [N, K]`` keeping
+    ``salient_index`` exact."""
     if bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}, got {bits}")
     if grid not in GRIDS or (grid == "sym8" and bits != 4):
         raise ValueError(f"grid must be one of {GRIDS} (sym8 only at 4 bits), got {grid!r} at {bits} bits")
+    storage = bits if bits in COMPACT_BITS else None
+    if storage:  # the b-bit signed-max grid, then the same codes at 4 bits (module docstring)
+        bits, grid = 4, "sym8"
     qm, zp = qmax(bits), zero_point(bits)
     w = np.ascontiguousarray(weight, dtype=np.float32)
     if w.ndim != 2:
@@ -180,19 +206,24 @@ def quantize_rtn(
     if exclude_salient_from_scale:
         absw = np.where(mask, np.float32(0), absw)
     b = granularity.export_block(k_in)
+    step = 2 ** (4 - storage) if storage else 1  # 4-bit levels per b-bit level
     if grid == "sym8":
         signed = np.where(mask, np.float32(0), w) if exclude_salient_from_scale else w
-        scales = (_group_signed_max(signed, granularity) / np.float32(-8)).astype(np.float32)
-        q_lo = -zp
+        levels = 2 ** (storage - 1) if storage else 8
+        scales = (_group_signed_max(signed, granularity) / np.float32(-levels)).astype(np.float32)
+        q_lo, q_hi = -levels, levels - 1
     else:
         scales = (_group_amax(absw, granularity) / np.float32(qm)).astype(np.float32)
-        q_lo = -qm
+        q_lo, q_hi = -qm, qm
+    if fp16_scales:
+        scales = scales.astype(np.float16).astype(np.float32)
 
     s_full = np.repeat(scales, b, axis=1)[:, :k_in]
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.where(s_full != 0, np.rint(w / s_full), 0.0)
-    q = np.clip(q, q_lo, qm)
-    codes = (q + zp).astype(np.uint8)
+    q = np.clip(q, q_lo, q_hi)
+    codes = (q * step + zp).astype(np.uint8)
+    scales = (scales / np.float32(step)).astype(np.float32)
     codes[mask] = zp
     return QuantizedLinear(
         codes=codes,
@@ -201,4 +232,6 @@ def quantize_rtn(
         salient_index=idx,
         salient_values=w.reshape(-1)[idx].copy(),
         bits=bits,
+        storage_bits=storage,
+        fp16_scales=fp16_scales,
     )

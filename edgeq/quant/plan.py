@@ -78,11 +78,12 @@ def plan_layer(name: str, weight: np.ndarray, config: ConvertConfig, stats=None,
     if quantize is None:
         bits = config.layer_bits(name)
         quant = quantize_rtn(w, idx, config.granularity, config.exclude_salient_from_scale,
-                             bits=bits, grid=config.grid if bits == 4 else "sym7")
+                             bits=bits, grid=config.grid if bits == 4 else "sym7",
+                             fp16_scales=config.fp16_scales and bits != 8)
     else:
         quant = quantize(w, idx)
-    base = quantize_rtn(w, idx[:0], config.granularity, bits=quant.bits,
-                        grid=config.grid if quant.bits == 4 else "sym7")
+    base = quantize_rtn(w, idx[:0], config.granularity, bits=quant.stored_bits,
+                        grid=config.grid if quant.stored_bits == 4 else "sym7", fp16_scales=quant.fp16_scales)
     n, k_in = w.shape
     return LayerPlan(
         name=name,

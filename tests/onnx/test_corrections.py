@@ -256,7 +256,7 @@ def test_q8_codes_and_q4_unchanged():
     assert packed.shape == (6, 3, 32) and packed.reshape(6, -1)[:, 80:].tolist() == [[128] * 16] * 6
     np.testing.assert_array_equal(unpack_codes(packed, 80, 8), q8.codes)
     with pytest.raises(ValueError, match="bits"):
-        quantize_rtn(w, idx, Granularity("block", 32), bits=3)
+        quantize_rtn(w, idx, Granularity("block", 32), bits=5)
 
 
 def test_q8_snapped_weights_are_exact_and_match_ort_packing():

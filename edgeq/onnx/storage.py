@@ -1,0 +1,142 @@
+"""How a MatMulNBits' weight (``B``) and ``scales`` are stored in the file (``--storage``, ``--kernel``).
+
+* ``plain``: ``B`` = ``pack_codes(codes, block, bits)`` and float32 ``scales`` as initializers (the
+  layout ONNX Runtime documents; 4 or 8 bits).
+* ``compact``: b bits per weight (b = 2, 3, 4) and float16 scales.  The file holds the bit planes
+  ``P [b, N·K_pad/8]`` of ``u = code >> (4 − b)`` (``edgeq.quant.pack.pack_planes``) and
+  ``s16 = fp16(s · 2^(4−b))``; standard ops rebuild the 4-bit inputs::
+
+      bit[p, 8t+i] = ⌊P[p, t] / 2^i⌋ mod 2                         # Cast, Unsqueeze, Div, Mod
+      code[j]      = Σ_p bit[p, j] · 2^(p + 4 − b)                   # Reshape, Mul, ReduceSum
+      B[n, blk, t] = code[2t'] + 16 · code[2t' + 1]  (uint8)         # Reshape, Mul, ReduceSum, Cast
+      scales       = float32(s16) · 2^−(4−b)                          # Cast, Mul
+
+  Every input of that subgraph is a constant, so ONNX Runtime folds it into a plain initializer
+  when the session is created (tested: the optimized graph keeps only MatMulNBits) and runs the
+  4-bit kernel; the numbers are bit-identical to storing the 4-bit codes, since 2^(4−b) is exact.
+  Only opset-13 integer ops are used (BitShift/Bitwise* would need opset 18).
+* ``native``: ONNX Runtime's own ``bits=2`` kernel, ``B = pack_native2(codes)`` (four 2-bit codes a
+  byte, zero point 2) and float32 scales ``s · 4`` — for comparison; slow on x86 CPUs.
+
+:func:`decode_weight` reads the quantized part of Ŵ back from any of the three.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeq.quant.int4 import QuantizedLinear, zero_point
+from edgeq.quant.pack import (
+    pack_codes,
+    pack_native2,
+    pack_planes,
+    unpack_codes,
+    unpack_native2,
+    unpack_planes,
+)
+
+STORAGES = ("plain", "compact")
+KERNELS = ("int4", "native")  # native: ONNX Runtime's own 2-bit MatMulNBits (--bits 2 only)
+PLANES, SCALES16 = "qplanes", "scales16"  # initializer suffixes of a compact layer
+
+_tensor = numpy_helper.from_array
+
+
+def check_storage(q: QuantizedLinear, storage: str, kernel: str) -> str | None:
+    """Why ``q`` cannot be stored this way, or None."""
+    if kernel == "native":
+        if q.stored_bits != 2:
+            return f"ONNX Runtime's native MatMulNBits kernel is used here for 2 bits only, not {q.stored_bits}"
+        return None
+    if storage == "compact":
+        if q.bits != 4:
+            return f"compact storage holds 2-4 bits per weight; this layer has {q.bits}-bit codes"
+        if not q.fp16_scales:
+            return "compact storage needs a plan with float16 scales (fp16_scales)"
+        if q.block_size % 8:
+            return f"block size {q.block_size} is not a multiple of 8 (bit planes pack 8 weights a byte)"
+    elif q.stored_bits != q.bits:
+        return f"{q.stored_bits}-bit codes need compact storage or the native kernel"
+    return None
+
+
+def weight_inputs(layer: str, q: QuantizedLinear, storage: str, kernel: str = "int4"):
+    """(B name, scales name, MatMulNBits ``bits``, nodes, initializers) of ``layer``."""
+    if storage == "compact" and q.bits == 8:  # --bits8 layers: compact holds 2-4 bits, they stay plain
+        storage = "plain"
+    reason = check_storage(q, storage, kernel)
+    if reason:
+        raise ValueError(f"{layer}: {reason}")
+    if kernel == "native":
+        scales = (q.scales * np.float32(4)).astype(np.float32)
+        inits = [_tensor(pack_native2(q.codes, q.block_size), f"{layer}.qweight"), _tensor(scales, f"{layer}.scales")]
+        return f"{layer}.qweight", f"{layer}.scales", 2, [], inits
+    if storage == "plain":
+        inits = [_tensor(pack_codes(q.codes, q.block_size, q.bits), f"{layer}.qweight"),
+                 _tensor(q.scales.astype(np.float32), f"{layer}.scales")]
+        return f"{layer}.qweight", f"{layer}.scales", q.bits, [], inits
+    return _compact(layer, q)
+
+
+def _compact(layer: str, q: QuantizedLinear):
+    b = q.stored_bits
+    n, k_in = q.shape
+    n_blocks = q.scales.shape[1]
+    step = np.float32(2 ** (4 - b))
+    s16 = (q.scales * step).astype(np.float16)
+    if not np.array_equal(s16.astype(np.float32) / step, q.scales):
+        raise ValueError(f"{layer}: scales are not float16 values; plan with fp16_scales")
+    p, c = f"/{layer}/unpack", f"{layer}.unpack_"
+    const = {
+        f"{c}last": np.array([-1], np.int64), f"{c}pow2": (2 ** np.arange(8)).astype(np.int32),
+        f"{c}two": np.array(2, np.int32), f"{c}planes_shape": np.array([b, -1], np.int64),
+        f"{c}plane_weight": (2 ** (np.arange(b) + 4 - b)).astype(np.int32).reshape(b, 1),
+        f"{c}axis0": np.array([0], np.int64), f"{c}pairs_shape": np.array([-1, 2], np.int64),
+        f"{c}nibble_weight": np.array([1, 16], np.int32), f"{c}axis1": np.array([1], np.int64),
+        f"{c}B_shape": np.array([n, n_blocks, q.block_size // 2], np.int64),
+        f"{c}scale_step": np.array(1 / step, np.float32),
+    }
+    nodes = [
+        helper.make_node("Cast", [f"{layer}.{PLANES}"], [f"{p}/planes32"], name=f"{p}/CastPlanes", to=TensorProto.INT32),
+        helper.make_node("Unsqueeze", [f"{p}/planes32", f"{c}last"], [f"{p}/planes3d"], name=f"{p}/Unsqueeze"),
+        helper.make_node("Div", [f"{p}/planes3d", f"{c}pow2"], [f"{p}/shifted"], name=f"{p}/Shift"),
+        helper.make_node("Mod", [f"{p}/shifted", f"{c}two"], [f"{p}/bits"], name=f"{p}/Bit"),
+        helper.make_node("Reshape", [f"{p}/bits", f"{c}planes_shape"], [f"{p}/bit_planes"], name=f"{p}/Planes"),
+        helper.make_node("Mul", [f"{p}/bit_planes", f"{c}plane_weight"], [f"{p}/weighted"], name=f"{p}/PlaneWeight"),
+        helper.make_node("ReduceSum", [f"{p}/weighted", f"{c}axis0"], [f"{p}/codes"], name=f"{p}/Codes", keepdims=0),
+        helper.make_node("Reshape", [f"{p}/codes", f"{c}pairs_shape"], [f"{p}/pairs"], name=f"{p}/Pairs"),
+        helper.make_node("Mul", [f"{p}/pairs", f"{c}nibble_weight"], [f"{p}/nibbles"], name=f"{p}/Nibbles"),
+        helper.make_node("ReduceSum", [f"{p}/nibbles", f"{c}axis1"], [f"{p}/bytes32"], name=f"{p}/Bytes", keepdims=0),
+        helper.make_node("Cast", [f"{p}/bytes32"], [f"{p}/bytes"], name=f"{p}/CastBytes", to=TensorProto.UINT8),
+        helper.make_node("Reshape", [f"{p}/bytes", f"{c}B_shape"], [f"{p}/B"], name=f"{p}/B"),
+        helper.make_node("Cast", [f"{layer}.{SCALES16}"], [f"{p}/scales32"], name=f"{p}/CastScales",
+                         to=TensorProto.FLOAT),
+        helper.make_node("Mul", [f"{p}/scales32", f"{c}scale_step"], [f"{p}/scales"], name=f"{p}/Scales"),
+    ]
+    inits = [_tensor(pack_planes(q.codes, q.block_size, b), f"{layer}.{PLANES}"), _tensor(s16, f"{layer}.{SCALES16}")]
+    inits += [_tensor(v, k) for k, v in const.items()]
+    return f"{p}/B", f"{p}/scales", 4, nodes, inits
+
+
+def decode_weight(layer: str, node: onnx.NodeProto, names, arr: Callable[[str], np.ndarray]) -> np.ndarray:
+    """The quantized part ``(code − zero point) · scale`` ``[N, K]`` of ``layer``'s MatMulNBits ``node``.
+
+    ``names``: the graph's initializer names; ``arr(name)``: that initializer as a numpy array.
+    """
+    attr = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    k_in, n, bs, bits = attr["K"], attr["N"], attr["block_size"], attr.get("bits", 4)
+    if f"{layer}.{PLANES}" in names:  # compact: the same arithmetic as the unpack subgraph, in numpy
+        planes = arr(f"{layer}.{PLANES}")
+        codes = unpack_planes(planes, n, k_in, bs)
+        scales = arr(f"{layer}.{SCALES16}").astype(np.float32) / np.float32(2 ** (4 - planes.shape[0]))
+    elif bits == 2:
+        codes, scales = unpack_native2(arr(node.input[1]), k_in), arr(node.input[2]) / np.float32(4)
+        bits = 4
+    else:
+        codes, scales = unpack_codes(arr(node.input[1]), k_in, bits), arr(node.input[2])
+    scales = np.repeat(scales.reshape(n, -1), bs, axis=1)[:, :k_in]
+    return ((codes.astype(np.float32) - float(zero_point(bits))) * scales).astype(np.float32)
