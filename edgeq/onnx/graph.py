@@ -3,7 +3,8 @@
 * :func:`consumers`: value name → the nodes that read it (``None`` for a graph output), so
   "b has one consumer" is ``len(uses[b]) == 1`` and a value is private to the node that reads it.
 * :func:`unique_names`: node names that occur once; the rewrites key nodes by name and refuse
-  (with a reason) a candidate whose name is empty or shared.
+  (with a reason) a candidate whose name is empty or shared.  ONNX Runtime refuses a graph with
+  two nodes of one name ("two nodes with same node name"), and the exporter names every node.
 * :func:`set_meta` / :func:`metadata`: ``metadata_props`` by key; a new key is appended, so the
   keys stay in the order they were first set (the written bytes depend on that order).
 * :func:`ensure_opset`: add ``com.microsoft`` (version 1) to ``opset_import`` unless present.
