@@ -17,21 +17,18 @@ import json
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from edgeq.onnx.corrections import decode_correction
 from edgeq.onnx.embeddings import read_embeddings
+from edgeq.onnx.graph import attr, metadata
 from edgeq.onnx.rewrite import LAYERS_KEY
 from edgeq.quant.pack import unpack_codes
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
-
 def read_back(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Ŵ ``[N, K]`` of every rewritten Linear (and Ê of 4-bit embedding tables), decoded from the file."""
-    meta = {p.key: p.value for p in model.metadata_props}
+    meta = metadata(model)
     if LAYERS_KEY not in meta:
         raise ValueError("this ONNX file was not written by edgeq convert (no edgeq.layers metadata)")
     inits = {t.name: t for t in model.graph.initializer}
@@ -45,7 +42,7 @@ def read_back(model: onnx.ModelProto) -> dict[str, np.ndarray]:
         node = nodes.get(f"/{layer}/MatMulNBits")
         if node is None:
             raise ValueError(f"the edgeq.layers metadata names {layer}, but the graph has no /{layer}/MatMulNBits")
-        k_in, bs, bits = _attr(node, "K", 0), _attr(node, "block_size", 0), _attr(node, "bits", 4)
+        k_in, bs, bits = attr(node, "K", 0), attr(node, "block_size", 0), attr(node, "bits", 4)
         codes = unpack_codes(arr(node.input[1]), k_in, bits).astype(np.float32)
         scales = np.repeat(arr(node.input[2]).reshape(codes.shape[0], -1), bs, axis=1)[:, :k_in]
         w = (codes - float(2 ** (bits - 1))) * scales

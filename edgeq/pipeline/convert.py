@@ -89,11 +89,10 @@ def convert(
     ort_format: bool = False,
 ) -> dict:
     """Convert ``model_dir`` to ``out`` (atomically) and return the report (also written as JSON)."""
-    import onnx
-
     from edgeq.model.load import load_model
     from edgeq.model.texts import encode_batches, validation_texts
     from edgeq.onnx.export import export_fp32
+    from edgeq.onnx.graph import set_meta
     from edgeq.onnx.readback import read_back
     from edgeq.onnx.rewrite import exact_arithmetic_copy, rewrite_linears
     from edgeq.onnx.safe_load import save_onnx, weight_bytes
@@ -167,9 +166,8 @@ def convert(
     if bad:
         raise EdgeqError(f"the written graph does not encode the plan for {', '.join(bad[:3])}; please report this")
 
-    meta = {"edgeq.version": __version__, "edgeq.config": json.dumps(config.to_dict(), sort_keys=True)}
-    for key, value in meta.items():
-        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    set_meta(model, "edgeq.version", __version__)  # after edgeq.layers (and edgeq.embeddings): order is bytes
+    set_meta(model, "edgeq.config", json.dumps(config.to_dict(), sort_keys=True))
     model.producer_name, model.producer_version = "edgeq", __version__
 
     layout = Layout.for_output(out)  # one .onnx file, or a Hugging Face folder (edgeq.pipeline.deploy)
