@@ -73,12 +73,6 @@ def _split(texts: list) -> tuple[list, list]:
     return (texts[: len(texts) - n_ho], texts[len(texts) - n_ho:]) if n_ho else (texts, [])
 
 
-def _batches(loaded, texts, batch_size):
-    from edgeq.model.texts import encode_batches
-
-    return encode_batches(loaded, sorted(texts, key=lambda t: len(t[0]) + len(t[1] or "")), batch_size) if texts else []
-
-
 def _bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
@@ -97,11 +91,12 @@ def quantize_sequential(
     """Plan every Linear of ``weights`` (except ``--exclude``) with the calibrated ``config.quantizer``."""
     import torch
 
+    from edgeq.model.texts import encode_batches
     from edgeq.quant.plan import QuantPlan
 
     q = get_quantizer(config.quantizer)
     fit_texts, ho_texts = _split(list(texts))
-    fit, ho = _batches(loaded, fit_texts, batch_size), _batches(loaded, ho_texts, batch_size)
+    fit, ho = (encode_batches(loaded, t, batch_size, order="chars") for t in (fit_texts, ho_texts))
     count = lambda bs: int(sum(int(b["attention_mask"].sum()) for b in bs))  # noqa: E731
     split = {"fit_examples": len(fit_texts), "held_out_examples": len(ho_texts),
              "fit_tokens": count(fit), "held_out_tokens": count(ho)}
