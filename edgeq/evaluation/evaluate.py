@@ -39,10 +39,6 @@ class EvalResult:
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def headline(self) -> str:
-        return next(iter(self.metrics))
-
     def to_dict(self) -> dict:
         return asdict(self)
 

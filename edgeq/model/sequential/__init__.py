@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgeq.config import ConvertConfig
-from edgeq.model.calib import load_calibration_texts
+from edgeq.model.calib import CALIB_BATCH_SIZE, load_calibration_texts
 from edgeq.model.sequential.blocks import HOLDOUT_FRACTION, find_blocks, held_out_count
 from edgeq.model.sequential.layerwise import run_layerwise
 from edgeq.model.sequential.reconstruct import run_lsi
@@ -78,7 +78,7 @@ def quantize_sequential(
     texts: list,
     sel_stats: Mapping[str, object] | None = None,
     progress: bool = False,
-    batch_size: int = 16,
+    batch_size: int = CALIB_BATCH_SIZE,
 ) -> SequentialResult:
     """Plan every Linear of ``weights`` (except ``--exclude``) with the calibrated ``config.quantizer``."""
     import torch
