@@ -1,11 +1,11 @@
 """Table I sweep: every (saliency method, k) cell converted and scored on a GLUE dev set, in-process.
 
 One model load, one FP32 export, one score per (method, Linear), reused for every k: a layer's
-top-k selection is the first k entries of its stable descending score order, sorted — exactly
-``topk_flat(score, k)`` — so ``order[:k_max]`` is all that is kept.  Each cell then runs
-``quantize_rtn`` per Linear, rewrites a copy of the FP32 ModelProto (``rewrite_linears``; the
-rewrite count must equal the plan's layers and the graph must decode back to the plan), and is
-evaluated on ONNX Runtime.  The FP32 row is the exported FP32 graph on ONNX Runtime (its PyTorch
+top-k selection is the first k entries of its stable descending score order, sorted
+(``edgeq.quant.plan.selection_order``, the same sort as ``topk_flat``), so ``order[:k_max]`` is all
+that is kept.  Each cell is planned by ``edgeq.quant.plan.build_plan(..., orders=)`` and quantized
+by the in-memory core (``edgeq.pipeline.core.quantize_graph``: a rewritten copy of the FP32 graph,
+count and read-back checked), then evaluated on ONNX Runtime.  The FP32 row is the exported FP32 graph on ONNX Runtime (its PyTorch
 correct count is recorded beside it); ``int4`` is k = 0 (no FP32 entries, method-independent).
 
 Every finished cell is written at once to ``OUT/cells/<cell>.json`` (atomically) with the sweep
@@ -154,7 +154,6 @@ class _Context:
         self.loaded.model.eval()  # torch.onnx.export leaves the wrapped model in training mode (dropout on)
         logger.info(f"loaded and exported FP32 in {time.perf_counter() - t0:.1f} s")
         self._calibration = None
-        self._int4_error: dict[str, float] = {}
 
     def evaluate(self, model_bytes, engine="onnxruntime"):
         from edgeq.evaluation.evaluate import evaluate, onnx_predictor, torch_predictor
@@ -179,60 +178,35 @@ class _Context:
             logger.info(f"calibration: {self._calibration.info()}")
         return self._calibration
 
+    def config(self, method: str | None, k: int):
+        from edgeq.config import ConvertConfig
+
+        st = self.settings
+        return ConvertConfig(method=method or "svd", k=k, rank=st.rank, seed=st.seed, block_size=st.block_size,
+                             exclude_salient_from_scale=st.exclude_salient_from_scale,
+                             accuracy_level=st.accuracy_level, calib=st.calib, calib_samples=st.calib_samples,
+                             percdamp=st.percdamp)
+
     def orders(self, method: str, k_max: int) -> dict[str, np.ndarray]:
         """Per Linear: the first ``k_max`` flat indices in stable descending score order."""
-        import dataclasses
+        from edgeq.quant.plan import selection_order
+        from edgeq.saliency import get_method
 
-        import torch
+        stats = self.calibration().stats if get_method(method).needs_calibration else {}
+        config = self.config(method, k_max)
+        return {name: selection_order(name, w, config, stats.get(name), k_max) for name, w in self.weights.items()}
 
-        from edgeq.saliency import ScoreContext, get_method
+    def quantized_cell(self, method: str | None, orders: dict[str, np.ndarray] | None, k: int) -> tuple[bytes, dict]:
+        """The checked ONNX bytes of one cell (edgeq.pipeline.core) and its plan statistics."""
+        from edgeq.pipeline.core import quantize_graph
+        from edgeq.quant.plan import build_plan
 
-        m = get_method(method)
-        stats = self.calibration().stats if m.needs_calibration else {}
-        extra = {"percdamp": self.settings.percdamp} if "percdamp" in {f.name for f in dataclasses.fields(ScoreContext)} else {}
-        out = {}
-        for name, w in self.weights.items():
-            ctx = ScoreContext(layer=name, rank=self.settings.rank, seed=self.settings.seed,
-                               stats=stats.get(name), **extra)
-            score = m.score(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)), ctx)
-            order = torch.sort(score.detach().reshape(-1), descending=True, stable=True).indices[:k_max]
-            out[name] = order.numpy().astype(np.int64)
-        return out
-
-    def quantized_cell(self, orders: dict[str, np.ndarray] | None, k: int) -> tuple[bytes, dict]:
-        """The rewritten ONNX bytes of one cell and its plan statistics (checked against the plan)."""
-        import onnx
-
-        from edgeq.onnx.readback import read_back
-        from edgeq.onnx.rewrite import rewrite_linears
-        from edgeq.quant.int4 import Granularity, quantize_rtn
-        from edgeq.quant.plan import LayerPlan, QuantPlan
-
-        gran = Granularity.parse(self.settings.block_size)
-        layers = {}
-        for name, w in self.weights.items():
-            w = np.ascontiguousarray(w, dtype=np.float32)
-            idx = np.sort(orders[name][: min(k, w.size)]) if k and orders is not None else np.empty(0, np.int64)
-            q = quantize_rtn(w, idx, gran, self.settings.exclude_salient_from_scale)
-            if name not in self._int4_error:  # plain int4 on the same quantizer, once per layer
-                base = quantize_rtn(w, idx[:0], gran)
-                self._int4_error[name] = float(np.sum((w.astype(np.float64) - base.dequantize()) ** 2))
-            layers[name] = LayerPlan(
-                name, q, float(np.sum((w.astype(np.float64) - q.dequantize()) ** 2)), self._int4_error[name],
-                int(np.unique(idx // w.shape[1]).size), int(np.unique(idx % w.shape[1]).size))
-        plan = QuantPlan(layers, ())
-        model = onnx.ModelProto()
-        model.CopyFrom(self.fp32)
-        result = rewrite_linears(model, plan.quants, self.weights, self.settings.accuracy_level)
-        if result.count != len(plan.layers):
-            raise EdgeqError(f"rewrote {result.count} Linears but the plan has {len(plan.layers)}; please report this")
-        decoded = read_back(model)
-        bad = [n for n, lp in plan.layers.items() if not np.array_equal(lp.quant.dequantize(), decoded[n])]
-        if bad:
-            raise EdgeqError(f"the rewritten graph does not encode the plan for {bad[0]}; please report this")
-        info = {"linears": result.count, "fp32_entries": int(sum(lp.quant.k for lp in layers.values())),
+        config = self.config(method, k)
+        plan = build_plan(self.weights, config, orders=orders if k else None)
+        qg = quantize_graph(self.fp32, self.weights, config, plan)
+        info = {"linears": qg.rewrite.count, "fp32_entries": int(sum(lp.quant.k for lp in plan.layers.values())),
                 "recon_error_total": plan.total_recon_error}
-        return model.SerializeToString(), info
+        return qg.model.SerializeToString(), info
 
 
 def run_sweep(settings: SweepSettings, methods: Sequence[str], ks: Sequence[int], out: Path,
@@ -282,7 +256,7 @@ def run_sweep(settings: SweepSettings, methods: Sequence[str], ks: Sequence[int]
             "pytorch_same_predictions": torch_res.predictions == res.predictions}))
     fp32_codes = cells[FP32]["predictions"]
     if INT4 in missing:
-        model, info = ctx.quantized_cell(None, 0)
+        model, info = ctx.quantized_cell(None, None, 0)
         store(make_cell(INT4, None, 0, ctx.evaluate(model), labels, fp32_codes, {**base, **info}))
     for m in methods:
         todo = [k for k in ks if k > 0 and cell_id(m, k) not in cells]
@@ -296,7 +270,7 @@ def run_sweep(settings: SweepSettings, methods: Sequence[str], ks: Sequence[int]
             if get_method(m).needs_calibration else {}
         for k in todo:
             t1 = time.perf_counter()
-            model, info = ctx.quantized_cell(orders, k)
+            model, info = ctx.quantized_cell(m, orders, k)
             info.update(calib)
             res = ctx.evaluate(model)
             info["cell_seconds"] = round(time.perf_counter() - t1, 3)

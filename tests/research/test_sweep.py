@@ -37,9 +37,12 @@ def test_selection_reused_across_k_equals_build_plan(tiny):
         orders = ctx.orders(method, 200)
         for k in (1, 7, 200):
             plan = build_plan(ctx.weights, ConvertConfig(method=method, k=k, block_size="16"))
+            reused = build_plan(ctx.weights, ConvertConfig(method=method, k=k, block_size="16"), orders=orders)
             for name, lp in plan.layers.items():
                 got = np.sort(orders[name][: min(k, lp.quant.codes.size)])
                 assert np.array_equal(got, lp.quant.salient_index), (method, k, name)
+                assert reused.layers[name].stats() == lp.stats()
+                assert np.array_equal(reused.layers[name].quant.dequantize(), lp.quant.dequantize())
 
 
 def test_sweep_resumes_without_recomputing(tiny, tmp_path):
