@@ -13,7 +13,6 @@ The standard error of an agreement p over n examples is sqrt(p(1-p)/n).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
@@ -37,8 +36,8 @@ def main() -> None:
     from edgeq.model.load import load_model
     from edgeq.model.texts import encode_batches, validation_texts
     from edgeq.onnx.export import export_fp32
-    from edgeq.onnx.rewrite import rewrite_linears
     from edgeq.onnx.session import make_session
+    from edgeq.pipeline.core import quantize_graph
     from edgeq.pipeline.parity import fidelity, run_onnx, run_torch
     from edgeq.quant.plan import build_plan
 
@@ -56,10 +55,10 @@ def main() -> None:
                     if k == 0 and method != args.methods.split(",")[0]:
                         continue  # k = 0 is plain int4 whatever the method
                     t0 = time.perf_counter()
-                    plan = build_plan(weights, ConvertConfig(method=method, k=k, block_size=block,
-                                                       exclude_salient_from_scale=args.exclude_salient_from_scale))
-                    model = copy.deepcopy(base)
-                    assert rewrite_linears(model, plan.quants, weights).count == len(plan.layers)
+                    plan_config = ConvertConfig(method=method, k=k, block_size=block,
+                                                exclude_salient_from_scale=args.exclude_salient_from_scale)
+                    plan = build_plan(weights, plan_config)
+                    model = quantize_graph(base, weights, plan_config, plan).model  # count and read-back checked
                     got = run_onnx(make_session(model.SerializeToString(), args.threads), batches)
                     fid = fidelity(got, fp32)
                     p, n = fid["top1_agreement"], len(texts)

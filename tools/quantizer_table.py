@@ -17,7 +17,6 @@ Rows are appended to ``results/quantizers/<task>.jsonl`` (cells already there ar
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
@@ -67,16 +66,12 @@ def main_task(task: str, threads: int, only: tuple[str, ...] = QUANTIZERS, lsi: 
     import torch
 
     from edgeq.config import ConvertConfig
-    from edgeq.model.calib import load_calibration_texts
     from edgeq.model.load import load_model
     from edgeq.model.texts import encode_batches
     from edgeq.onnx.export import export_fp32
-    from edgeq.onnx.readback import read_back
-    from edgeq.onnx.rewrite import rewrite_linears
     from edgeq.onnx.session import make_session
+    from edgeq.pipeline.core import plan_weights, quantize_graph
     from edgeq.pipeline.parity import reference_model, relative_max_diff, run_onnx, run_torch
-    from edgeq.quant.plan import build_plan
-    from edgeq.model.sequential import quantize_sequential
 
     torch.set_num_threads(threads)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -94,7 +89,6 @@ def main_task(task: str, threads: int, only: tuple[str, ...] = QUANTIZERS, lsi: 
     parity_batches = encode_batches(loaded, [texts[i] for i in order[:: max(1, len(order) // 32)]])
     fp32 = export_fp32(loaded, 17)
     weights = loaded.linear_weights()
-    calib = load_calibration_texts(TASKS[task], 128, CALIB_SEED, SHARED / "data" / "glue")
 
     def emit(row):
         with rows_path.open("a") as f:
@@ -114,20 +108,12 @@ def main_task(task: str, threads: int, only: tuple[str, ...] = QUANTIZERS, lsi: 
                                calib=None if q == "rtn" else TASKS[task], calib_samples=128,
                                data_dir=str(SHARED / "data" / "glue"), **(lsi or {}))
         t0, c0 = time.perf_counter(), time.process_time()
-        info = {}
-        if q == "rtn":
-            plan = build_plan(weights, config)
-        else:
-            res = quantize_sequential(loaded, weights, config, calib.texts, None, progress=False)
-            plan, info = res.plan, res.layers
+        plan, report = plan_weights(loaded, weights, config)  # rtn: build_plan; else edgeq.model.sequential
+        info = report.get("layers", {})
         t_quant, c_quant = time.perf_counter() - t0, time.process_time() - c0
-        model = copy.deepcopy(fp32)
-        rewrite_linears(model, plan.quants, weights, 0)
-        planned = {n: lp.quant.dequantize() for n, lp in plan.layers.items()}
-        decoded = read_back(model)
-        assert all(np.array_equal(planned[n], decoded[n]) for n in planned), "graph does not encode the plan"
-        session = make_session(model.SerializeToString(), threads)
-        ref = run_torch(reference_model(loaded, planned), loaded, parity_batches)
+        qg = quantize_graph(fp32, weights, config, plan)  # rewrite, count and read-back checked
+        session = make_session(qg.model.SerializeToString(), threads)
+        ref = run_torch(reference_model(loaded, dict(qg.planned)), loaded, parity_batches)
         parity = max(relative_max_diff(run_onnx(session, parity_batches), ref).values())
         assert parity <= 1e-4, f"plan parity {parity}"
         t1 = time.perf_counter()
