@@ -150,8 +150,7 @@ def quantize(loaded, fp32_model, weights, config: ConvertConfig, calibration, ti
         from edgeq.onnx.embeddings import module_names
 
         modules = module_names(fp32_model, loaded.model)
-    qg = quantize_graph(fp32_model, weights, config, plan, modules)
-    timer.stages.update(qg.timings_s)
+    qg = quantize_graph(fp32_model, weights, config, plan, modules, timer)
     meta = {"edgeq.version": __version__, "edgeq.config": json.dumps(config.to_dict(), sort_keys=True)}
     for key, value in meta.items():
         qg.model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))

@@ -49,13 +49,14 @@ class Timer:
     """Runs named stages, logs their start and duration, and keeps the durations for the report."""
 
     stages: dict[str, float] = field(default_factory=dict)
+    level: int = logging.INFO  # of the "name ..." / "name: 1.2 s" progress lines
 
     def run(self, name: str, fn, *args, **kwargs):
-        logger.info(f"{name} ...")
+        logger.log(self.level, f"{name} ...")
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
         self.stages[name] = round(time.perf_counter() - t0, 3)
-        logger.info(f"{name}: {self.stages[name]:.1f} s")
+        logger.log(self.level, f"{name}: {self.stages[name]:.1f} s")
         return out
 
 
@@ -93,11 +94,13 @@ def plan_weights(loaded, weights: Mapping[str, np.ndarray], config: ConvertConfi
 
 
 def quantize_graph(fp32_model, weights: Mapping[str, np.ndarray], config: ConvertConfig, plan: QuantPlan | None = None,
-                   embedding_modules: Mapping[str, str] | None = None) -> QuantizedGraph:
+                   embedding_modules: Mapping[str, str] | None = None, timer: Timer | None = None) -> QuantizedGraph:
     """Rewrite a copy of ``fp32_model`` to ``plan`` (default: the RTN plan of ``weights`` under ``config``).
 
     ``embedding_modules`` (table initializer → ``nn.Embedding`` name, :func:`edgeq.onnx.embeddings.module_names`)
     names the 4-bit tables after the source model's modules when ``config.quantize_embeddings``.
+    ``timer``: the caller's stage timer (its progress lines and durations); default a quiet one
+    (debug-level lines).  Either way the durations are in ``QuantizedGraph.timings_s``.
     """
     import onnx
 
@@ -105,7 +108,7 @@ def quantize_graph(fp32_model, weights: Mapping[str, np.ndarray], config: Conver
         plan = build_plan(weights, config)
     if not plan.layers:
         raise UsageError(f"no Linear left to quantize (--exclude keeps all {len(weights)} in FP32); loosen --exclude")
-    timer = Timer()
+    timer = timer if timer is not None else Timer(level=logging.DEBUG)
     model = onnx.ModelProto()
     model.CopyFrom(fp32_model)
     try:
@@ -131,4 +134,5 @@ def quantize_graph(fp32_model, weights: Mapping[str, np.ndarray], config: Conver
     bad = [n for n in planned if n not in decoded or not np.array_equal(planned[n], decoded[n])]
     if bad:
         raise EdgeqError(f"the written graph does not encode the plan for {', '.join(bad[:3])}; please report this")
-    return QuantizedGraph(model, plan, result, planned, embeddings, dict(timer.stages))
+    stages = {k: timer.stages[k] for k in ("rewrite", "embeddings") if k in timer.stages}
+    return QuantizedGraph(model, plan, result, planned, embeddings, stages)
