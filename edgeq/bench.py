@@ -184,6 +184,12 @@ def _memory_child(path: str, shapes: str, threads: int, vocab: int) -> dict:
     return {"peak_rss_delta_bytes": (after - before) * 1024, "peak_rss_bytes": after * 1024}
 
 
+def _aligned(head: list, rows: list[list]) -> str:
+    """``head`` and ``rows`` as left-aligned columns two spaces apart."""
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in [head, *rows])
+
+
 def ratio_table(results: list[ModelResult], shapes: list[tuple[int, int]]) -> str:
     """Plain-text table: size, peak memory and median latency, each also as a ratio to the first model."""
     base = results[0]
@@ -199,9 +205,7 @@ def ratio_table(results: list[ModelResult], shapes: list[tuple[int, int]]) -> st
             q, q0 = r.latency[k], base.latency[k]
             row += [f"{q['median_ms']:.2f}", f"{q['p10_ms']:.2f}–{q['p90_ms']:.2f}", f"{q['median_ms'] / q0['median_ms']:.3f}"]
         rows.append(row)
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731
-    return "\n".join([fmt(head)] + [fmt(row) for row in rows])
+    return _aligned(head, rows)
 
 
 def component_table(results: list[ModelResult]) -> str:
@@ -209,9 +213,7 @@ def component_table(results: list[ModelResult]) -> str:
 
     head = ["model"] + list(COMPONENTS)
     rows = [[Path(r.path).name] + [f"{r.sizes.get(c, 0) / 2**20:.2f}" for c in COMPONENTS] for r in results]
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731
-    return "MiB by component\n" + "\n".join([fmt(head)] + [fmt(row) for row in rows])
+    return "MiB by component\n" + _aligned(head, rows)
 
 
 def load_average() -> float | None:

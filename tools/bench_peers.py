@@ -1,8 +1,8 @@
 """edgeq configurations side by side with FP32 ONNX and ONNX Runtime's own quantizers.
 
 For each shared MiniLM model (RTE, MRPC, SST-2): one FP32 export, then every variant is built
-from that same ModelProto (edgeq's rewrite directly, without edgeq convert's PyTorch validation;
-the rewrite's ``read_back`` check still runs), and scored on the GLUE dev set: accuracy (± one
+from that same ModelProto (edgeq's in-memory core, ``edgeq.pipeline.core.quantize_graph``: the
+rewrite with its count and read-back checks, without edgeq convert's PyTorch validation), and scored on the GLUE dev set: accuracy (± one
 standard error, sqrt(p(1-p)/n)) and top-1 agreement with the FP32 ONNX model.  Latency, size and
 peak memory come from ``edgeq.bench.run_bench`` on the first task's files (interleaved rounds).
 
@@ -19,7 +19,6 @@ import copy
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -63,11 +62,9 @@ def build_variants(loaded, fp32, outdir: Path, names: list[str]) -> dict[str, Pa
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     from edgeq.config import ConvertConfig
-    from edgeq.onnx.embeddings import module_names, quantize_embeddings
-    from edgeq.onnx.readback import read_back
-    from edgeq.onnx.rewrite import rewrite_linears
-    from edgeq.quant.int4 import Granularity, quantize_rtn
-    from edgeq.quant.plan import QuantPlan, build_plan
+    from edgeq.onnx.embeddings import module_names
+    from edgeq.pipeline.core import quantize_graph
+    from edgeq.quant.plan import build_plan, selection_order
 
     outdir.mkdir(parents=True, exist_ok=True)
     paths = {"fp32": outdir / "fp32.onnx"}
@@ -92,32 +89,21 @@ def build_variants(loaded, fp32, outdir: Path, names: list[str]) -> dict[str, Pa
         paths["ort-int8-dynamic"] = outdir / "ort-int8-dynamic.onnx"
         quantize_dynamic(str(paths["fp32"]), str(paths["ort-int8-dynamic"]), weight_type=QuantType.QInt8)
     weights = loaded.linear_weights()
-    plans = {}
     modules = module_names(fp32, loaded.model)
-    for name, (k, bits, acc, corr, emb, *rest) in EDGEQ.items():
-        if name not in names:
-            continue
-        grid = rest[0] if rest else "sym7"
-        if (k, 4, "sym7") not in plans:
-            t0 = time.perf_counter()
-            plans[k, 4, "sym7"] = build_plan(weights, ConvertConfig(k=k))
-            log(f"plan k={k}: {time.perf_counter() - t0:.1f} s")
-        if (k, bits, grid) not in plans:  # same salient set, requantized (what build_plan would do)
-            plans[k, bits, grid] = QuantPlan({n: replace(lp, quant=quantize_rtn(
-                weights[n], lp.quant.salient_index, Granularity("block", 32), bits=bits, grid=grid))
-                for n, lp in plans[k, 4, "sym7"].layers.items()}, ())
-        plan = plans[k, bits, grid]
-        model = copy.deepcopy(fp32)
-        res = rewrite_linears(model, plan.quants, weights, acc, correction=corr)
-        assert res.count == len(plan.layers)
-        if emb:
-            quantize_embeddings(model, 32, modules)
-        dec = read_back(model)
-        assert all(np.array_equal(dec[n], lp.quant.dequantize()) for n, lp in plan.layers.items())
+    chosen = {name: v for name, v in EDGEQ.items() if name in names}
+    t0 = time.perf_counter()  # one SVD score per Linear; every k's selection is a prefix of its order
+    k_max = max((v[0] for v in chosen.values()), default=0)
+    orders = {n: selection_order(n, w, ConvertConfig(), limit=k_max) for n, w in weights.items()} if k_max else None
+    log(f"selection orders (k <= {k_max}): {time.perf_counter() - t0:.1f} s")
+    for name, (k, bits, acc, corr, emb, *rest) in chosen.items():
+        config = ConvertConfig(k=k, bits=bits, grid=rest[0] if rest else "sym7", accuracy_level=acc, correction=corr,
+                               quantize_embeddings=emb)
+        plan = build_plan(weights, config, orders=orders)
+        qg = quantize_graph(fp32, weights, config, plan, modules)  # count and read-back checked
         paths[name] = outdir / f"{name}.onnx"
-        onnx.save(model, str(paths[name]))
-        if res.fallbacks:
-            log(f"{name}: {len(res.fallbacks)} layer(s) fell back to scatter")
+        onnx.save(qg.model, str(paths[name]))
+        if qg.rewrite.fallbacks:
+            log(f"{name}: {len(qg.rewrite.fallbacks)} layer(s) fell back to scatter")
     return paths
 
 

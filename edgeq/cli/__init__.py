@@ -5,30 +5,12 @@ Heavy imports (torch, onnx, onnxruntime) are lazy, inside each command, so ``edg
 
 from __future__ import annotations
 
-import signal
 import sys
 
 import click
 
 from edgeq import __version__
-from edgeq.errors import EdgeqError
-
-
-def _on_sigterm(signum, frame):
-    raise KeyboardInterrupt("SIGTERM")
-
-
-def _install_sigterm():
-    """SIGTERM behaves like Ctrl-C (staged output is discarded); returns the previous handler."""
-    try:
-        previous = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, _on_sigterm)
-        # a shell starts background jobs with SIGINT ignored, and Python then never raises
-        # KeyboardInterrupt; an interrupt must always discard staged output cleanly
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        return previous
-    except ValueError:  # not the main thread
-        return None
+from edgeq.errors import EdgeqError, interrupt_exit_code, sigterm_interrupts
 
 
 class _Cli(click.Group):
@@ -53,8 +35,11 @@ class _Cli(click.Group):
         return rv
 
     def invoke(self, ctx):
+        with sigterm_interrupts(sigint=True):  # SIGTERM and Ctrl-C both discard staged output
+            return self._invoke(ctx)
+
+    def _invoke(self, ctx):
         debug = "--debug" in sys.argv or bool(ctx.params.get("debug")) or bool((ctx.obj or {}).get("debug"))
-        previous = _install_sigterm()
         try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit):
@@ -69,10 +54,10 @@ class _Cli(click.Group):
                 raise
             click.echo(f"edgeq: error: {e}", err=True)
             ctx.exit(2)
-        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (see _on_sigterm)
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (see edgeq.errors.sigterm_interrupts)
             atomic = ctx.invoked_subcommand in ("convert", "validate")  # others may keep finished parts
             click.echo("edgeq: interrupted" + ("; no output was written" if atomic else ""), err=True)
-            ctx.exit(143 if "SIGTERM" in str(e) else 130)
+            ctx.exit(interrupt_exit_code(e))
         except OSError as e:  # disk full, permission denied, ... while reading or writing
             if debug:
                 raise
@@ -85,9 +70,6 @@ class _Cli(click.Group):
             click.echo(f"edgeq: internal error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}; "
                        "rerun with --debug for the traceback and report it", err=True)
             ctx.exit(1)
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})

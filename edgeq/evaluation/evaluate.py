@@ -21,9 +21,8 @@ import numpy as np
 from edgeq.errors import EdgeqError, UsageError
 from edgeq.evaluation import metrics
 from edgeq.evaluation.tasks import Examples, TaskSpec, label_ids
+from edgeq.model.texts import BATCH_SIZE, MAX_LENGTH, encode_indexed
 
-BATCH_SIZE = 32
-MAX_LENGTH = 128
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 
 
@@ -39,10 +38,6 @@ class EvalResult:
     source: str
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def headline(self) -> str:
-        return next(iter(self.metrics))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,30 +59,7 @@ class EvalResult:
 def encode_sorted(tokenizer, texts: Sequence[tuple[str, str | None]], input_names: Sequence[str],
                   max_length: int = MAX_LENGTH, batch_size: int = BATCH_SIZE) -> list[tuple[np.ndarray, dict]]:
     """[(example indices, feed dict)] with examples grouped by token length, padded per batch."""
-    a = [t[0] for t in texts]
-    b = [t[1] or "" for t in texts] if any(t[1] is not None for t in texts) else None
-    enc = tokenizer(a, b, truncation=True, max_length=max_length)
-    ids = enc["input_ids"]
-    types = enc.get("token_type_ids")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    order = np.argsort([len(x) for x in ids], kind="stable")
-    batches = []
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        width = max(len(ids[i]) for i in idx)
-        feed = {
-            "input_ids": np.full((len(idx), width), pad, dtype=np.int64),
-            "attention_mask": np.zeros((len(idx), width), dtype=np.int64),
-            "token_type_ids": np.zeros((len(idx), width), dtype=np.int64),
-        }
-        for row, i in enumerate(idx):
-            n = len(ids[i])
-            feed["input_ids"][row, :n] = ids[i]
-            feed["attention_mask"][row, :n] = 1
-            if types is not None:
-                feed["token_type_ids"][row, :n] = types[i]
-        batches.append((idx, {k: v for k, v in feed.items() if k in input_names}))
-    return batches
+    return encode_indexed(tokenizer, texts, input_names, batch_size, max_length, order="tokens")
 
 
 def run_batches(predict: Callable[[dict], np.ndarray], batches, n: int, quiet: bool = True,
@@ -124,13 +96,6 @@ def score(task: TaskSpec, ex: Examples, logits: np.ndarray, id2label: dict[int, 
     y = np.array([index[x] for x in ex.gold])
     fns = {"accuracy": metrics.accuracy, "f1": metrics.f1_binary, "matthews": metrics.matthews}
     return {m: fns[m](p, y) for m in task.metrics}, int(np.sum(p == y)), pred_names
-
-
-def agreement(a: Sequence, b: Sequence) -> float:
-    """Fraction of examples on which two runs predict the same label."""
-    if len(a) != len(b):
-        raise ValueError("prediction lists differ in length")
-    return float(np.mean([x == y for x, y in zip(a, b)]))
 
 
 # ------------------------------------------------------------------ engines

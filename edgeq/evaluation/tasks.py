@@ -8,7 +8,6 @@ whose labels differ from the task's is refused instead of silently mis-scored.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.errors import EdgeqError, UsageError
-from edgeq.model.texts import _read_tsv
+from edgeq.model.texts import GLUE_DIR_ENV, _read_tsv, default_glue_dir
 
 
 @dataclass(frozen=True)
@@ -68,19 +67,10 @@ def get_task(name: str) -> TaskSpec:
     raise UsageError(f"unknown GLUE task {name!r}; choose from {', '.join(TASKS)}")
 
 
-def default_data_dir() -> Path | None:
-    """``$EDGEQ_GLUE_DIR``, else ``../shared/data/glue`` when it exists."""
-    env = os.environ.get("EDGEQ_GLUE_DIR")
-    if env:
-        return Path(env)
-    p = Path("..") / "shared" / "data" / "glue"
-    return p if p.is_dir() else None
-
-
 def dev_file(task: TaskSpec, data_dir: Path | None) -> Path:
-    data_dir = data_dir if data_dir is not None else default_data_dir()
+    data_dir = data_dir if data_dir is not None else default_glue_dir()
     if data_dir is None:
-        raise UsageError("no GLUE data directory; pass --data-dir DIR (holding RTE/dev.tsv, ...) or set EDGEQ_GLUE_DIR")
+        raise UsageError(f"no GLUE data directory; pass --data-dir DIR (holding RTE/dev.tsv, ...) or set {GLUE_DIR_ENV}")
     path = Path(data_dir) / task.name / "dev.tsv"
     if not path.is_file():
         raise UsageError(f"{path} does not exist; pass --data-dir DIR holding {task.name}/dev.tsv")

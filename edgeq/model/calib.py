@@ -26,7 +26,6 @@ API (used by the AWQ/SpQR saliency scores, ``edgeq saliency`` and the GPTQ-famil
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -37,13 +36,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgeq.errors import EdgeqError
+from edgeq.model.texts import GLUE_DIR_ENV, default_glue_dir, encode_batches, read_glue_texts
 
 if TYPE_CHECKING:
     import torch
 
 DEFAULT_SAMPLES = 128
 CALIB_BATCH_SIZE = 16
-GLUE_DIR_ENV = "EDGEQ_GLUE_DIR"
 
 
 # --------------------------------------------------------------------------- statistics math
@@ -203,15 +202,6 @@ class CalibTexts:
     seed: int
 
 
-def default_glue_dir() -> Path | None:
-    """``$EDGEQ_GLUE_DIR``, else ``../shared/data/glue`` relative to the current directory if present."""
-    env = os.environ.get(GLUE_DIR_ENV)
-    if env:
-        return Path(env)
-    p = Path("..") / "shared" / "data" / "glue"
-    return p if p.is_dir() else None
-
-
 def _norm(name: str) -> str:
     return "".join(c for c in name.lower() if c.isalnum())
 
@@ -248,8 +238,6 @@ def resolve_calib_source(spec: str, data_dir: str | Path | None = None) -> Path:
 
 def read_calib_file(path: Path) -> list:
     """Examples of a GLUE TSV (its text columns), a 1–2 column TSV, or a text file (one per line)."""
-    from edgeq.model.texts import read_glue_texts
-
     if path.suffix.lower() == ".tsv":
         try:
             return read_glue_texts(path)
@@ -314,16 +302,13 @@ def calibrate(loaded, spec: str, samples: int = DEFAULT_SAMPLES, seed: int = 0,
               xtx: bool = True, progress: bool = False, batch_size: int = CALIB_BATCH_SIZE) -> Calibration:
     """Sample calibration text for ``loaded`` (an ``edgeq.model.load.LoadedModel``) and collect statistics.
 
-    Examples are tokenized like validation data (max length 128); they are sorted by length
-    before batching so that little compute is spent on padding (the statistics are sums, so the
+    Examples are tokenized like validation data (max length 128); they are sorted by character
+    length before batching so that little compute is spent on padding (the statistics are sums, so the
     order does not matter).
     """
-    from edgeq.model.texts import encode_batches
-
     t0 = time.perf_counter()
     ct = load_calibration_texts(spec, samples, seed, data_dir)
-    texts = sorted(ct.texts, key=lambda t: len(t[0]) + len(t[1] or ""))
-    batches = encode_batches(loaded, texts, batch_size)
+    batches = encode_batches(loaded, ct.texts, batch_size, order="chars")
     stats = collect_input_stats(loaded.model, batches, names, xtx=xtx, progress=progress, total=len(batches))
     tokens = max(s.count for s in stats.values()) if stats else 0
     return Calibration(stats, ct.source, len(ct.texts), ct.available, seed, tokens, time.perf_counter() - t0)

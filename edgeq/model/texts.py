@@ -1,13 +1,16 @@
-"""Real text for validation: a GLUE TSV (quoting disabled) or built-in sample sentences."""
+"""Real text for validation: a GLUE TSV (quoting disabled) or built-in sample sentences; tokenising it into batches."""
 
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
 
 from edgeq.errors import EdgeqError
+
+GLUE_DIR_ENV = "EDGEQ_GLUE_DIR"
 
 # column(s) holding the text of each GLUE task's TSV (header names; CoLA has no header)
 GLUE_TEXT_COLUMNS = {
@@ -39,6 +42,15 @@ SAMPLE_TEXT: list[tuple[str, str | None]] = [
     ("The museum opens at nine and closes at five.", "The museum is open for eight hours."),
     ("Scientists discovered a new species of frog in the rainforest.", "A new frog was found."),
 ]
+
+
+def default_glue_dir() -> Path | None:
+    """The GLUE data directory: ``$EDGEQ_GLUE_DIR``, else ``../shared/data/glue`` (from the current directory) if present."""
+    env = os.environ.get(GLUE_DIR_ENV)
+    if env:
+        return Path(env)
+    p = Path("..") / "shared" / "data" / "glue"
+    return p if p.is_dir() else None
 
 
 def _read_tsv(path: Path, header: bool = True) -> tuple[list[str], list[list[str]]]:
@@ -93,23 +105,55 @@ def validation_texts(path: str | Path | None, limit: int | None = None) -> tuple
 
 BATCH_SIZE = 32
 MAX_LENGTH = 128
+ORDERS = ("given", "chars", "tokens")
 
 
-def encode_texts(tokenizer, texts, input_names=None, batch_size: int = BATCH_SIZE) -> list[dict[str, np.ndarray]]:
-    """Tokenise (sentence or pair) ``texts`` into int64 batches; ``input_names`` None keeps every tokenizer output."""
+def encode_indexed(tokenizer, texts, input_names=None, batch_size: int = BATCH_SIZE, max_length: int = MAX_LENGTH,
+                   order: str = "given") -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """Tokenise (sentence or pair) ``texts`` into int64 batches: [(indices into ``texts``, feed dict)].
+
+    The one tokenising and batching path of edgeq (validation, calibration, evaluation).  Examples
+    are truncated to ``max_length`` tokens and each batch is padded (by the tokenizer) to its
+    longest member.  ``order`` decides which examples share a batch: ``"given"`` keeps the order of
+    ``texts``; ``"chars"`` (calibration) and ``"tokens"`` (evaluation) sort by character or token
+    length (stable), so little compute goes to padding.  A batch in which any example has a second
+    text is encoded as pairs ("" for the missing ones).  ``input_names`` None keeps every tokenizer
+    output; ``token_type_ids``, when named but not produced, is zeros.
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    if order == "tokens" and texts:
+        ids = _tokenize(tokenizer, texts, max_length, padding=False)["input_ids"]
+        idx = np.argsort([len(x) for x in ids], kind="stable")
+    elif order == "chars":
+        idx = np.argsort([len(t[0]) + len(t[1] or "") for t in texts], kind="stable")
+    else:
+        idx = np.arange(len(texts))
     batches = []
-    for i in range(0, len(texts), batch_size):
-        chunk = texts[i : i + batch_size]
-        a = [t[0] for t in chunk]
-        b = [t[1] or "" for t in chunk] if any(t[1] is not None for t in chunk) else None
-        enc = tokenizer(a, b, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="np")
+    for start in range(0, len(idx), batch_size):
+        sel = idx[start:start + batch_size]
+        enc = _tokenize(tokenizer, [texts[i] for i in sel], max_length, padding=True)
         names = input_names or list(enc.keys())
         batch = {n: enc[n].astype(np.int64) for n in names if n in enc}
         if "token_type_ids" in names and "token_type_ids" not in batch:
             batch["token_type_ids"] = np.zeros_like(batch["input_ids"])
-        batches.append(batch)
+        batches.append((sel, batch))
     return batches
 
 
-def encode_batches(loaded, texts, batch_size: int = BATCH_SIZE) -> list[dict[str, np.ndarray]]:
-    return encode_texts(loaded.tokenizer, texts, loaded.input_names, batch_size)
+def _tokenize(tokenizer, texts, max_length: int, padding: bool):
+    a = [t[0] for t in texts]
+    b = [t[1] or "" for t in texts] if any(t[1] is not None for t in texts) else None
+    return tokenizer(a, b, padding=padding, truncation=True, max_length=max_length,
+                     return_tensors="np" if padding else None)
+
+
+def encode_texts(tokenizer, texts, input_names=None, batch_size: int = BATCH_SIZE, max_length: int = MAX_LENGTH,
+                 order: str = "given") -> list[dict[str, np.ndarray]]:
+    """The feed dicts of :func:`encode_indexed` (without the example indices)."""
+    return [b for _, b in encode_indexed(tokenizer, texts, input_names, batch_size, max_length, order)]
+
+
+def encode_batches(loaded, texts, batch_size: int = BATCH_SIZE, order: str = "given") -> list[dict[str, np.ndarray]]:
+    """:func:`encode_texts` with an ``edgeq.model.load.LoadedModel``'s tokenizer and input names."""
+    return encode_texts(loaded.tokenizer, texts, loaded.input_names, batch_size, order=order)

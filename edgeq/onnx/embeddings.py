@@ -28,10 +28,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeq.onnx.graph import MS_DOMAIN, attr, consumers, ensure_opset, metadata, set_meta
 from edgeq.quant.int4 import Granularity, QuantizedLinear, quantize_rtn
 from edgeq.quant.pack import pack_int4, unpack_int4
 
-MS_DOMAIN = "com.microsoft"
 EMBEDDINGS_KEY = "edgeq.embeddings"
 IDS_INPUT = "input_ids"
 MIN_ROWS = 64  # smaller non-word tables (token types) are left FP32
@@ -55,11 +55,14 @@ def pack_table(q: QuantizedLinear) -> np.ndarray:
     return pack_int4(q.codes, q.block_size).reshape(v, -1)[:, : h // 2]
 
 
-def check_gather(node: onnx.NodeProto, inits, consumers, block_size: int, known_table: bool = False) -> str | None:
-    """Why this Gather cannot become GatherBlockQuantized, or None (``known_table``: an nn.Embedding weight)."""
+def check_gather(node: onnx.NodeProto, inits, uses, block_size: int, known_table: bool = False) -> str | None:
+    """Why this Gather cannot become GatherBlockQuantized, or None (``known_table``: an nn.Embedding weight).
+
+    ``uses``: :func:`edgeq.onnx.graph.consumers` of the graph.
+    """
     if len(node.input) < 2 or (node.input[1] != IDS_INPUT and not known_table):
         return f"indices are not the graph input {IDS_INPUT}"
-    axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+    axis = attr(node, "axis", 0)
     if axis != 0:
         return f"Gather on axis {axis}, not 0"
     t = inits.get(node.input[0])
@@ -67,7 +70,7 @@ def check_gather(node: onnx.NodeProto, inits, consumers, block_size: int, known_
         return "table is not a constant initializer"
     if len(t.dims) != 2 or t.data_type != TensorProto.FLOAT:
         return f"table {t.name} is not a 2-D float32 tensor"
-    if consumers.get(t.name, 0) != 1:
+    if len(uses.get(t.name, ())) != 1:
         return f"table {t.name} is shared with other nodes (tied weights)"
     if t.dims[1] % block_size:
         return f"hidden size {t.dims[1]} is not a multiple of block size {block_size}"
@@ -102,10 +105,7 @@ def quantize_embeddings(model: onnx.ModelProto, block_size: int = 32,
     """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, int] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers[i] = consumers.get(i, 0) + 1
+    uses = consumers(graph)
     result = EmbeddingResult()
     new_nodes, drop, new_inits = [], set(), []
     for node in graph.node:
@@ -113,7 +113,7 @@ def quantize_embeddings(model: onnx.ModelProto, block_size: int = 32,
         if node.op_type != "Gather" or (IDS_INPUT not in node.input[1:] and not known):
             new_nodes.append(node)
             continue
-        reason = check_gather(node, inits, consumers, block_size, known)
+        reason = check_gather(node, inits, uses, block_size, known)
         if reason is None and modules is not None and not known:
             reason = "table matches no nn.Embedding of the source model"
         if reason:
@@ -140,21 +140,19 @@ def quantize_embeddings(model: onnx.ModelProto, block_size: int = 32,
     del graph.initializer[:]
     graph.initializer.extend(kept + new_inits)
     if result.rewritten:
-        if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-        model.metadata_props.append(onnx.StringStringEntryProto(
-            key=EMBEDDINGS_KEY, value=json.dumps(result.rewritten, sort_keys=True)))
+        ensure_opset(model, MS_DOMAIN)
+        set_meta(model, EMBEDDINGS_KEY, json.dumps(result.rewritten, sort_keys=True))
     return result
 
 
 def read_embeddings(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Ê ``[V, H]`` of every rewritten table, keyed by module name (initializer name if unknown)."""
-    meta = {p.key: p.value for p in model.metadata_props}
+    meta = metadata(model)
     inits = {t.name: t for t in model.graph.initializer}
     out = {}
     for name, key in json.loads(meta.get(EMBEDDINGS_KEY, "{}")).items():
         node = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized" and n.input[0] == f"{name}.emb_q4")
-        bs = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "block_size")
+        bs = attr(node, "block_size", None)
         data = numpy_helper.to_array(inits[f"{name}.emb_q4"])
         scales = numpy_helper.to_array(inits[f"{name}.emb_scales"])
         h = data.shape[1] * 2

@@ -22,13 +22,14 @@ from onnx import numpy_helper
 
 from edgeq.onnx.corrections import decode_correction
 from edgeq.onnx.embeddings import read_embeddings
+from edgeq.onnx.graph import metadata
 from edgeq.onnx.rewrite import LAYERS_KEY
 from edgeq.onnx.storage import decode_weight
 
 
 def read_back(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Ŵ ``[N, K]`` of every rewritten Linear (and Ê of 4-bit embedding tables), decoded from the file."""
-    meta = {p.key: p.value for p in model.metadata_props}
+    meta = metadata(model)
     if LAYERS_KEY not in meta:
         raise ValueError("this ONNX file was not written by edgeq convert (no edgeq.layers metadata)")
     inits = {t.name: t for t in model.graph.initializer}

@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeq.onnx.graph import attr
 from edgeq.quant.int4 import QuantizedLinear, zero_point
 from edgeq.quant.pack import (
     pack_codes,
@@ -127,8 +128,7 @@ def decode_weight(layer: str, node: onnx.NodeProto, names, arr: Callable[[str], 
 
     ``names``: the graph's initializer names; ``arr(name)``: that initializer as a numpy array.
     """
-    attr = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    k_in, n, bs, bits = attr["K"], attr["N"], attr["block_size"], attr.get("bits", 4)
+    k_in, n, bs, bits = attr(node, "K", 0), attr(node, "N", 0), attr(node, "block_size", 0), attr(node, "bits", 4)
     if f"{layer}.{PLANES}" in names:  # compact: the same arithmetic as the unpack subgraph, in numpy
         planes = arr(f"{layer}.{PLANES}")
         codes = unpack_planes(planes, n, k_in, bs)

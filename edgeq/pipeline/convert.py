@@ -1,18 +1,35 @@
-"""``convert`` and ``validate``: load → export → plan → rewrite → check → write, with timings."""
+"""``convert`` and ``validate``: an edgeq file from a Hugging Face model, checked at every stage.
+
+``convert`` runs, each stage a named function (durations in the report's ``timings_s``):
+
+1. :func:`load_checked` — load the model (refusing a single tensor of 2 GB or more);
+   :func:`calibrate_if_needed` — one pass of input statistics when the plan uses them;
+2. :func:`reference_outputs` — the validation text and the FP32 PyTorch outputs on it;
+3. :func:`export_checked` — the FP32 ONNX export, max|Δ| vs PyTorch ≤ EXPORT_TOLERANCE·max(1, max|y|);
+4. :func:`quantize` — plan and rewrite in memory (:mod:`edgeq.pipeline.core`: count and read-back
+   checks), then the ``edgeq.version`` / ``edgeq.config`` metadata;
+5. save to a staging directory and validate the file (:func:`parity_checks`: plan parity
+   max|Δ|/max|ref| ≤ ``--max-plan-diff`` against PyTorch carrying the planned Ŵ, and fidelity to
+   FP32); nothing is written unless every gate passes;
+6. :func:`make_report` — the JSON report, committed with the model (and the deployment package).
+
+``validate_file`` runs step 5 on an existing file, decoding Ŵ from it.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edgeq import __version__
 from edgeq.config import ConvertConfig
-from edgeq.errors import EdgeqError, UsageError, ValidationFailed
+from edgeq.errors import EdgeqError, ValidationFailed
+from edgeq.pipeline.core import Timer
 from edgeq.pipeline.parity import Check, ParityReport
 
 EXPORT_TOLERANCE = 1e-4  # FP32 ONNX vs PyTorch, max|Δ| (relative to max(1, max|ref|))
@@ -26,21 +43,6 @@ class Thresholds:
     plan_rel_diff: float = PLAN_TOLERANCE
     min_agreement: float | None = None
     max_abs_diff: float | None = None
-
-
-@dataclass
-class Timer:
-    """Runs named stages, logs their start and duration, and keeps the durations for the report."""
-
-    stages: dict[str, float] = field(default_factory=dict)
-
-    def run(self, name: str, fn, *args, **kwargs):
-        logger.info(f"{name} ...")
-        t0 = time.perf_counter()
-        out = fn(*args, **kwargs)
-        self.stages[name] = round(time.perf_counter() - t0, 3)
-        logger.info(f"{name}: {self.stages[name]:.1f} s")
-        return out
 
 
 def parity_checks(loaded, session, fp32_out, ref_weights, batches, thresholds: Thresholds, source: str,
@@ -77,6 +79,180 @@ def parity_checks(loaded, session, fp32_out, ref_weights, batches, thresholds: T
     return report
 
 
+@dataclass(frozen=True)
+class Reference:
+    """The validation text, its batches, and the FP32 PyTorch outputs on them."""
+
+    batches: list
+    outputs: dict[str, np.ndarray]
+    source: str
+
+
+def load_checked(model_dir: Path, allow_pickle: bool):
+    """Load the model; refuse a single tensor of 2 GB or more (protobuf cannot copy one such message)."""
+    from edgeq.model.load import load_model
+
+    loaded = load_model(model_dir, allow_pickle)
+    huge = next(((n, p.numel() * 4) for n, p in loaded.model.named_parameters() if p.numel() * 4 >= 2**31), None)
+    if huge:  # protobuf cannot copy one message of 2 GB or more, which the ONNX rewrite needs
+        raise EdgeqError(f"weight {huge[0]} alone is {huge[1] / 1e9:.2f} GB; edgeq cannot convert a single tensor "
+                         "of 2 GB or more (protobuf limit), only models whose total exceeds it")
+    return loaded
+
+
+def calibrate_if_needed(loaded, config: ConvertConfig, timer: Timer, progress: bool):
+    """Statistics of every Linear input (edgeq.model.calib) when the plan uses them, else None."""
+    from edgeq.pipeline.core import needs_calibration_pass
+
+    if not needs_calibration_pass(config):
+        return None
+    from edgeq.model.calib import calibrate
+
+    return timer.run("calibrate", calibrate, loaded, config.calib, config.calib_samples, config.seed,
+                     config.data_dir, progress=progress)
+
+
+def reference_outputs(loaded, data: Path | None, limit: int | None) -> Reference:
+    from edgeq.model.texts import encode_batches, validation_texts
+    from edgeq.pipeline.parity import run_torch
+
+    texts, source = validation_texts(data, limit)
+    batches = encode_batches(loaded, texts)
+    return Reference(batches, run_torch(loaded.model, loaded, batches), source)
+
+
+def export_checked(loaded, config: ConvertConfig, ref: Reference, threads: int, timer: Timer):
+    """The FP32 ONNX export and its max|Δ| per output against PyTorch (refused beyond EXPORT_TOLERANCE)."""
+    from edgeq.onnx.export import export_fp32
+    from edgeq.onnx.session import session_of_model
+    from edgeq.pipeline.parity import run_onnx
+
+    model = timer.run("export", export_fp32, loaded, config.opset, config.external_data_threshold)
+    got = run_onnx(session_of_model(model, threads, config.external_data_threshold), ref.batches)
+    diff = {k: float(np.max(np.abs(got[k] - v))) for k, v in ref.outputs.items()}
+    for k, d in diff.items():
+        scale = max(1.0, float(np.max(np.abs(ref.outputs[k]))))
+        if d > EXPORT_TOLERANCE * scale:
+            raise EdgeqError(f"FP32 export does not match PyTorch ({k} max|d| = {d:.3g}); please report this model")
+    return model, diff
+
+
+def quantize(loaded, fp32_model, weights, config: ConvertConfig, calibration, timer: Timer, progress: bool):
+    """Plan (RTN or the calibrated quantizer), the checked in-memory rewrite (edgeq.pipeline.core), metadata."""
+    from edgeq.onnx.graph import set_meta
+    from edgeq.pipeline.core import plan_weights, quantize_graph
+
+    stage = "plan" if config.quantizer == "rtn" else "quantize"  # calibrated: block by block (edgeq.model.sequential)
+    plan, quantizer_report = timer.run(stage, plan_weights, loaded, weights, config, calibration, progress)
+    modules = None
+    if config.quantize_embeddings:
+        from edgeq.onnx.embeddings import module_names
+
+        modules = module_names(fp32_model, loaded.model)
+    qg = quantize_graph(fp32_model, weights, config, plan, modules, timer)
+    set_meta(qg.model, "edgeq.version", __version__)  # after edgeq.layers (and edgeq.embeddings): order is bytes
+    set_meta(qg.model, "edgeq.config", json.dumps(config.to_dict(), sort_keys=True))
+    qg.model.producer_name, qg.model.producer_version = "edgeq", __version__
+    return qg, quantizer_report
+
+
+@dataclass
+class Converted:
+    """Everything a conversion computed before writing: the quantized graph and what the report needs."""
+
+    model_dir: Path
+    config: ConvertConfig
+    loaded: object  # edgeq.model.load.LoadedModel
+    calibration: object | None
+    ref: Reference
+    export_diff: dict[str, float]
+    fp32_sizes: dict
+    weights: dict[str, np.ndarray]
+    graph: object  # edgeq.pipeline.core.QuantizedGraph
+    quantizer_report: dict
+
+
+def prepare(model_dir: Path, config: ConvertConfig, data, limit, threads: int, progress: bool,
+            timer: Timer) -> Converted:
+    """Stages 1–4: load, calibrate, reference outputs, checked export, plan and checked rewrite."""
+    from edgeq.onnx.sizes import size_by_component
+
+    loaded = timer.run("load", load_checked, model_dir, config.allow_pickle)
+    calibration = calibrate_if_needed(loaded, config, timer, progress)
+    ref = reference_outputs(loaded, data, limit)
+    fp32_model, export_diff = export_checked(loaded, config, ref, threads, timer)
+    fp32_sizes = size_by_component(fp32_model)
+    weights = loaded.linear_weights()
+    qg, quantizer_report = quantize(loaded, fp32_model, weights, config, calibration, timer, progress)
+    return Converted(model_dir, config, loaded, calibration, ref, export_diff, fp32_sizes, weights, qg,
+                     quantizer_report)
+
+
+def make_report(c: Converted, out: Path, large: bool, file_bytes: int, parity: ParityReport, timer: Timer,
+                t_start: float) -> dict:
+    from edgeq.onnx.sizes import size_by_component
+
+    plan = c.graph.plan
+    return {
+        "edgeq_version": __version__,
+        "model_dir": str(c.model_dir),
+        "model_type": c.loaded.model_type,
+        "head": c.loaded.head,
+        "output": str(out),
+        "config": c.config.to_dict(),
+        "calibration": c.calibration.info() if c.calibration else None,
+        "quantizer": c.quantizer_report,
+        "linears_total": len(c.weights),
+        "linears_quantized": c.graph.rewrite.count,
+        "linears_excluded": list(plan.excluded),
+        "embeddings": c.graph.embeddings,
+        "external_data": large,
+        "export_max_abs_diff": c.export_diff,
+        "recon_error_total": plan.total_recon_error,
+        "layers": {name: lp.stats() for name, lp in plan.layers.items()},
+        "size_bytes": size_by_component(c.graph.model),
+        "size_bytes_fp32": c.fp32_sizes,
+        "file_bytes": file_bytes,
+        "parity": parity.to_dict(),
+        "timings_s": {**timer.stages, "total": round(time.perf_counter() - t_start, 3)},
+    }
+
+
+def write_validated(c: Converted, out: Path, thresholds: Thresholds, threads: int, ort_format: bool,
+                    timer: Timer, t_start: float) -> dict:
+    """Stages 5–6: save to a staging directory, validate the file, commit it with its report (or nothing)."""
+    from edgeq.onnx.rewrite import exact_arithmetic_copy
+    from edgeq.onnx.safe_load import save_onnx, weight_bytes
+    from edgeq.onnx.session import make_session, session_of_model
+    from edgeq.pipeline.deploy import Layout, stage_deployment, staged
+
+    model, limit = c.graph.model, c.config.external_data_threshold
+    layout = Layout.for_output(out)  # one .onnx file, or a Hugging Face folder (edgeq.pipeline.deploy)
+    with staged(layout) as stage:
+        tmp_model, tmp_report = stage.path(layout.model), stage.path(layout.report)
+        large = weight_bytes(model) > limit
+        tmp_data = stage.path(layout.data) if large else None
+        timer.run("save", save_onnx, model, tmp_model, large)
+        session = make_session(str(tmp_model), threads)
+        exact = exact_arithmetic_copy(model)
+        plan_session = None if exact is None else session_of_model(exact, threads, limit)
+        parity = timer.run("validate", parity_checks, c.loaded, session, c.ref.outputs, c.graph.planned,
+                           c.ref.batches, thresholds, c.ref.source, plan_session)
+        file_bytes = tmp_model.stat().st_size + (tmp_data.stat().st_size if tmp_data else 0)
+        report = make_report(c, out, large, file_bytes, parity, timer, t_start)
+        if not parity.ok:
+            logger.info("validation:\n" + parity.table())
+            failed = "; ".join(f"{x.name} = {x.value:.4g}, limit {x.limit:.4g}" for x in parity.failures())
+            raise ValidationFailed(f"validation failed, no output written ({failed}); relax the threshold or raise --k")
+        if layout.folder is not None or ort_format:
+            report["deployment"] = timer.run("package", stage_deployment, stage, layout, c.loaded, model, tmp_model,
+                                             session, c.ref.batches, large, ort_format, threads)
+            report["timings_s"].update(package=timer.stages["package"], total=round(time.perf_counter() - t_start, 3))
+        tmp_report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        stage.commit()
+    return report
+
+
 def convert(
     model_dir: Path,
     out: Path,
@@ -89,136 +265,9 @@ def convert(
     ort_format: bool = False,
 ) -> dict:
     """Convert ``model_dir`` to ``out`` (atomically) and return the report (also written as JSON)."""
-    import onnx
-
-    from edgeq.model.load import load_model
-    from edgeq.model.texts import encode_batches, validation_texts
-    from edgeq.onnx.export import export_fp32
-    from edgeq.onnx.readback import read_back
-    from edgeq.onnx.rewrite import exact_arithmetic_copy, rewrite_linears
-    from edgeq.onnx.safe_load import save_onnx, weight_bytes
-    from edgeq.onnx.session import make_session, session_of_model
-    from edgeq.onnx.sizes import size_by_component
-    from edgeq.pipeline.deploy import Layout, stage_deployment, staged
-    from edgeq.pipeline.parity import run_onnx, run_torch
-    from edgeq.quant.plan import build_plan
-    from edgeq.saliency import get_method
-
-    t_start = time.perf_counter()
-    timer = Timer()
-    loaded = timer.run("load", load_model, model_dir, config.allow_pickle)
-    huge = next(((n, p.numel() * 4) for n, p in loaded.model.named_parameters() if p.numel() * 4 >= 2**31), None)
-    if huge:  # protobuf cannot copy one message of 2 GB or more, which the ONNX rewrite needs
-        raise EdgeqError(f"weight {huge[0]} alone is {huge[1] / 1e9:.2f} GB; edgeq cannot convert a single tensor "
-                         "of 2 GB or more (protobuf limit), only models whose total exceeds it")
-    calibration = None
-    needs_one_pass = config.quantizer == "rtn" or get_method(config.method).needs_calibration
-    if config.calib and needs_one_pass:  # statistics of every Linear input (edgeq.model.calib), for calibration-based methods
-        from edgeq.model.calib import calibrate
-
-        calibration = timer.run("calibrate", calibrate, loaded, config.calib, config.calib_samples, config.seed,
-                                config.data_dir, progress=progress)
-    texts, source = validation_texts(data, limit)
-    batches = encode_batches(loaded, texts)
-    fp32_out = run_torch(loaded.model, loaded, batches)
-
-    model = timer.run("export", export_fp32, loaded, config.opset, config.external_data_threshold)
-    fp32_got = run_onnx(session_of_model(model, threads or 0, config.external_data_threshold), batches)
-    export_diff = {k: float(np.max(np.abs(fp32_got[k] - v))) for k, v in fp32_out.items()}
-    for k, d in export_diff.items():
-        scale = max(1.0, float(np.max(np.abs(fp32_out[k]))))
-        if d > EXPORT_TOLERANCE * scale:
-            raise EdgeqError(f"FP32 export does not match PyTorch ({k} max|d| = {d:.3g}); please report this model")
-    fp32_sizes = size_by_component(model)
-
-    weights = loaded.linear_weights()
-    if config.quantizer == "rtn":
-        plan = timer.run("plan", build_plan, weights, config, calibration.stats if calibration else None)
-        quantizer_report = {"name": "rtn", "hyperparameters": {}, "calibration": None}
-    else:  # calibrated quantizers: sequential, block by block (edgeq.model.sequential)
-        from edgeq.model.sequential import run_quantizer
-
-        plan, quantizer_report = timer.run("quantize", run_quantizer, loaded, weights, config, calibration,
-                                           progress)
-    if not plan.layers:
-        raise UsageError(f"no Linear left to quantize (--exclude keeps all {len(weights)} in FP32); loosen --exclude")
-    try:
-        result = timer.run("rewrite", rewrite_linears, model, plan.quants, weights, config.accuracy_level,
-                           correction=config.correction, storage=config.storage, kernel=config.kernel)
-    except ValueError as e:
-        raise EdgeqError(f"{e}; exclude them with --exclude REGEX or report this model") from None
-    if result.count != len(plan.layers):
-        raise EdgeqError(f"rewrote {result.count} Linears but the plan has {len(plan.layers)}; please report this")
-    planned = {name: lp.quant.dequantize() for name, lp in plan.layers.items()}
-    embeddings_report = None
-    if config.quantize_embeddings:  # word/position tables → GatherBlockQuantized (edgeq.onnx.embeddings)
-        from edgeq.onnx.embeddings import module_names, quantize_embeddings
-
-        emb = timer.run("embeddings", quantize_embeddings, model, 32, module_names(model, loaded.model))
-        if not emb.rewritten:
-            raise EdgeqError("--quantize-embeddings found no word-embedding Gather to rewrite ("
-                             + ("; ".join(f"{n}: {r}" for n, r in emb.refused[:2]) or "no Gather on input_ids")
-                             + "); use --no-quantize-embeddings")
-        planned.update(emb.tables)
-        embeddings_report = {"int4": sorted(emb.rewritten.values()),
-                             "left_fp32": [{"node": n, "reason": r} for n, r in emb.refused]}
-    decoded = read_back(model)
-    bad = [n for n in planned if not np.array_equal(planned[n], decoded[n])]
-    if bad:
-        raise EdgeqError(f"the written graph does not encode the plan for {', '.join(bad[:3])}; please report this")
-
-    meta = {"edgeq.version": __version__, "edgeq.config": json.dumps(config.to_dict(), sort_keys=True)}
-    for key, value in meta.items():
-        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
-    model.producer_name, model.producer_version = "edgeq", __version__
-
-    layout = Layout.for_output(out)  # one .onnx file, or a Hugging Face folder (edgeq.pipeline.deploy)
-    with staged(layout) as stage:
-        tmp_model = stage.path(layout.model)
-        tmp_report = stage.path(layout.report)
-        large = weight_bytes(model) > config.external_data_threshold
-        tmp_data = stage.path(layout.data) if large else None
-        timer.run("save", save_onnx, model, tmp_model, large)
-        session = make_session(str(tmp_model), threads or 0)
-        exact = exact_arithmetic_copy(model)
-        plan_session = None if exact is None else session_of_model(exact, threads or 0, config.external_data_threshold)
-        parity = timer.run(
-            "validate", parity_checks, loaded, session, fp32_out, planned, batches, thresholds, source, plan_session
-        )
-        report = {
-            "edgeq_version": __version__,
-            "model_dir": str(model_dir),
-            "model_type": loaded.model_type,
-            "head": loaded.head,
-            "output": str(out),
-            "config": config.to_dict(),
-            "calibration": calibration.info() if calibration else None,
-            "quantizer": quantizer_report,
-            "linears_total": len(weights),
-            "linears_quantized": result.count,
-            "linears_excluded": list(plan.excluded),
-            "embeddings": embeddings_report,
-            "external_data": large,
-            "export_max_abs_diff": export_diff,
-            "recon_error_total": plan.total_recon_error,
-            "layers": {name: lp.stats() for name, lp in plan.layers.items()},
-            "size_bytes": size_by_component(model),
-            "size_bytes_fp32": fp32_sizes,
-            "file_bytes": tmp_model.stat().st_size + (tmp_data.stat().st_size if tmp_data else 0),
-            "parity": parity.to_dict(),
-            "timings_s": {**timer.stages, "total": round(time.perf_counter() - t_start, 3)},
-        }
-        if not parity.ok:
-            logger.info("validation:\n" + parity.table())
-            failed = "; ".join(f"{c.name} = {c.value:.4g}, limit {c.limit:.4g}" for c in parity.failures())
-            raise ValidationFailed(f"validation failed, no output written ({failed}); relax the threshold or raise --k")
-        if layout.folder is not None or ort_format:
-            report["deployment"] = timer.run("package", stage_deployment, stage, layout, loaded, model, tmp_model,
-                                             session, batches, large, ort_format, threads or 0)
-            report["timings_s"].update(package=timer.stages["package"], total=round(time.perf_counter() - t_start, 3))
-        tmp_report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        stage.commit()
-    return report
+    t_start, timer = time.perf_counter(), Timer()
+    converted = prepare(model_dir, config, data, limit, threads or 0, progress, timer)
+    return write_validated(converted, out, thresholds, threads or 0, ort_format, timer, t_start)
 
 
 def validate_file(

@@ -15,7 +15,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from edgeq.errors import EdgeqError, UsageError
+from edgeq.errors import EdgeqError, UsageError, sigterm_interrupts
 
 
 def check_output_path(out: Path, inputs: list[Path], force: bool) -> None:
@@ -93,29 +93,19 @@ def _signals_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt("SIGTERM")
-
-
 @contextmanager
 def staged_output(parent: Path):
     """Yield a :class:`StagedOutput`; SIGTERM is treated like Ctrl-C while it is open."""
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        signal.signal(signal.SIGTERM, _raise_interrupt)
-    except ValueError:  # not the main thread
-        previous = None
-    stage = None
-    try:
-        with _signals_blocked():  # an interrupt right after mkdtemp must not leak the directory
-            stage = StagedOutput(parent)
-        yield stage
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise EdgeqError(f"no space left on the device while writing to {parent}; free space and retry") from None
-        raise
-    finally:
-        if stage is not None:
-            stage.discard()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    with sigterm_interrupts():
+        stage = None
+        try:
+            with _signals_blocked():  # an interrupt right after mkdtemp must not leak the directory
+                stage = StagedOutput(parent)
+            yield stage
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise EdgeqError(f"no space left on the device while writing to {parent}; free space and retry") from None
+            raise
+        finally:
+            if stage is not None:
+                stage.discard()

@@ -1,8 +1,10 @@
 """The quantization plan: which entries of each Linear stay FP32 and the int4 codes of the rest.
 
-For every targeted Linear ``W [N, K]``: score with the configured saliency method, select the
-top-k flat indices S (``k`` clipped to N·K), then ``quantize_rtn(W, S)`` (see
-``edgeq.quant.int4``).  The plan is pure data: numpy/torch in, dataclasses out; the ONNX rewrite
+For every targeted Linear ``W [N, K]``: score with the configured saliency method, order the flat
+indices by decreasing score (one stable sort, ties → lower index: ``selection_order``), take
+S = sort(order[:k]) (``k`` clipped to N·K), then ``quantize_rtn(W, S)`` (see ``edgeq.quant.int4``).
+One path, ``plan_layer_from_order``: ``plan_layer`` scores and calls it; a sweep calls it with
+one order per layer for every k.  The plan is pure data: numpy/torch in, dataclasses out; the ONNX rewrite
 and the PyTorch reference both consume it, which is what makes their comparison meaningful.
 
 Per-layer statistics recorded: k, the reconstruction error ``‖W − Ŵ‖²_F`` and that of plain
@@ -19,7 +21,7 @@ import numpy as np
 
 from edgeq.config import ConvertConfig
 from edgeq.quant.int4 import QuantizedLinear, quantize_rtn
-from edgeq.saliency import ScoreContext, get_method, topk_flat
+from edgeq.saliency import ScoreContext, descending_order, get_method, topk_from_order
 
 
 @dataclass(frozen=True)
@@ -59,32 +61,38 @@ class QuantPlan:
         return float(sum(p.recon_error for p in self.layers.values()))
 
 
-def plan_layer(name: str, weight: np.ndarray, config: ConvertConfig, stats=None,
-               quantize: Callable[[np.ndarray, np.ndarray], QuantizedLinear] | None = None) -> LayerPlan:
-    """Select the salient entries, then ``quantize(w, idx)`` (default: RTN; see edgeq.quant.registry)."""
+def selection_order(name: str, weight: np.ndarray, config: ConvertConfig, stats=None,
+                    limit: int | None = None) -> np.ndarray:
+    """Flat indices of ``weight`` by decreasing ``config.method`` score (ties → lower index), the first ``limit``."""
     import torch
 
     w = np.ascontiguousarray(weight, dtype=np.float32)
-    method = get_method(config.method)
+    ctx = ScoreContext(layer=name, rank=config.rank, seed=config.seed, stats=stats, percdamp=config.percdamp)
+    return descending_order(get_method(config.method).score(torch.from_numpy(w), ctx), limit)
+
+
+def plan_layer_from_order(name: str, weight: np.ndarray, order: np.ndarray, config: ConvertConfig,
+                          quantize: Callable[[np.ndarray, np.ndarray], QuantizedLinear] | None = None) -> LayerPlan:
+    """Plan one Linear whose salient set is ``sort(order[:k])``, k = ``config.k`` clipped to N·K.
+
+    ``order``: a descending selection order of at least k entries (:func:`selection_order`), so one
+    order serves every k.  ``quantize(w, idx)`` defaults to RTN (see edgeq.quant.registry).
+    """
+    w = np.ascontiguousarray(weight, dtype=np.float32)
     k = min(config.k, w.size)
-    if k == 0:
-        idx = np.empty(0, dtype=np.int64)
-    elif k == w.size:
-        idx = np.arange(k, dtype=np.int64)
-    else:
-        ctx = ScoreContext(layer=name, rank=config.rank, seed=config.seed, stats=stats, percdamp=config.percdamp)
-        score = method.score(torch.from_numpy(w), ctx)
-        idx = topk_flat(score, k).numpy()
+    if len(order) < k:
+        raise ValueError(f"{name}: the selection order holds {len(order)} entries, fewer than k = {k}")
+    idx = topk_from_order(np.asarray(order, dtype=np.int64), k)
+    grid = config.grid if config.layer_bits(name) == 4 else "sym7"
     if quantize is None:
-        bits = config.layer_bits(name)
         quant = quantize_rtn(w, idx, config.granularity, config.exclude_salient_from_scale,
-                             bits=bits, grid=config.grid if bits == 4 else "sym7",
-                             fp16_scales=config.fp16_scales and bits != 8)
+                             bits=config.layer_bits(name), grid=grid,
+                             fp16_scales=config.fp16_scales and config.layer_bits(name) != 8)
     else:
         quant = quantize(w, idx)
     base = quantize_rtn(w, idx[:0], config.granularity, bits=quant.stored_bits,
                         grid=config.grid if quant.stored_bits == 4 else "sym7", fp16_scales=quant.fp16_scales)
-    n, k_in = w.shape
+    k_in = w.shape[1]
     return LayerPlan(
         name=name,
         quant=quant,
@@ -95,15 +103,34 @@ def plan_layer(name: str, weight: np.ndarray, config: ConvertConfig, stats=None,
     )
 
 
+def plan_layer(name: str, weight: np.ndarray, config: ConvertConfig, stats=None,
+               quantize: Callable[[np.ndarray, np.ndarray], QuantizedLinear] | None = None) -> LayerPlan:
+    """Select the salient entries (scored only when 0 < k < N·K), then :func:`plan_layer_from_order`."""
+    size = int(np.prod(np.shape(weight)))
+    k = min(config.k, size)
+    if k == 0:
+        order = np.empty(0, dtype=np.int64)
+    elif k == size:
+        order = np.arange(k, dtype=np.int64)
+    else:
+        order = selection_order(name, weight, config, stats, limit=k)
+    return plan_layer_from_order(name, weight, order, config, quantize)
+
+
 def build_plan(
     weights: Mapping[str, np.ndarray],
     config: ConvertConfig,
     stats: Mapping[str, object] | None = None,
     progress: Callable[[str], None] | None = None,
+    orders: Mapping[str, np.ndarray] | None = None,
 ) -> QuantPlan:
-    """Plan every Linear in ``weights`` (name → ``[N, K]``) except those ``--exclude`` keeps FP32."""
+    """Plan every Linear in ``weights`` (name → ``[N, K]``) except those ``--exclude`` keeps FP32.
+
+    ``orders`` (name → :func:`selection_order` of at least k entries) skips the scoring: a sweep
+    scores each layer once and plans every k from the same order.
+    """
     method = get_method(config.method)
-    if method.needs_calibration and not stats:
+    if orders is None and method.needs_calibration and not stats:
         raise ValueError(f"--method {config.method} needs calibration data (--calib)")
     layers: dict[str, LayerPlan] = {}
     excluded = []
@@ -111,7 +138,10 @@ def build_plan(
         if config.is_excluded(name):
             excluded.append(name)
             continue
-        layers[name] = plan_layer(name, w, config, (stats or {}).get(name))
+        if orders is not None:
+            layers[name] = plan_layer_from_order(name, w, orders[name], config)
+        else:
+            layers[name] = plan_layer(name, w, config, (stats or {}).get(name))
         if progress:
             progress(name)
     return QuantPlan(layers=layers, excluded=tuple(excluded))

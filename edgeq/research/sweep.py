@@ -1,121 +1,56 @@
-"""Table I sweep: every (saliency method, k) cell converted and scored on a GLUE dev set, in-process.
+"""Table I sweep: every cell of ``method × k × variant`` converted and scored on a GLUE dev set, in-process.
 
-One model load, one FP32 export, one score per (method, Linear), reused for every k: a layer's
-top-k selection is the first k entries of its stable descending score order, sorted — exactly
-``topk_flat(score, k)`` — so ``order[:k_max]`` is all that is kept.  Each cell then runs
-``quantize_rtn`` per Linear, rewrites a copy of the FP32 ModelProto (``rewrite_linears``; the
-rewrite count must equal the plan's layers and the graph must decode back to the plan), and is
-evaluated on ONNX Runtime.  The FP32 row is the exported FP32 graph on ONNX Runtime (its PyTorch
-correct count is recorded beside it); ``int4`` is k = 0 (no FP32 entries, method-independent).
+Variants (:mod:`edgeq.research.cells`) are the other grid dimensions: quantizer, bits, 4-bit grid and
+granularity.  One model load, one FP32 export, one score per (method, Linear), reused for every k
+and every RTN variant: a layer's top-k selection is the first k entries of its stable descending
+score order, sorted (:func:`edgeq.quant.plan.selection_order`, the same sort as ``topk_flat``), so
+``order[:k_max]`` is all that is kept.  An RTN cell is planned by ``build_plan(..., orders=)``; a
+calibrated quantizer's cell by :func:`edgeq.pipeline.core.plan_weights` (block by block, selecting
+on its own).  Every cell is then quantized by the in-memory core
+(:func:`edgeq.pipeline.core.quantize_graph`: a rewritten copy of the FP32 graph, count and
+read-back checked) and evaluated on ONNX Runtime.
 
-Every finished cell is written at once to ``OUT/cells/<cell>.json`` (atomically) with the sweep
-settings; a rerun loads those instead of recomputing them, and refuses a directory whose cells
-were made with other settings.
+Recorded per quantized cell, besides the task metrics and the agreement with FP32 predictions:
+
+* ``mean_abs_dlogit`` / ``max_abs_dlogit``: mean and max over all dev logits of |z_q − z_fp32|
+  (z_fp32: the PyTorch FP32 model);
+* ``recon_error_total`` = Σ_layers ‖W − Ŵ‖²_F;
+* calibrated quantizers: ``quantize_seconds`` (wall), ``quantize_cpu_seconds`` (process time) and
+  the ``quantizer`` report of ``edgeq convert`` (hyper-parameters, calibration split, per-layer λ /
+  epochs);
+* ``plan_parity`` = max|z_onnx − z_ref| / max|z_ref| on the shortest and the longest batch, z_ref
+  from PyTorch carrying the planned Ŵ (refused above ``PLAN_TOLERANCE``, as ``edgeq convert`` does).
+
+The FP32 row is the exported FP32 graph on ONNX Runtime (its PyTorch correct count is recorded
+beside it); ``int4-k0`` is k = 0 (no FP32 entries, method-independent).  Finished cells are stored
+at once and reused by a rerun (:func:`edgeq.research.cells.load_cells`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from edgeq.errors import EdgeqError, UsageError
-from edgeq.evaluation import metrics
-
-FP32, INT4 = "fp32", "int4-k0"
-CALIB_FIELDS = ("calib", "calib_samples", "percdamp")
+from edgeq.research.cells import (  # noqa: F401  (FP32, INT4, cell_ids, load_cells: the sweep's API)
+    FP32,
+    INT4,
+    SweepSettings,
+    Variant,
+    cell_id,
+    cell_ids,
+    load_cells,
+    make_cell,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SweepSettings:
-    """What makes two sweeps' cells comparable (methods and the k grid may grow between runs)."""
-
-    model_dir: str
-    task: str
-    block_size: str = "32"
-    rank: int = 8
-    seed: int = 0
-    exclude_salient_from_scale: bool = False
-    limit: int | None = None
-    max_length: int = 128
-    accuracy_level: int = 0
-    # calibration (only cells of methods that need it depend on these; recorded per cell)
-    calib: str | None = None
-    calib_samples: int = 128
-    percdamp: float = 0.01
-
-    def key(self) -> dict:
-        d = asdict(self)
-        for f in CALIB_FIELDS:
-            d.pop(f)
-        d["model_dir"] = Path(self.model_dir).resolve().name  # the model, not where it was mounted
-        return d
-
-    def calib_key(self) -> dict:
-        return {f: getattr(self, f) for f in CALIB_FIELDS}
-
-
-def cell_id(method: str, k: int) -> str:
-    return INT4 if k == 0 else f"{method}-k{k}"
-
-
-def cell_ids(methods: Sequence[str], ks: Sequence[int]) -> list[str]:
-    ids = [FP32] + ([INT4] if 0 in ks else [])
-    return ids + [cell_id(m, k) for m in methods for k in ks if k > 0]
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def load_cells(out: Path, settings: SweepSettings, methods: Sequence[str] = ()) -> dict[str, dict]:
-    """Finished cells in ``out/cells``; a calibrated cell made with other --calib settings is redone."""
-    cells = {}
-    for p in sorted((out / "cells").glob("*.json")):
-        try:
-            c = json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue  # a damaged cell is recomputed
-        if c.get("settings") != settings.key():
-            raise UsageError(f"{out} holds cells of a different sweep ({p.name}: {c.get('settings')}); "
-                             "choose another --out directory")
-        if "calib" in c and c["calib"] != settings.calib_key():
-            if c.get("method") in methods:
-                raise UsageError(f"{p} was calibrated with {c['calib']}, not {settings.calib_key()}; "
-                                 "pass the same --calib/--calib-samples/--percdamp or another --out")
-            continue
-        cells[c["cell"]] = c
-    return cells
-
-
-def _pred_codes(preds: Sequence[str], labels: Sequence[str]) -> str:
-    index = {name: str(i) for i, name in enumerate(labels)}
-    return "".join(index[p] for p in preds)
-
-
-def make_cell(cell: str, method: str | None, k: int, result, labels, fp32_codes: str | None, extra: dict) -> dict:
-    """The stored record of one cell: metrics, correct/n, standard errors, agreement with FP32."""
-    n = result.examples
-    codes = _pred_codes(result.predictions, labels)
-    c = {"cell": cell, "method": method, "k": k, "examples": n, "metrics": result.metrics,
-         "correct": result.correct, "predictions": codes, "eval_seconds": result.seconds, **extra}
-    if "accuracy" in result.metrics:
-        c["accuracy_se"] = metrics.binomial_se(result.metrics["accuracy"], n)
-    if fp32_codes is not None:
-        agree = float(np.mean([a == b for a, b in zip(codes, fp32_codes)]))
-        c["agreement"] = agree
-        c["agreement_se"] = metrics.binomial_se(agree, n)
-    return c
+CALIB_NEEDED = "the awq/spqr methods need calibration data; pass --calib TASK_OR_FILE (e.g. --calib rte)"
 
 
 @dataclass
@@ -123,13 +58,13 @@ class SweepRun:
     cells: dict[str, dict]
     computed: list[str]
     reused: list[str]
+    variants: list[Variant] = field(default_factory=list)  # the grid's usable variants, in order
 
 
 class _Context:
     """Everything loaded once when at least one cell has to be computed."""
 
     def __init__(self, settings: SweepSettings, data_dir, threads: int, quiet: bool):
-        import onnx  # noqa: F401
         import torch
 
         from edgeq.evaluation.evaluate import encode_sorted
@@ -154,18 +89,37 @@ class _Context:
         self.loaded.model.eval()  # torch.onnx.export leaves the wrapped model in training mode (dropout on)
         logger.info(f"loaded and exported FP32 in {time.perf_counter() - t0:.1f} s")
         self._calibration = None
-        self._int4_error: dict[str, float] = {}
+        self._fp32_logits: np.ndarray | None = None
+        self._orders: dict[str, dict[str, np.ndarray]] = {}
+        self.score_seconds: dict[str, float] = {}
 
-    def evaluate(self, model_bytes, engine="onnxruntime"):
+    def evaluate(self, model_bytes, engine="onnxruntime", predict=None):
+        """(EvalResult, logits [n, C] in file order) of ONNX bytes, or of a PyTorch model's ``predict``."""
         from edgeq.evaluation.evaluate import evaluate, onnx_predictor, torch_predictor
         from edgeq.onnx.session import make_session
 
+        if predict is None:
+            predict = torch_predictor(self.loaded.model) if engine == "pytorch" else \
+                onnx_predictor(make_session(model_bytes, self.threads))[0]
+        outs = []
+
+        def recorded(feed):  # evaluate() keeps only the predictions; the logits are kept here
+            outs.append(np.asarray(predict(feed)))
+            return outs[-1]
+
+        res = evaluate(self.task, self.examples, recorded, self.batches, self.loaded.id2label,
+                       str(self.settings.model_dir), engine, self.quiet)
+        logits = np.zeros((res.examples, outs[0].shape[-1]) if outs else (0, 0))
+        for (idx, _), y in zip(self.batches, outs):
+            logits[idx] = y.reshape(len(idx), -1)
         if engine == "pytorch":
-            predict = torch_predictor(self.loaded.model)
-        else:
-            predict, _ = onnx_predictor(make_session(model_bytes, self.threads))
-        return evaluate(self.task, self.examples, predict, self.batches, self.loaded.id2label,
-                        str(self.settings.model_dir), engine, self.quiet)
+            self._fp32_logits = logits
+        return res, logits
+
+    def fp32_logits(self) -> np.ndarray:
+        if self._fp32_logits is None:
+            self.evaluate(None, engine="pytorch")
+        return self._fp32_logits
 
     def calibration(self):
         if self._calibration is None:
@@ -173,72 +127,108 @@ class _Context:
 
             s = self.settings
             if not s.calib:
-                raise UsageError("the awq/spqr methods need calibration data; pass --calib TASK_OR_FILE (e.g. --calib rte)")
+                raise UsageError(CALIB_NEEDED)
             self._calibration = calibrate(self.loaded, s.calib, s.calib_samples, s.seed, self.data_dir,
                                           progress=not self.quiet)
             logger.info(f"calibration: {self._calibration.info()}")
         return self._calibration
 
+    def config(self, method: str | None, k: int, variant: Variant):
+        from edgeq.config import ConvertConfig
+
+        st = self.settings
+        return ConvertConfig(method=method or "svd", k=k, rank=st.rank, seed=st.seed, block_size=variant.block_size,
+                             exclude_salient_from_scale=st.exclude_salient_from_scale, bits=variant.bits,
+                             grid=variant.grid, quantizer=variant.quantizer, accuracy_level=st.accuracy_level,
+                             calib=st.calib, calib_samples=st.calib_samples, percdamp=st.percdamp,
+                             data_dir=str(self.data_dir) if self.data_dir else None)
+
     def orders(self, method: str, k_max: int) -> dict[str, np.ndarray]:
-        """Per Linear: the first ``k_max`` flat indices in stable descending score order."""
-        import dataclasses
+        """Per Linear: the first ``k_max`` flat indices in stable descending score order (kept for later cells)."""
+        from edgeq.quant.plan import selection_order
+        from edgeq.saliency import get_method
 
-        import torch
+        kept = self._orders.get(method)
+        if kept is not None and all(len(o) >= min(k_max, self.weights[n].size) for n, o in kept.items()):
+            return kept
+        t0 = time.perf_counter()
+        stats = self.calibration().stats if get_method(method).needs_calibration else {}
+        config = self.config(method, k_max, Variant(self.settings.block_size))
+        orders = {name: selection_order(name, w, config, stats.get(name), k_max) for name, w in self.weights.items()}
+        self._orders[method], self.score_seconds[method] = orders, round(time.perf_counter() - t0, 3)
+        logger.info(f"{method}: scored {len(orders)} Linears in {self.score_seconds[method]:.1f} s")
+        return orders
 
-        from edgeq.saliency import ScoreContext, get_method
+    def quantized_cell(self, config, orders: dict[str, np.ndarray] | None) -> tuple[object, dict]:
+        """The checked quantized graph of one cell (edgeq.pipeline.core) and what its record adds."""
+        from edgeq.pipeline.core import needs_calibration_pass, plan_weights, quantize_graph
+        from edgeq.quant.plan import build_plan
 
-        m = get_method(method)
-        stats = self.calibration().stats if m.needs_calibration else {}
-        extra = {"percdamp": self.settings.percdamp} if "percdamp" in {f.name for f in dataclasses.fields(ScoreContext)} else {}
-        out = {}
-        for name, w in self.weights.items():
-            ctx = ScoreContext(layer=name, rank=self.settings.rank, seed=self.settings.seed,
-                               stats=stats.get(name), **extra)
-            score = m.score(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)), ctx)
-            order = torch.sort(score.detach().reshape(-1), descending=True, stable=True).indices[:k_max]
-            out[name] = order.numpy().astype(np.int64)
-        return out
+        info: dict = {}
+        if config.quantizer == "rtn":
+            plan = build_plan(self.weights, config, orders=orders if config.k else None)
+        else:
+            calibration = self.calibration() if needs_calibration_pass(config) else None
+            t0, c0 = time.perf_counter(), time.process_time()
+            plan, report = plan_weights(self.loaded, self.weights, config, calibration, not self.quiet)
+            info = {"quantize_seconds": round(time.perf_counter() - t0, 3),
+                    "quantize_cpu_seconds": round(time.process_time() - c0, 3), "quantizer": report}
+        qg = quantize_graph(self.fp32, self.weights, config, plan)
+        info.update(linears=qg.rewrite.count, fp32_entries=int(sum(lp.quant.k for lp in plan.layers.values())),
+                    recon_error_total=plan.total_recon_error)
+        return qg, info
 
-    def quantized_cell(self, orders: dict[str, np.ndarray] | None, k: int) -> tuple[bytes, dict]:
-        """The rewritten ONNX bytes of one cell and its plan statistics (checked against the plan)."""
-        import onnx
+    def figures(self, qg, logits: np.ndarray) -> dict:
+        """|Δlogit| against FP32 PyTorch on every example, and plan parity on two batches."""
+        from edgeq.evaluation.evaluate import onnx_predictor, torch_predictor
+        from edgeq.onnx.rewrite import exact_arithmetic_copy
+        from edgeq.onnx.session import make_session
+        from edgeq.pipeline.convert import PLAN_TOLERANCE
+        from edgeq.pipeline.parity import reference_model
 
-        from edgeq.onnx.readback import read_back
-        from edgeq.onnx.rewrite import rewrite_linears
-        from edgeq.quant.int4 import Granularity, quantize_rtn
-        from edgeq.quant.plan import LayerPlan, QuantPlan
+        d = np.abs(logits - self.fp32_logits())
+        pick = [self.batches[i] for i in sorted({0, len(self.batches) - 1})] if self.batches else []
+        ref_predict = torch_predictor(reference_model(self.loaded, dict(qg.planned)))
+        exact = exact_arithmetic_copy(qg.model)  # accuracy_level ≠ 0: parity of the weights at level 0
+        run = onnx_predictor(make_session(exact.SerializeToString(), self.threads))[0] if exact is not None else None
+        got = [run(feed) if run else logits[idx] for idx, feed in pick]
+        ref = [ref_predict(feed) for _, feed in pick]
+        parity = float(max((np.max(np.abs(g.reshape(r.shape) - r)) for g, r in zip(got, ref)), default=0.0)
+                       / max(max((np.max(np.abs(r)) for r in ref), default=0.0), 1e-12))
+        if parity > PLAN_TOLERANCE:
+            raise EdgeqError(f"plan parity {parity:.3g} > {PLAN_TOLERANCE:g}: ONNX Runtime does not compute the plan; "
+                             "please report this")
+        return {"mean_abs_dlogit": float(d.mean()), "max_abs_dlogit": float(d.max()), "plan_parity": parity}
 
-        gran = Granularity.parse(self.settings.block_size)
-        layers = {}
-        for name, w in self.weights.items():
-            w = np.ascontiguousarray(w, dtype=np.float32)
-            idx = np.sort(orders[name][: min(k, w.size)]) if k and orders is not None else np.empty(0, np.int64)
-            q = quantize_rtn(w, idx, gran, self.settings.exclude_salient_from_scale)
-            if name not in self._int4_error:  # plain int4 on the same quantizer, once per layer
-                base = quantize_rtn(w, idx[:0], gran)
-                self._int4_error[name] = float(np.sum((w.astype(np.float64) - base.dequantize()) ** 2))
-            layers[name] = LayerPlan(
-                name, q, float(np.sum((w.astype(np.float64) - q.dequantize()) ** 2)), self._int4_error[name],
-                int(np.unique(idx // w.shape[1]).size), int(np.unique(idx % w.shape[1]).size))
-        plan = QuantPlan(layers, ())
-        model = onnx.ModelProto()
-        model.CopyFrom(self.fp32)
-        result = rewrite_linears(model, plan.quants, self.weights, self.settings.accuracy_level)
-        if result.count != len(plan.layers):
-            raise EdgeqError(f"rewrote {result.count} Linears but the plan has {len(plan.layers)}; please report this")
-        decoded = read_back(model)
-        bad = [n for n, lp in plan.layers.items() if not np.array_equal(lp.quant.dequantize(), decoded[n])]
-        if bad:
-            raise EdgeqError(f"the rewritten graph does not encode the plan for {bad[0]}; please report this")
-        info = {"linears": result.count, "fp32_entries": int(sum(lp.quant.k for lp in layers.values())),
-                "recon_error_total": plan.total_recon_error}
-        return model.SerializeToString(), info
+
+def usable_variants(settings: SweepSettings, grid: Sequence[Variant]) -> list[Variant]:
+    """``grid`` without the combinations the config refuses (a calibrated quantizer at 8 bits or on sym8)."""
+    from edgeq.config import ConvertConfig
+
+    out = []
+    for v in grid:
+        if v.bits == 8 and v.grid != "sym7":
+            logger.warning(f"skipping grid {v.grid} at 8 bits: the grid is a 4-bit option (same cells as sym7)")
+            continue
+        try:
+            ConvertConfig(block_size=v.block_size, bits=v.bits, grid=v.grid, quantizer=v.quantizer,
+                          calib=settings.calib, calib_samples=settings.calib_samples)
+        except ValueError as e:
+            if v.quantizer != "rtn" and (v.bits != 4 or v.grid != "sym7"):
+                logger.warning(f"skipping {v.quantizer} at {v.bits} bits, grid {v.grid}: {e}")
+                continue
+            raise UsageError(str(e).replace("--quantizer ", "--quantizers ")) from None
+        out.append(v)
+    return out
 
 
 def run_sweep(settings: SweepSettings, methods: Sequence[str], ks: Sequence[int], out: Path,
               data_dir: Path | None = None, threads: int = 1, quiet: bool = False,
-) -> SweepRun:
-    """Compute every missing cell of ``methods × ks`` (plus FP32 and int4) into ``out/cells``."""
+              grid: Sequence[Variant] | None = None) -> SweepRun:
+    """Compute every missing cell of ``methods × ks × grid`` (plus FP32 and int4) into ``out/cells``.
+
+    ``grid`` defaults to the one variant of the settings (RTN, 4 bits, sym7, ``settings.block_size``).
+    """
     from edgeq.evaluation.tasks import get_task
     from edgeq.saliency import get_method
 
@@ -248,58 +238,65 @@ def run_sweep(settings: SweepSettings, methods: Sequence[str], ks: Sequence[int]
         except ValueError as e:
             raise UsageError(str(e)) from None
     if not settings.calib and any(get_method(m).needs_calibration for m in methods):
-        raise UsageError("the awq/spqr methods need calibration data; pass --calib TASK_OR_FILE (e.g. --calib rte)")
+        raise UsageError(CALIB_NEEDED)
     if any(k < 0 for k in ks):
         raise UsageError("--k values must be >= 0")
     labels = get_task(settings.task).labels
     if not labels:
         raise UsageError(f"{settings.task} is a regression task; the sweep scores classification tasks")
+    grid = usable_variants(settings, grid or [Variant(settings.block_size)])
+    suffixes = [v.suffix(settings.block_size) for v in grid]
+    wanted = cell_ids(methods, ks, suffixes)
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    cells = load_cells(out, settings, methods)
-    wanted = cell_ids(methods, ks)
+    cells = load_cells(out, settings, wanted)
     reused = [c for c in wanted if c in cells]
     computed: list[str] = []
-    missing = [c for c in wanted if c not in cells]
-    if not missing:
-        return SweepRun({c: cells[c] for c in wanted}, computed, reused)
+    if all(c in cells for c in wanted):
+        return SweepRun({c: cells[c] for c in wanted}, computed, reused, grid)
 
     ctx = _Context(settings, data_dir, threads, quiet)
     base = {"settings": settings.key(), "engine": "onnxruntime", "threads": threads}
 
     def store(cell: dict) -> None:
-        _write_json(out / "cells" / f"{cell['cell']}.json", cell)
+        write_json(out / "cells" / f"{cell['cell']}.json", cell)
         cells[cell["cell"]] = cell
         computed.append(cell["cell"])
         acc = cell["metrics"].get("accuracy")
-        logger.info(f"{cell['cell']:<16} " + (f"accuracy {100 * acc:6.2f} ({cell['correct']}/{cell['examples']})" if acc is not None else
-                                      str(cell["metrics"])) + (f", agreement {100 * cell['agreement']:.2f}" if "agreement" in cell else ""))
+        logger.info(f"{cell['cell']:<16} " + (f"accuracy {100 * acc:6.2f} ({cell['correct']}/{cell['examples']})"
+                                              if acc is not None else str(cell["metrics"]))
+                    + (f", agreement {100 * cell['agreement']:.2f}" if "agreement" in cell else ""))
 
     if FP32 not in cells:
-        res = ctx.evaluate(ctx.fp32.SerializeToString())
-        torch_res = ctx.evaluate(None, engine="pytorch")
+        res, _ = ctx.evaluate(ctx.fp32.SerializeToString())
+        torch_res, _ = ctx.evaluate(None, engine="pytorch")
         store(make_cell(FP32, None, 0, res, labels, None, {
             **base, "pytorch_correct": torch_res.correct, "pytorch_metrics": torch_res.metrics,
             "pytorch_same_predictions": torch_res.predictions == res.predictions}))
     fp32_codes = cells[FP32]["predictions"]
-    if INT4 in missing:
-        model, info = ctx.quantized_cell(None, 0)
-        store(make_cell(INT4, None, 0, ctx.evaluate(model), labels, fp32_codes, {**base, **info}))
-    for m in methods:
-        todo = [k for k in ks if k > 0 and cell_id(m, k) not in cells]
-        if not todo:
-            continue
+
+    todo = []  # (method, k, variant, suffix) of every missing cell, variant by variant
+    for v, s in zip(grid, suffixes):
+        todo += ([(None, 0, v, s)] if 0 in ks else []) + [(m, k, v, s) for m in methods for k in ks if k > 0]
+    todo = [t for t in todo if cell_id(t[0], t[1], t[3]) not in cells]
+    k_max = {m: max([k for mm, k, v, _ in todo if mm == m and v.quantizer == "rtn"], default=0) for m in methods}
+
+    def compute(method: str | None, k: int, variant: Variant, suffix: str) -> None:
+        config = ctx.config(method, k, variant)
+        extra: dict = {"variant": variant.record()}
+        orders = None
+        if k and variant.quantizer == "rtn":
+            orders = ctx.orders(method, k_max[method])
+            extra["score_seconds"] = ctx.score_seconds[method]
         t0 = time.perf_counter()
-        orders = ctx.orders(m, max(todo))
-        score_s = round(time.perf_counter() - t0, 3)
-        logger.info(f"{m}: scored {len(orders)} Linears in {score_s:.1f} s")
-        calib = {"calib": settings.calib_key(), "calibration": ctx.calibration().info()} \
-            if get_method(m).needs_calibration else {}
-        for k in todo:
-            t1 = time.perf_counter()
-            model, info = ctx.quantized_cell(orders, k)
-            info.update(calib)
-            res = ctx.evaluate(model)
-            info["cell_seconds"] = round(time.perf_counter() - t1, 3)
-            info["score_seconds"] = score_s
-            store(make_cell(cell_id(m, k), m, k, res, labels, fp32_codes, {**base, **info}))
-    return SweepRun({c: cells[c] for c in wanted}, computed, reused)
+        if (method and get_method(method).needs_calibration) or variant.quantizer != "rtn":
+            extra.update(calib=settings.calib_key())
+            if method and get_method(method).needs_calibration:
+                extra["calibration"] = ctx.calibration().info()
+        qg, info = ctx.quantized_cell(config, orders)
+        res, logits = ctx.evaluate(qg.model.SerializeToString())
+        info.update(ctx.figures(qg, logits), cell_seconds=round(time.perf_counter() - t0, 3))
+        store(make_cell(cell_id(method, k, suffix), method, k, res, labels, fp32_codes, {**base, **extra, **info}))
+
+    for method, k, variant, suffix in todo:
+        compute(method, k, variant, suffix)
+    return SweepRun({c: cells[c] for c in wanted}, computed, reused, grid)

@@ -1,11 +1,12 @@
 """Table I (Markdown, CSV, JSON) and Figure 1 (PNG) from the cells of a sweep.
 
-Rows: FP32, int4 (k = 0), then each method × k.  Each row gives the task's metrics (%), the
-correct count out of n, the binomial standard error ``sqrt(p(1−p)/n)`` of the accuracy, and the
-agreement with the FP32 model's predictions with its own standard error.  Figure 1 plots the
-headline metric against k (log x) with ±1 s.e. bars, one line per method, and beside it the
-agreement with FP32 (a more sensitive view: it counts flips in both directions); FP32 and int4 are
-horizontal lines.
+Rows: FP32, then per variant (the cell-id suffix of :mod:`edgeq.research.cells`) int4 (k = 0) and
+each method × k.  Each row gives the task's metrics (%), the correct count out of n, the binomial
+standard error ``sqrt(p(1−p)/n)`` of the accuracy, the agreement with the FP32 model's predictions
+with its own standard error, and (cells that record them) mean and max |Δlogit| against FP32.
+Figure 1 plots the headline metric against k (log x) with ±1 s.e. bars, one line per method and
+variant, and beside it the agreement with FP32 (a more sensitive view: it counts flips in both
+directions); FP32 and int4 are horizontal lines.
 """
 
 from __future__ import annotations
@@ -16,13 +17,18 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from edgeq.research.sweep import FP32, INT4, cell_id
+from edgeq.research.cells import FP32, cell_id
+
+FIGURES = ("mean_abs_dlogit", "max_abs_dlogit", "recon_error_total")  # in the rows of cells that record them
 
 
-def rows(cells: dict[str, dict], methods: Sequence[str], ks: Sequence[int]) -> list[dict]:
+def rows(cells: dict[str, dict], methods: Sequence[str], ks: Sequence[int], suffixes: Sequence[str] = ("",)
+         ) -> list[dict]:
+    """FP32, then per variant (cell-id suffix): int4 (k = 0) and each method × k."""
+    order = [(FP32, "FP32", None)]
+    for s in suffixes:
+        order += [(cell_id(None, 0, s), "int4" + s, 0)] + [(cell_id(m, k, s), m + s, k) for m in methods for k in ks if k > 0]
     out = []
-    order = [(FP32, "FP32", None)] + ([(INT4, "int4", 0)] if INT4 in cells else [])
-    order += [(cell_id(m, k), m, k) for m in methods for k in ks if k > 0]
     for cid, label, k in order:
         c = cells.get(cid)
         if c is None:
@@ -35,6 +41,8 @@ def rows(cells: dict[str, dict], methods: Sequence[str], ks: Sequence[int]) -> l
         row["agreement_se"] = c.get("agreement_se")
         if cid == FP32:
             row["pytorch_correct"] = c.get("pytorch_correct")
+        if "mean_abs_dlogit" in c:  # cells of this version: |Δlogit| vs FP32 and Σ‖W − Ŵ‖²
+            row.update({f: c.get(f) for f in FIGURES})
         out.append(row)
     return out
 
@@ -44,33 +52,38 @@ def _pct(v) -> str:
 
 
 def markdown(rs: list[dict], metric_names: Sequence[str], title: str) -> str:
+    dlogit = any("mean_abs_dlogit" in r for r in rs)  # cells computed before the figure existed lack it
     head = ["row", "k"] + [m for m in metric_names] + ["± s.e.", "correct / n", "agree w/ FP32", "± s.e."]
+    head += ["mean abs Δlogit", "max abs Δlogit"] if dlogit else []
     lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rs:
         vals = [r["row"], "" if r["k"] is None else str(r["k"])]
         vals += [_pct(r.get(m)) for m in metric_names]
         vals += [_pct(r.get("accuracy_se")), f"{r['correct']} / {r['examples']}" if r["correct"] is not None else "",
                  _pct(r.get("agreement")), _pct(r.get("agreement_se"))]
+        if dlogit:
+            vals += [f"{r[f]:.4f}" if r.get(f) is not None else "" for f in ("mean_abs_dlogit", "max_abs_dlogit")]
         lines.append("| " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
 
 
-def pivot_markdown(cells: dict[str, dict], methods: Sequence[str], ks: Sequence[int], metric: str) -> str:
-    """Methods × k grid of ``metric`` (%) ± s.e. (accuracy only), FP32 and int4 in the caption."""
+def pivot_markdown(cells: dict[str, dict], methods: Sequence[str], ks: Sequence[int], metric: str,
+                   suffixes: Sequence[str] = ("",)) -> str:
+    """(Method, variant) × k grid of ``metric`` (%) ± s.e. (accuracy only), FP32 and int4 in the caption."""
     pos = [k for k in ks if k > 0]
     lines = ["| method | " + " | ".join(f"k={k}" for k in pos) + " |", "|---|" + "---|" * len(pos)]
-    for m in methods:
+    for m, s in ((m, s) for s in suffixes for m in methods):
         vals = []
         for k in pos:
-            c = cells.get(cell_id(m, k))
+            c = cells.get(cell_id(m, k, s))
             if c is None:
                 vals.append("")
                 continue
             se = c.get("accuracy_se") if metric == "accuracy" else None
             vals.append(_pct(c["metrics"][metric]) + (f" ± {_pct(se)}" if se is not None else ""))
-        lines.append(f"| {m} | " + " | ".join(vals) + " |")
+        lines.append(f"| {m}{s} | " + " | ".join(vals) + " |")
     ref = []
-    for cid, name in ((FP32, "FP32"), (INT4, "int4 k=0")):
+    for cid, name in [(FP32, "FP32")] + [(cell_id(None, 0, s), f"int4{s} k=0") for s in suffixes]:
         if cid in cells:
             ref.append(f"{name} {_pct(cells[cid]['metrics'][metric])}")
     return "\n".join(lines) + ("\n\n" + "; ".join(ref) + f" ({metric}, %)\n" if ref else "\n")
@@ -88,8 +101,12 @@ def to_csv(rs: list[dict]) -> str:
     return buf.getvalue()
 
 
-def figure(cells: dict[str, dict], methods: Sequence[str], ks: Sequence[int], metric: str, title: str, path: Path) -> None:
-    """Left: ``metric`` vs k; right: agreement with FP32 vs k (±1 s.e. bars; x jittered per method)."""
+def figure(cells: dict[str, dict], methods: Sequence[str], ks: Sequence[int], metric: str, title: str, path: Path,
+           suffixes: Sequence[str] = ("",)) -> None:
+    """Left: ``metric`` vs k; right: agreement with FP32 vs k (±1 s.e. bars; x jittered per line).
+
+    One line per (method, variant): colour = method, line style = variant.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,21 +117,27 @@ def figure(cells: dict[str, dict], methods: Sequence[str], ks: Sequence[int], me
     pos = [k for k in ks if k > 0]
     panels = ((metric, "accuracy_se" if metric == "accuracy" else None, f"{metric} (%)"),
               ("agreement", "agreement_se", "agreement with FP32 predictions (%)"))
+    lines = [(m, s) for s in suffixes for m in methods]
+    styles = ["-", "--", "-.", ":"]
     for ax, (key, se_key, ylabel) in zip(axes, panels):
-        value = (lambda c: c["metrics"][key]) if key != "agreement" else (lambda c: c.get("agreement"))
-        for i, m in enumerate(methods):
-            pts = [(k, cells[cell_id(m, k)]) for k in pos if cell_id(m, k) in cells]
+        def value(c, key=key):
+            return c["metrics"][key] if key != "agreement" else c.get("agreement")
+
+        for i, (m, s) in enumerate(lines):
+            pts = [(k, cells[cell_id(m, k, s)]) for k in pos if cell_id(m, k, s) in cells]
             if not pts:
                 continue
-            jitter = 1.07 ** (i - (len(methods) - 1) / 2)  # overlapping lines stay visible
+            jitter = 1.07 ** (i - (len(lines) - 1) / 2)  # overlapping lines stay visible
             x = [k * jitter for k, _ in pts]
             y = [100 * value(c) for _, c in pts]
             err = [100 * (c.get(se_key) or 0) if se_key else 0 for _, c in pts]
-            ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=2, lw=1.4, elinewidth=0.7, label=m,
-                        color=colors.get(m))
-        for cid, name, style in ((FP32, "FP32", "--"), (INT4, "int4 (k=0)", ":")):
+            ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=2, lw=1.4, elinewidth=0.7, label=m + s,
+                        color=colors.get(m), ls=styles[suffixes.index(s) % len(styles)])
+        refs = [(FP32, "FP32", "--", 1.0)] + [(cell_id(None, 0, s), f"int4{s} (k=0)", ":", 1.0 - 0.5 * i / len(suffixes))
+                                             for i, s in enumerate(suffixes)]
+        for cid, name, style, alpha in refs:
             if cid in cells and value(cells[cid]) is not None:
-                ax.axhline(100 * value(cells[cid]), color="black", ls=style, lw=1, label=name)
+                ax.axhline(100 * value(cells[cid]), color="black", ls=style, lw=1, label=name, alpha=alpha)
         ax.set_xscale("log")
         ax.set_xlabel("k (FP32 entries kept per Linear)")
         ax.set_ylabel(ylabel)
@@ -127,17 +150,17 @@ def figure(cells: dict[str, dict], methods: Sequence[str], ks: Sequence[int], me
 
 
 def write_outputs(out: Path, cells: dict[str, dict], methods: Sequence[str], ks: Sequence[int], task, title: str,
-                  meta: dict) -> dict[str, Path]:
+                  meta: dict, suffixes: Sequence[str] = ("",)) -> dict[str, Path]:
     """Write table1.md/.csv/.json and figure1.png into ``out``; returns their paths."""
-    rs = rows(cells, methods, ks)
+    rs = rows(cells, methods, ks, suffixes)
     metric = task.metrics[0]
     paths = {"md": out / "table1.md", "csv": out / "table1.csv", "json": out / "table1.json", "png": out / "figure1.png"}
     md = markdown(rs, task.metrics, title)
-    md += "\n" + pivot_markdown(cells, methods, ks, metric)
+    md += "\n" + pivot_markdown(cells, methods, ks, metric, suffixes)
     md += ("\nAccuracy ± binomial standard error sqrt(p(1-p)/n); agreement = share of dev examples on which the "
            "cell predicts the same label as the FP32 model.\n")
     paths["md"].write_text(md, encoding="utf-8")
     paths["csv"].write_text(to_csv(rs), encoding="utf-8")
     paths["json"].write_text(json.dumps({**meta, "rows": rs}, indent=1) + "\n", encoding="utf-8")
-    figure(cells, methods, ks, metric, title, paths["png"])
+    figure(cells, methods, ks, metric, title, paths["png"], suffixes)
     return paths

@@ -4,6 +4,13 @@ from edgeq.saliency import (
     calibrated,  # noqa: F401  (registers awq, spqr)
     weight_only,  # noqa: F401  (registers svd, magnitude, random)
 )
-from edgeq.saliency.registry import SALIENCY_METHODS, ScoreContext, get_method, topk_flat
+from edgeq.saliency.registry import (
+    SALIENCY_METHODS,
+    ScoreContext,
+    descending_order,
+    get_method,
+    topk_flat,
+    topk_from_order,
+)
 
-__all__ = ["SALIENCY_METHODS", "ScoreContext", "get_method", "topk_flat"]
+__all__ = ["SALIENCY_METHODS", "ScoreContext", "descending_order", "get_method", "topk_flat", "topk_from_order"]

@@ -13,7 +13,8 @@ For one layer ℓ with ``M_ℓ = m·n`` weights and two selections ``A_ℓ, B_�
 Layers with ``k ≥ M_ℓ`` select everything (IoU = 1 trivially) and are left out of the aggregates
 at that k (``layers`` counts those kept).  Selection concentration: the number of distinct rows
 and columns a selection touches.  Selections come from one stable descending sort of each score
-(ties → lower flat index, as :func:`edgeq.saliency.topk_flat`), so one score serves every k.
+(:func:`edgeq.saliency.registry.descending_order`, ties → lower flat index, the same sort as
+:func:`edgeq.saliency.topk_flat`), so one score serves every k.
 """
 
 from __future__ import annotations
@@ -24,19 +25,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-
-def descending_order(score, limit: int | None = None) -> np.ndarray:
-    """Flat indices by decreasing score (stable: ties → lower index), truncated to ``limit``."""
-    import torch
-
-    flat = torch.as_tensor(score).detach().reshape(-1)
-    order = torch.sort(flat, descending=True, stable=True).indices
-    return order[: limit if limit is not None else order.numel()].numpy().astype(np.int64)
-
-
-def topk_from_order(order: np.ndarray, k: int) -> np.ndarray:
-    """The sorted top-``k`` flat indices given a descending order (``k`` clipped to its length)."""
-    return np.sort(order[: max(0, int(k))])
+from edgeq.saliency.registry import descending_order, topk_from_order  # noqa: F401  (the one top-k, re-exported)
 
 
 def intersection_size(a: np.ndarray, b: np.ndarray) -> int:

@@ -2,6 +2,8 @@
 
 A method maps a Linear weight ``W [N, K]`` (plus, for calibration methods, the layer's input
 statistics) to a score of the same shape; the ``k`` highest scores of a layer stay FP32.
+The selection is one stable descending sort (:func:`descending_order`; ties → lower flat index)
+whose first k entries, sorted, are the top-k at every k.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 if TYPE_CHECKING:  # torch is imported lazily so that `edgeq --help` stays fast
     import torch
@@ -58,15 +62,32 @@ def get_method(name: str) -> SaliencyMethod:
         ) from None
 
 
+def descending_order(score, limit: int | None = None) -> np.ndarray:
+    """Flat indices by decreasing score, ties → lower flat index (a stable sort), the first ``limit``.
+
+    The one top-k of edgeq: the selection at any k is ``sort(order[:k])``, so one sort of a layer's
+    score serves every k (``topk_from_order``).
+    """
+    import torch
+
+    flat = torch.as_tensor(score).detach().reshape(-1)
+    order = torch.sort(flat, descending=True, stable=True).indices
+    return order[: limit if limit is not None else order.numel()].numpy().astype(np.int64)
+
+
+def topk_from_order(order: np.ndarray, k: int) -> np.ndarray:
+    """The sorted top-``k`` flat indices given a descending order (``k`` clipped to its length)."""
+    return np.sort(order[: max(0, int(k))])
+
+
 def topk_flat(score: torch.Tensor, k: int) -> torch.Tensor:
     """Sorted flat indices of the ``k`` largest scores; ties go to the lower flat index."""
     import torch
 
-    flat = score.detach().reshape(-1)
-    k = max(0, min(int(k), flat.numel()))
+    n = score.numel()
+    k = max(0, min(int(k), n))
     if k == 0:
         return torch.empty(0, dtype=torch.long)
-    if k == flat.numel():
+    if k == n:
         return torch.arange(k, dtype=torch.long)
-    order = torch.sort(flat, descending=True, stable=True).indices
-    return order[:k].sort().values
+    return torch.from_numpy(topk_from_order(descending_order(score, k), k))

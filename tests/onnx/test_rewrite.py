@@ -156,3 +156,31 @@ def test_unknown_weight_is_not_mapped(weights):
     matches, refused = match_linears(model, other)
     assert "lin1" not in matches
     assert any("matches no Linear" in r for _, r in refused)
+
+
+def test_refuses_a_linear_whose_node_name_is_not_unique(weights):
+    """Nodes are keyed by name: a MatMul sharing its name with another node is refused, with the reason."""
+    ws, b1, b2 = weights
+    model = linear_graph(ws["lin1"], b1, ws["lin2"], b2)
+    next(n for n in model.graph.node if n.op_type == "Relu").name = "/lin1/MatMul"
+    matches, refused = match_linears(model, ws)
+    assert set(matches) == {"lin2"}
+    assert "not unique" in dict(refused)["/lin1/MatMul"]
+    with pytest.raises(ValueError, match="lin1.*not unique"):
+        rewrite_linears(model, build_plan(ws, ConvertConfig(k=4)).quants, ws)
+
+
+def test_bias_add_without_a_unique_name_stays_and_stays_exact(weights):
+    """The bias Add is folded into MatMulNBits only when its name is unique; otherwise it follows the correction."""
+    ws, b1, b2 = weights
+    model = linear_graph(ws["lin1"], b1, ws["lin2"], b2)
+    next(n for n in model.graph.node if n.op_type == "Relu").name = "/lin1/Add"
+    plan = build_plan(ws, ConvertConfig(k=7, block_size="32"))
+    assert rewrite_linears(model, plan.quants, ws, correction="scatter").count == 2
+    next(n for n in model.graph.node if n.op_type == "Relu").name = "relu"  # ORT refuses two nodes of one name
+    onnx.checker.check_model(model)
+    add = next(n for n in model.graph.node if n.op_type == "Add" and "b1" in n.input)
+    assert add.input[0] == "h0"  # reads the corrected output: y = (y_q + correction) + b1
+    assert len(next(n for n in model.graph.node if n.name == "/lin1/MatMulNBits").input) == 3  # no bias input
+    x = np.random.default_rng(6).normal(size=(2, 3, K)).astype(np.float32)
+    np.testing.assert_allclose(run(model, x), reference(x, ws["lin1"], b1, ws["lin2"], b2), rtol=1e-5, atol=1e-5)

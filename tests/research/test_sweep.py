@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from edgeq.cli import main
 from edgeq.errors import UsageError
-from edgeq.research.sweep import FP32, INT4, SweepSettings, _Context, run_sweep
+from edgeq.research.sweep import FP32, INT4, SweepSettings, Variant, _Context, run_sweep
 from tests.conftest import make_tiny_model
 from tests.evaluation.test_evaluate import RTE_LABELS, set_labels, write_rte
 
@@ -37,9 +37,12 @@ def test_selection_reused_across_k_equals_build_plan(tiny):
         orders = ctx.orders(method, 200)
         for k in (1, 7, 200):
             plan = build_plan(ctx.weights, ConvertConfig(method=method, k=k, block_size="16"))
+            reused = build_plan(ctx.weights, ConvertConfig(method=method, k=k, block_size="16"), orders=orders)
             for name, lp in plan.layers.items():
                 got = np.sort(orders[name][: min(k, lp.quant.codes.size)])
                 assert np.array_equal(got, lp.quant.salient_index), (method, k, name)
+                assert reused.layers[name].stats() == lp.stats()
+                assert np.array_equal(reused.layers[name].quant.dequantize(), lp.quant.dequantize())
 
 
 def test_sweep_resumes_without_recomputing(tiny, tmp_path):
@@ -103,3 +106,65 @@ def test_sweep_cli_writes_table_and_figure(tiny, tmp_path):
     assert res.exit_code == 2 and "--calib" in res.output
     res = CliRunner().invoke(main, args[:4] + ["--methods", "nope", "--out", str(tmp_path / "t3")])
     assert res.exit_code == 2 and "unknown saliency method" in res.output
+
+
+def test_cell_ids_of_the_grid():
+    from edgeq.research.cells import Variant, cell_ids, variants
+
+    assert cell_ids(["svd"], [0, 16]) == [FP32, INT4, "svd-k16"]  # one variant at the defaults: today's ids
+    assert Variant("32").suffix("32") == "" and Variant("per-channel").suffix("per-channel") == ""
+    assert Variant("per-channel").suffix("32") == "-per-channel"
+    assert Variant("64", "gptq").suffix("32") == "-gptq-b64"
+    assert Variant("32", bits=8).suffix("32") == "-bits8" and Variant("32", grid="sym8").suffix("32") == "-sym8"
+    grid = variants(["32", "per-tensor"], ["rtn", "gptq"], [4], ["sym7"])
+    assert [v.suffix("32") for v in grid] == ["", "-gptq", "-per-tensor", "-gptq-per-tensor"]
+    assert cell_ids(["svd"], [0, 16], ["", "-gptq"]) == [FP32, INT4, "svd-k16", "int4-k0-gptq", "svd-k16-gptq"]
+
+
+def test_grid_sweep_cells_match_single_variant_sweeps(tiny, tmp_path):
+    """Extra dimensions add suffixed cells; each equals the cell of a sweep run at that variant alone."""
+    from edgeq.research.cells import variants
+
+    root, model = tiny
+    settings = SweepSettings(str(model), "RTE", block_size="16")
+    grid = variants(["16", "per-channel"], ["rtn"], [4, 8], ["sym7", "sym8"])
+    run = run_sweep(settings, ["svd"], [0, 4], tmp_path / "grid", root / "glue", 1, True, grid)
+    sfx = ["", "-sym8", "-bits8", "-per-channel", "-sym8-per-channel", "-bits8-per-channel"]  # bits8 × sym8: skipped
+    assert [v.suffix("16") for v in run.variants] == sfx
+    assert sorted(run.computed) == sorted([FP32] + [c + s for s in sfx for c in (INT4, "svd-k4")])
+    cells = run.cells
+    for cid, c in cells.items():
+        if cid != FP32:
+            assert c["plan_parity"] <= 1e-4 and c["linears"] == 14
+            assert 0 <= c["mean_abs_dlogit"] <= c["max_abs_dlogit"]
+    assert cells["svd-k4-bits8"]["variant"] == {"block_size": "16", "quantizer": "rtn", "bits": 8, "grid": "sym7"}
+    assert cells["svd-k4-bits8"]["recon_error_total"] < cells["svd-k4"]["recon_error_total"]
+    assert cells["svd-k4"]["recon_error_total"] < cells[INT4]["recon_error_total"]
+
+    # the default grid of the same settings reuses the unsuffixed cells
+    again = run_sweep(settings, ["svd"], [0, 4], tmp_path / "grid", root / "glue", 1, True)
+    assert again.computed == [] and again.reused == [FP32, INT4, "svd-k4"]
+    # a per-channel sweep of its own computes what the grid's -per-channel cells hold
+    alone = run_sweep(SweepSettings(str(model), "RTE", block_size="per-channel"), ["svd"], [0, 4], tmp_path / "pc",
+                      root / "glue", 1, True)
+    for cid in (INT4, "svd-k4"):
+        a, g = alone.cells[cid], cells[cid + "-per-channel"]
+        assert (a["predictions"], a["recon_error_total"], a["mean_abs_dlogit"]) == \
+            (g["predictions"], g["recon_error_total"], g["mean_abs_dlogit"])
+
+
+def test_calibrated_quantizer_cells(tiny, tmp_path):
+    root, model = tiny
+    calib = str(root / "glue" / "RTE" / "dev.tsv")  # a TSV file serves as calibration text
+    with pytest.raises(UsageError, match="--calib"):
+        run_sweep(SweepSettings(str(model), "RTE", block_size="16"), ["svd"], [4], tmp_path / "x", root / "glue",
+                  1, True, [Variant("16", "gptq")])
+    settings = SweepSettings(str(model), "RTE", block_size="16", calib=calib, calib_samples=12)
+    run = run_sweep(settings, ["svd"], [0, 4], tmp_path / "q", root / "glue", 1, True,
+                    [Variant("16"), Variant("16", "gptq"), Variant("16", "gptq", bits=8)])  # gptq × 8 bits: skipped
+    assert [v.quantizer for v in run.variants] == ["rtn", "gptq"]
+    c = run.cells["svd-k4-gptq"]
+    assert c["quantizer"]["name"] == "gptq" and c["calib"] == settings.calib_key()
+    assert c["quantizer"]["calibration"]["samples"] == 12 and c["plan_parity"] <= 1e-4
+    assert c["fp32_entries"] == run.cells["svd-k4"]["fp32_entries"]
+    assert "quantizer" not in run.cells["svd-k4"]

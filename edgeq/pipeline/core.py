@@ -1,0 +1,138 @@
+"""The in-memory core of a conversion: plan the Linears, rewrite the FP32 graph, prove it encodes the plan.
+
+    plan_weights(loaded, weights, config, calibration)      → (QuantPlan, quantizer report)
+    quantize_graph(fp32_model, weights, config[, plan])     → QuantizedGraph
+
+For a planned Linear ``W [N, K]`` (codes C, scales s, salient set S with its exact values)::
+
+    Ŵ[i, j] = (C[i, j] − z) · s[i, ⌊j / block⌋]   for (i, j) ∉ S,   z = 2^(bits−1)
+    Ŵ[i, j] = W[i, j]                              for (i, j) ∈ S   (the FP32 correction; C = z there)
+
+``quantize_graph`` copies the FP32 ModelProto (the caller's is never modified), replaces every
+planned Linear by ``MatMulNBits`` + its sparse FP32 correction (:func:`edgeq.onnx.rewrite.rewrite_linears`),
+optionally replaces the word/position-embedding Gathers by 4-bit ``GatherBlockQuantized``
+(``Ê`` = Q4-sym-7 of the table, blocks of 32 along the hidden axis), then requires
+
+* **count**: the rewrite replaced exactly as many Linears as the plan holds;
+* **read-back**: decoding the written graph (:func:`edgeq.onnx.readback.read_back`, which knows
+  nothing of the plan) gives every planned ``Ŵ`` and ``Ê`` bit for bit.
+
+Either failure raises :class:`edgeq.errors.EdgeqError`: the graph would not be what was planned.
+Callers: :mod:`edgeq.pipeline.convert` (file to file, with PyTorch parity), :mod:`edgeq.research.sweep`,
+``tools/bench_peers.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgeq.config import ConvertConfig
+from edgeq.errors import EdgeqError, UsageError
+from edgeq.onnx.embeddings import quantize_embeddings
+from edgeq.onnx.readback import read_back
+from edgeq.onnx.rewrite import RewriteResult, rewrite_linears
+from edgeq.quant.plan import QuantPlan, build_plan
+from edgeq.saliency import get_method
+
+EMBEDDING_BLOCK = 32  # GatherBlockQuantized block along the hidden axis
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Timer:
+    """Runs named stages, logs their start and duration, and keeps the durations for the report."""
+
+    stages: dict[str, float] = field(default_factory=dict)
+    level: int = logging.INFO  # of the "name ..." / "name: 1.2 s" progress lines
+
+    def run(self, name: str, fn, *args, **kwargs):
+        logger.log(self.level, f"{name} ...")
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.stages[name] = round(time.perf_counter() - t0, 3)
+        logger.log(self.level, f"{name}: {self.stages[name]:.1f} s")
+        return out
+
+
+@dataclass(frozen=True)
+class QuantizedGraph:
+    """A quantized graph that has passed the count and read-back checks."""
+
+    model: object  # onnx.ModelProto: the rewritten copy
+    plan: QuantPlan
+    rewrite: RewriteResult
+    planned: Mapping[str, np.ndarray]  # Ŵ per Linear and Ê per embedding module = read_back(model)
+    embeddings: dict | None  # the report's "embeddings" section (None without --quantize-embeddings)
+    timings_s: dict[str, float] = field(default_factory=dict)  # "rewrite" (and "embeddings")
+
+
+def needs_calibration_pass(config: ConvertConfig) -> bool:
+    """Whether the one-pass input statistics (:func:`edgeq.model.calib.calibrate`) feed the plan."""
+    return bool(config.calib) and (config.quantizer == "rtn" or get_method(config.method).needs_calibration)
+
+
+def plan_weights(loaded, weights: Mapping[str, np.ndarray], config: ConvertConfig, calibration=None,
+                 progress: bool = False) -> tuple[QuantPlan, dict]:
+    """The plan of ``weights`` (name → ``[N, K]``) and the report's "quantizer" section.
+
+    RTN: :func:`edgeq.quant.plan.build_plan` (saliency on ``calibration.stats`` when given).
+    Calibrated quantizers: :func:`edgeq.model.sequential.run_quantizer`, block by block through the
+    PyTorch model ``loaded``.
+    """
+    if config.quantizer == "rtn":
+        plan = build_plan(weights, config, calibration.stats if calibration else None)
+        return plan, {"name": "rtn", "hyperparameters": {}, "calibration": None}
+    from edgeq.model.sequential import run_quantizer
+
+    return run_quantizer(loaded, weights, config, calibration, progress)
+
+
+def quantize_graph(fp32_model, weights: Mapping[str, np.ndarray], config: ConvertConfig, plan: QuantPlan | None = None,
+                   embedding_modules: Mapping[str, str] | None = None, timer: Timer | None = None) -> QuantizedGraph:
+    """Rewrite a copy of ``fp32_model`` to ``plan`` (default: the RTN plan of ``weights`` under ``config``).
+
+    ``embedding_modules`` (table initializer → ``nn.Embedding`` name, :func:`edgeq.onnx.embeddings.module_names`)
+    names the 4-bit tables after the source model's modules when ``config.quantize_embeddings``.
+    ``timer``: the caller's stage timer (its progress lines and durations); default a quiet one
+    (debug-level lines).  Either way the durations are in ``QuantizedGraph.timings_s``.
+    """
+    import onnx
+
+    if plan is None:
+        plan = build_plan(weights, config)
+    if not plan.layers:
+        raise UsageError(f"no Linear left to quantize (--exclude keeps all {len(weights)} in FP32); loosen --exclude")
+    timer = timer if timer is not None else Timer(level=logging.DEBUG)
+    model = onnx.ModelProto()
+    model.CopyFrom(fp32_model)
+    try:
+        result = timer.run("rewrite", rewrite_linears, model, plan.quants, dict(weights), config.accuracy_level,
+                           correction=config.correction, storage=config.storage, kernel=config.kernel)
+    except ValueError as e:
+        raise EdgeqError(f"{e}; exclude them with --exclude REGEX or report this model") from None
+    if result.count != len(plan.layers):
+        raise EdgeqError(f"rewrote {result.count} Linears but the plan has {len(plan.layers)}; please report this")
+    planned = {name: lp.quant.dequantize() for name, lp in plan.layers.items()}
+    embeddings = None
+    if config.quantize_embeddings:  # word/position tables → GatherBlockQuantized (edgeq.onnx.embeddings)
+        emb = timer.run("embeddings", quantize_embeddings, model, EMBEDDING_BLOCK,
+                        dict(embedding_modules) if embedding_modules is not None else None)
+        if not emb.rewritten:
+            raise EdgeqError("--quantize-embeddings found no word-embedding Gather to rewrite ("
+                             + ("; ".join(f"{n}: {r}" for n, r in emb.refused[:2]) or "no Gather on input_ids")
+                             + "); use --no-quantize-embeddings")
+        planned.update(emb.tables)
+        embeddings = {"int4": sorted(emb.rewritten.values()),
+                      "left_fp32": [{"node": n, "reason": r} for n, r in emb.refused]}
+    decoded = read_back(model)
+    bad = [n for n in planned if n not in decoded or not np.array_equal(planned[n], decoded[n])]
+    if bad:
+        raise EdgeqError(f"the written graph does not encode the plan for {', '.join(bad[:3])}; please report this")
+    stages = {k: timer.stages[k] for k in ("rewrite", "embeddings") if k in timer.stages}
+    return QuantizedGraph(model, plan, result, planned, embeddings, stages)
