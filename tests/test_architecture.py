@@ -23,6 +23,8 @@ ALLOWED_UPWARD = {
     ("edgeq.__main__", "edgeq.cli"): "the `python -m edgeq` entry point",
     ("edgeq.config", "edgeq.onnx.corrections"): "the config validates --correction against its registry "
                                                 "(corrections imports only edgeq.quant)",
+    ("edgeq.config", "edgeq.onnx.storage"): "the config validates --storage/--kernel against that module's names "
+                                            "(storage imports only edgeq.quant and edgeq.onnx.graph)",
 }
 
 

@@ -313,7 +313,7 @@ def test_bits8_regex_selects_layers():
     assert cfg.layer_bits("bert.encoder.layer.0.intermediate.dense") == 4
     assert ConvertConfig(bits=8).layer_bits("anything") == 8
     with pytest.raises(ValueError, match="--bits"):
-        ConvertConfig(bits=3)
+        ConvertConfig(bits=5)
     with pytest.raises(ValueError, match="--bits8 '\\(' is not a valid"):
         ConvertConfig(bits8=("(",))
 
