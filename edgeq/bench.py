@@ -148,7 +148,8 @@ def peak_memory(path: Path, shapes: list[tuple[int, int]], threads: int, vocab: 
     """Peak RSS growth (bytes) of loading ``path`` and running each shape once, in a subprocess."""
     arg = ",".join(f"{b}x{s}" for b, s in shapes)
     cmd = [sys.executable, "-m", "edgeq.bench", str(path), arg, str(threads), str(vocab)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if out.returncode != 0:
         raise RuntimeError(f"memory probe of {path} failed: {out.stderr.strip().splitlines()[-1:]}")
     return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_delta_bytes"])
@@ -203,7 +204,8 @@ def ratio_table(results: list[ModelResult], shapes: list[tuple[int, int]]) -> st
                "-" if mem is None or not base.peak_rss_bytes else f"{mem / base.peak_rss_bytes:.2f}"]
         for k in keys:
             q, q0 = r.latency[k], base.latency[k]
-            row += [f"{q['median_ms']:.2f}", f"{q['p10_ms']:.2f}–{q['p90_ms']:.2f}", f"{q['median_ms'] / q0['median_ms']:.3f}"]
+            row += [f"{q['median_ms']:.2f}", f"{q['p10_ms']:.2f}–{q['p90_ms']:.2f}",
+                    f"{q['median_ms'] / q0['median_ms']:.3f}"]
         rows.append(row)
     return _aligned(head, rows)
 

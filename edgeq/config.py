@@ -26,7 +26,8 @@ class ConvertConfig:
     bits8: tuple[str, ...] = ()  # regexes of Linear names quantized to 8 bits whatever --bits says
     correction: str = "auto"  # graph encoding of the FP32 correction (edgeq.onnx.corrections.CORRECTION_CHOICES)
     quantize_embeddings: bool = False  # word-embedding table as 4-bit GatherBlockQuantized
-    storage: str = "auto"  # plain (MatMulNBits inputs) or compact (b-bit planes + fp16 scales); auto: compact below 4 bits
+    storage: str = "auto"  # plain (MatMulNBits inputs) or compact (b-bit planes + fp16 scales);
+                           # auto: compact below 4 bits
     kernel: str = "int4"  # int4 (every width runs the 4-bit kernel) or native (ONNX Runtime's own 2-bit kernel)
     opset: int = 17
     allow_pickle: bool = False
@@ -56,7 +57,8 @@ class ConvertConfig:
         object.__setattr__(self, "granularity", Granularity.parse(self.block_size))
         object.__setattr__(self, "block_size", str(self.granularity))
         if SALIENCY_METHODS[self.method].needs_calibration and not self.calib:
-            raise ValueError(f"--method {self.method} needs calibration data; pass --calib TASK_OR_FILE (e.g. --calib rte)")
+            raise ValueError(f"--method {self.method} needs calibration data; "
+                             "pass --calib TASK_OR_FILE (e.g. --calib rte)")
         if isinstance(self.calib_samples, bool) or not isinstance(self.calib_samples, int) or self.calib_samples < 1:
             raise ValueError(f"--calib-samples must be a positive integer, got {self.calib_samples!r}")
         if not self.percdamp >= 0:

@@ -2,9 +2,10 @@
 
 For each shared MiniLM model (RTE, MRPC, SST-2): one FP32 export, then every variant is built
 from that same ModelProto (edgeq's in-memory core, ``edgeq.pipeline.core.quantize_graph``: the
-rewrite with its count and read-back checks, without edgeq convert's PyTorch validation), and scored on the GLUE dev set: accuracy (± one
-standard error, sqrt(p(1-p)/n)) and top-1 agreement with the FP32 ONNX model.  Latency, size and
-peak memory come from ``edgeq.bench.run_bench`` on the first task's files (interleaved rounds).
+rewrite with its count and read-back checks, without edgeq convert's PyTorch validation), and
+scored on the GLUE dev set: accuracy (± one standard error, sqrt(p(1-p)/n)) and top-1 agreement
+with the FP32 ONNX model.  Latency, size and peak memory come from ``edgeq.bench.run_bench`` on
+the first task's files (interleaved rounds).
 
     python tools/bench_peers.py --out results/bench [--tasks rte,mrpc,sst2] [--repeats 20]
 
@@ -140,7 +141,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "results" / "bench")
     ap.add_argument("--tasks", default="rte,mrpc,sst2")
-    ap.add_argument("--variants", default=",".join(["ort-rtn-acc4", "ort-rtn-acc4-emb", "ort-hqq", "ort-int8-dynamic", *EDGEQ]))
+    ap.add_argument("--variants",
+                    default=",".join(["ort-rtn-acc4", "ort-rtn-acc4-emb", "ort-hqq", "ort-int8-dynamic", *EDGEQ]))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--shapes", default="1x16,1x128,8x128")
@@ -168,7 +170,8 @@ def main() -> None:
         shapes = parse_shapes(args.shapes)
         order = list(first_paths)
         results = run_bench([first_paths[n] for n in order], shapes, args.threads, args.repeats, 3, True)
-        (args.out / "bench.json").write_text(json.dumps(to_json(results, shapes, args.threads, args.repeats, 3), indent=2) + "\n")
+        (args.out / "bench.json").write_text(json.dumps(to_json(results, shapes, args.threads, args.repeats, 3),
+                                                        indent=2) + "\n")
         (args.out / "bench.txt").write_text(ratio_table(results, shapes) + "\n\n" + component_table(results) + "\n")
         print(ratio_table(results, shapes))
 

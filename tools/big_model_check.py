@@ -14,7 +14,6 @@ with ``EncodeError: Failed to serialize proto`` in the rewrite).  Peak memory is
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import subprocess
 import sys

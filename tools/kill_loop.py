@@ -119,7 +119,8 @@ def main() -> int:
         f"Command: `python tools/kill_loop.py {args.model} --runs {args.runs} --seed {args.seed}"
         + (" " + " ".join(extra) if extra else "") + "`",
         "",
-        "| # | signal | aimed at | sent at (s) | last progress line | exit | files left in the output dir | inputs unchanged | ok |",
+        "| # | signal | aimed at | sent at (s) | last progress line | exit | files left in the output dir "
+        "| inputs unchanged | ok |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(rows):
@@ -131,7 +132,8 @@ def main() -> int:
     lines += ["", f"{args.runs - failures} of {args.runs} runs ok; {n_int} interrupted (exit != 0) of which "
               f"{sum(r['exit'] != 0 and r['left'] == [] for r in rows)} left no file; "
               f"{sum(r['exit'] == 0 for r in rows)} finished before the signal (complete output).",
-              "", "stderr of interrupted runs: " + "; ".join(sorted({r["stderr_last"] for r in rows if r["exit"] != 0}))]
+              "",
+              "stderr of interrupted runs: " + "; ".join(sorted({r["stderr_last"] for r in rows if r["exit"] != 0}))]
     text = "\n".join(lines) + "\n"
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,6 @@ def main() -> int:
     pairs = read_glue_texts(args.data)
     batches = encode(folder, pairs)
     web_batches = batches[: max(1, args.web_limit // 16)]
-    n_web = sum(len(b["input_ids"]) for b in web_batches)
 
     rows = []
     t = time.perf_counter()
@@ -92,7 +91,8 @@ def main() -> int:
     for label, fn in [
         ("node", lambda: run_node(folder / "model.onnx", batches, "node")),
         ("web", lambda: run_node(folder / "model.onnx", web_batches, "web")),
-        ("ort", lambda: (run_python(folder / "model.ort", batches), f"onnxruntime (Python) {onnxruntime.__version__}, .ort")),
+        ("ort", lambda: (run_python(folder / "model.ort", batches),
+                         f"onnxruntime (Python) {onnxruntime.__version__}, .ort")),
         ("node-ort", lambda: run_node(folder / "model.ort", batches, "node")),
         ("web-ort", lambda: run_node(folder / "model.ort", web_batches, "web")),
     ]:

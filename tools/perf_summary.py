@@ -19,7 +19,8 @@ def main() -> None:
     name = lambda m: Path(m["path"]).stem  # noqa: E731
     print(f"Latency, size and memory ({lat['threads']} threads, {lat['repeats']} interleaved rounds, "
           f"onnxruntime {lat['onnxruntime']}); ratios to {name(base)} measured in the same run.\n")
-    head = ["model", "MiB", "size ×"] + [f"{s} ms (p10–p90)" for s in shapes] + [f"{s} ×" for s in shapes] + ["peak mem MiB"]
+    head = (["model", "MiB", "size ×"] + [f"{s} ms (p10–p90)" for s in shapes] + [f"{s} ×" for s in shapes]
+            + ["peak mem MiB"])
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for m in models:
@@ -36,7 +37,8 @@ def main() -> None:
     print("|" + "---|" * len(head))
     for v in acc[tasks[0]]:
         row = [v]
-        row += [f"{100 * acc[t][v]['accuracy']:.1f} ± {100 * acc[t][v]['accuracy_se']:.1f}" if v in acc[t] else "-" for t in tasks]
+        row += [f"{100 * acc[t][v]['accuracy']:.1f} ± {100 * acc[t][v]['accuracy_se']:.1f}" if v in acc[t] else "-"
+                for t in tasks]
         row += [f"{acc[t][v]['agreement_fp32']:.3f}" if v in acc[t] else "-" for t in tasks]
         print("| " + " | ".join(row) + " |")
 

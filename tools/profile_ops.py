@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 
-def profile(path: Path, batch: int, seq: int, threads: int, runs: int) -> tuple[collections.Counter, collections.Counter, collections.Counter]:
+def profile(path: Path, batch: int, seq: int, threads: int,
+            runs: int) -> tuple[collections.Counter, collections.Counter, collections.Counter]:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -61,7 +62,8 @@ def main() -> None:
     for path in args.models:
         by_op, count, by_node = profile(path, batch, seq, args.threads, args.runs)
         n = args.runs
-        print(f"{path.name} {args.shape}, {args.threads} thread(s): kernels {sum(by_op.values()) / n / 1000:.2f} ms/run")
+        print(f"{path.name} {args.shape}, {args.threads} thread(s): "
+              f"kernels {sum(by_op.values()) / n / 1000:.2f} ms/run")
         for op, t in by_op.most_common():
             print(f"  {op:24s} {t / n / 1000:7.3f} ms  nodes {count[op] // n}")
         for name, t in by_node.most_common(args.nodes):

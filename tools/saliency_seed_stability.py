@@ -5,7 +5,8 @@ score every Linear, and report the macro IoU (± SE over layers) between the sel
 same method under different seeds, at every k.  This is the noise floor against which the
 SVD–AWQ / SVD–SpQR overlaps of `edgeq saliency` should be read.
 
-    python tools/saliency_seed_stability.py ../shared/models/minilm-l6-rte --calib rte --out results/saliency/minilm-l6-rte/seed_stability.json
+    python tools/saliency_seed_stability.py ../shared/models/minilm-l6-rte --calib rte \
+        --out results/saliency/minilm-l6-rte/seed_stability.json
 """
 
 from __future__ import annotations
@@ -61,10 +62,12 @@ def main() -> None:
                 size = w.size
                 for k in ks:
                     kk = min(k, size)
-                    c = intersection_size(topk_from_order(orders[(m, s1, name)], kk), topk_from_order(orders[(m, s2, name)], kk))
+                    c = intersection_size(topk_from_order(orders[(m, s1, name)], kk),
+                                          topk_from_order(orders[(m, s2, name)], kk))
                     pairs.append(LayerPair(name, f"{m}@seed{s1}", f"{m}@seed{s2}", k, size, c))
     summary = summarize(pairs)
-    report = {"model": a.model_dir.resolve().name, "calibration": cal_info, "methods": methods, "k": ks, "summary": summary}
+    report = {"model": a.model_dir.resolve().name, "calibration": cal_info, "methods": methods, "k": ks,
+              "summary": summary}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=1) + "\n")
     for m in methods:

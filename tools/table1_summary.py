@@ -12,7 +12,6 @@ called "within noise" when |Δ| ≤ 1 binomial s.e. of the cell.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -69,7 +68,8 @@ def grid(name: str, sw: dict) -> str:
     out.append(f"(accuracy %, correct count in brackets; binomial s.e. of every cell ≈ {se(fp):.2f} points)")
     if i4 and i4.get("recon_error_total"):
         out += ["", "Weight reconstruction error Σ‖W − Ŵ‖²_F over the quantized Linears, as % of int4 (k=0):", ""]
-        out += _method_table(methods, ks, cells, lambda c: f"{100 * c['recon_error_total'] / i4['recon_error_total']:.2f}")
+        out += _method_table(methods, ks, cells,
+                             lambda c: f"{100 * c['recon_error_total'] / i4['recon_error_total']:.2f}")
     return "\n".join(out) + "\n"
 
 

@@ -19,7 +19,8 @@ from edgeq.errors import UsageError
               help="ONNX Runtime intra-op threads.")
 @click.option("--repeats", type=click.IntRange(min=3), default=30, show_default=True,
               help="Timed rounds per shape (each round runs every model once, interleaved).")
-@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs per model and shape.")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Untimed runs per model and shape.")
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory subprocess per model.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Also write the full results as JSON to this file.")

@@ -103,7 +103,8 @@ def convert(model_dir, out, k, method, rank, seed, block_size, exclude_salient_f
         calib=calib, calib_samples=calib_samples, data_dir=str(data_dir) if data_dir else None, percdamp=percdamp,
         **quantizer_kwargs(qopts),
         **perf_kwargs(qopts),
-        **({"external_data_threshold": t} if (t := click.get_current_context().meta.get("external_data_threshold")) else {}),
+        **({"external_data_threshold": t}
+           if (t := click.get_current_context().meta.get("external_data_threshold")) else {}),
     )
     check_model_dir(model_dir, allow_pickle)
     inputs = [model_dir] + ([data] if data else [])
@@ -126,10 +127,13 @@ def convert(model_dir, out, k, method, rank, seed, block_size, exclude_salient_f
 def _print_summary(report: dict) -> None:
     s, f = report["size_bytes"], report["size_bytes_fp32"]
     mib = lambda b: f"{b / 2**20:.2f} MiB"  # noqa: E731
-    click.echo(f"wrote {report['output']} ({mib(report['file_bytes'])}; FP32 initializers {mib(f['total_initializers'])})")
+    click.echo(f"wrote {report['output']} ({mib(report['file_bytes'])}; "
+               f"FP32 initializers {mib(f['total_initializers'])})")
     click.echo(f"  Linears: {report['linears_quantized']} of {report['linears_total']} as MatMulNBits, "
-               f"k={report['config']['k']} FP32 entries each ({report['config']['method']}, block {report['config']['block_size']})")
-    click.echo("  size: " + ", ".join(f"{c} {mib(s[c])}" for c in ("int4_codes", "scales", "fp32_correction", "embeddings", "rest")))
+               f"k={report['config']['k']} FP32 entries each ({report['config']['method']}, "
+               f"block {report['config']['block_size']})")
+    click.echo("  size: " + ", ".join(f"{c} {mib(s[c])}"
+                                      for c in ("int4_codes", "scales", "fp32_correction", "embeddings", "rest")))
     click.echo(f"  validation on {report['parity']['examples']} examples ({report['parity']['source']}):")
     for c in report["parity"]["checks"]:
         click.echo(f"    {c['name']:<46} {c['value']:.6g}")

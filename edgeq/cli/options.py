@@ -64,8 +64,8 @@ def quantizer_options(fn):
         click.option("--sarqc-lambda", default=_default("sarqc_lambda"), show_default=True, metavar="FLOAT|auto",
                      help="SARQC regularisation toward W (relative to mean diag H); auto: per layer, the best of "
                           "0,0.01,0.03,0.1,0.3,1 on held-out calibration tokens."),
-        click.option("--sarqc-saliency", type=click.Choice(list(SARQC_SALIENCY)), default=_default("sarqc_saliency"), show_default=True,
-                     help="SARQC saliency weighting the regulariser."),
+        click.option("--sarqc-saliency", type=click.Choice(list(SARQC_SALIENCY)), default=_default("sarqc_saliency"),
+                     show_default=True, help="SARQC saliency weighting the regulariser."),
         click.option("--lsi-epochs", type=click.IntRange(min=0), default=_default("lsi_epochs"), show_default=True,
                      help="LSI epochs per block (the best held-out epoch is kept)."),
         click.option("--lsi-rank", type=click.IntRange(min=0), default=_default("lsi_rank"), show_default=True,

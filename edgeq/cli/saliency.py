@@ -91,7 +91,8 @@ def saliency_cmd(model_dir, methods, k_list, calib, calib_samples, data_dir, see
     by = {(r["a"], r["b"], r["k"]): r for r in report["summary"]}
     for a, b in pairs:
         cells = [by.get((a, b, k)) for k in ks]
-        click.echo(f"{a + ' vs ' + b:<22}" + "".join(f"{100 * r['macro_iou']:>10.1f}" if r else f"{'-':>10}" for r in cells))
+        click.echo(f"{a + ' vs ' + b:<22}"
+                   + "".join(f"{100 * r['macro_iou']:>10.1f}" if r else f"{'-':>10}" for r in cells))
     chance = {r["k"]: r["chance_iou"] for r in report["summary"]}
     click.echo(f"{'chance':<22}" + "".join(f"{100 * chance[k]:>10.2f}" if k in chance else f"{'-':>10}" for k in ks))
     click.echo(f"time: calibration {t.get('calibrate', 0):.1f} s, scoring "

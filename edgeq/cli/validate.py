@@ -39,7 +39,8 @@ def validate(model_dir, model_onnx, allow_pickle, json_out, quiet, data, limit, 
 
     if model_onnx.is_dir() and (model_onnx / "edgeq_report.json").is_file():  # a folder written by edgeq convert
         model_onnx = model_onnx / "model.onnx"
-    if model_onnx.is_dir() or (model_onnx.exists() and model_onnx.suffix != ".onnx" and (model_onnx / "config.json").exists()):
+    if model_onnx.is_dir() or (model_onnx.exists() and model_onnx.suffix != ".onnx"
+                               and (model_onnx / "config.json").exists()):
         raise UsageError(f"{model_onnx} is a model directory; the second argument is the .onnx file")
     if not model_onnx.is_file():
         raise UsageError(f"{model_onnx} does not exist; pass the .onnx file written by edgeq convert")

@@ -82,7 +82,8 @@ def run_batches(predict: Callable[[dict], np.ndarray], batches, n: int, quiet: b
 # ------------------------------------------------------------------ scoring
 
 
-def score(task: TaskSpec, ex: Examples, logits: np.ndarray, id2label: dict[int, str] | None) -> tuple[dict, int | None, list]:
+def score(task: TaskSpec, ex: Examples, logits: np.ndarray,
+          id2label: dict[int, str] | None) -> tuple[dict, int | None, list]:
     """(metrics, correct count or None, predictions in file order) of ``logits`` on ``ex``."""
     ids = label_ids(task, id2label, logits.shape[1])
     if task.is_regression:
@@ -132,8 +133,8 @@ def find_assets(onnx_path: Path, tokenizer_dir: Path | None) -> Path:
 
     if tokenizer_dir is not None:
         if not ok(tokenizer_dir):
-            raise UsageError(f"--tokenizer {tokenizer_dir} must be a directory with the tokenizer files and config.json "
-                             "(the original model directory)")
+            raise UsageError(f"--tokenizer {tokenizer_dir} must be a directory with the tokenizer files "
+                             "and config.json (the original model directory)")
         return tokenizer_dir
     if ok(onnx_path.parent):
         return onnx_path.parent
@@ -148,7 +149,8 @@ def find_assets(onnx_path: Path, tokenizer_dir: Path | None) -> Path:
             for cand in (Path(recorded), report.parent / recorded):
                 if ok(cand):
                     return cand
-    raise UsageError(f"no tokenizer found for {onnx_path}; pass --tokenizer MODEL_DIR (the model it was converted from)")
+    raise UsageError(f"no tokenizer found for {onnx_path}; "
+                     "pass --tokenizer MODEL_DIR (the model it was converted from)")
 
 
 def load_tokenizer(model_dir: Path):
@@ -158,7 +160,8 @@ def load_tokenizer(model_dir: Path):
     try:
         return transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as e:
-        raise EdgeqError(f"{model_dir} has no usable tokenizer ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); "
+        raise EdgeqError(f"{model_dir} has no usable tokenizer "
+                         f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); "
                          "save tokenizer.json next to the model") from None
 
 

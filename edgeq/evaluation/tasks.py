@@ -40,14 +40,16 @@ _NLI = {"entailment": "entailment", "not_entailment": "not_entailment"}
 TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
-        TaskSpec("CoLA", (3, None), 1, {"0": "unacceptable", "1": "acceptable"}, ("matthews", "accuracy"), header=False),
+        TaskSpec("CoLA", (3, None), 1, {"0": "unacceptable", "1": "acceptable"}, ("matthews", "accuracy"),
+                 header=False),
         TaskSpec("SST-2", ("sentence", None), "label", {"0": "negative", "1": "positive"}, ("accuracy",)),
         TaskSpec("MRPC", ("#1 String", "#2 String"), "Quality", {"0": "not_equivalent", "1": "equivalent"},
                  ("accuracy", "f1")),
         TaskSpec("STS-B", ("sentence1", "sentence2"), "score", None, ("pearson", "spearman")),
         TaskSpec("QNLI", ("question", "sentence"), "label", _NLI, ("accuracy",)),
         TaskSpec("RTE", ("sentence1", "sentence2"), "label", _NLI, ("accuracy",)),
-        TaskSpec("WNLI", ("sentence1", "sentence2"), "label", {"0": "not_entailment", "1": "entailment"}, ("accuracy",)),
+        TaskSpec("WNLI", ("sentence1", "sentence2"), "label", {"0": "not_entailment", "1": "entailment"},
+                 ("accuracy",)),
     )
 }
 # label names other tools use for the same classes
@@ -70,7 +72,8 @@ def get_task(name: str) -> TaskSpec:
 def dev_file(task: TaskSpec, data_dir: Path | None) -> Path:
     data_dir = data_dir if data_dir is not None else default_glue_dir()
     if data_dir is None:
-        raise UsageError(f"no GLUE data directory; pass --data-dir DIR (holding RTE/dev.tsv, ...) or set {GLUE_DIR_ENV}")
+        raise UsageError("no GLUE data directory; pass --data-dir DIR (holding RTE/dev.tsv, ...) "
+                         f"or set {GLUE_DIR_ENV}")
     path = Path(data_dir) / task.name / "dev.tsv"
     if not path.is_file():
         raise UsageError(f"{path} does not exist; pass --data-dir DIR holding {task.name}/dev.tsv")

@@ -87,7 +87,8 @@ def masked_rows(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.T
             return x.reshape(-1, x.shape[-1])
         if tuple(attention_mask.shape) != tuple(x.shape[:2]):
             raise ValueError(
-                f"Linear input of shape {tuple(x.shape)} does not match the attention mask {tuple(attention_mask.shape)}"
+                f"Linear input of shape {tuple(x.shape)} does not match "
+                f"the attention mask {tuple(attention_mask.shape)}"
             )
         return x[attention_mask.bool()]
     raise ValueError(f"unsupported Linear input rank {x.dim()} (shape {tuple(x.shape)})")

@@ -45,7 +45,8 @@ SAMPLE_TEXT: list[tuple[str, str | None]] = [
 
 
 def default_glue_dir() -> Path | None:
-    """The GLUE data directory: ``$EDGEQ_GLUE_DIR``, else ``../shared/data/glue`` (from the current directory) if present."""
+    """The GLUE data directory: ``$EDGEQ_GLUE_DIR``, else ``../shared/data/glue`` (from the current
+    directory) if present."""
     env = os.environ.get(GLUE_DIR_ENV)
     if env:
         return Path(env)

@@ -151,7 +151,8 @@ def read_embeddings(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     inits = {t.name: t for t in model.graph.initializer}
     out = {}
     for name, key in json.loads(meta.get(EMBEDDINGS_KEY, "{}")).items():
-        node = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized" and n.input[0] == f"{name}.emb_q4")
+        node = next(n for n in model.graph.node
+                    if n.op_type == "GatherBlockQuantized" and n.input[0] == f"{name}.emb_q4")
         bs = attr(node, "block_size", None)
         data = numpy_helper.to_array(inits[f"{name}.emb_q4"])
         scales = numpy_helper.to_array(inits[f"{name}.emb_scales"])

@@ -164,7 +164,8 @@ def rewrite_linears(
     storage: str = "plain",
     kernel: str = "int4",
 ) -> RewriteResult:
-    """Rewrite, in place, every Linear of ``layers`` (name → its quantization) in ``model``; raise if one cannot be mapped."""
+    """Rewrite, in place, every Linear of ``layers`` (name → its quantization) in ``model``;
+    raise if one cannot be mapped."""
     if correction not in CORRECTION_CHOICES:
         raise ValueError(f"unknown correction encoding {correction!r}; choose from {', '.join(CORRECTION_CHOICES)}")
     matches, refused = match_linears(model, weights)

@@ -62,7 +62,8 @@ def load_onnx(onnx_path: str | Path, load_external: bool = True):
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad input
-        raise EdgeqError(f"{onnx_path} is not a readable ONNX file ({type(e).__name__}); pass an edgeq .onnx file") from None
+        raise EdgeqError(f"{onnx_path} is not a readable ONNX file ({type(e).__name__}); "
+                         "pass an edgeq .onnx file") from None
     if len(model.graph.node) == 0:
         raise EdgeqError(f"{onnx_path} holds no ONNX graph; pass an edgeq .onnx file")
     check_external_locations(model, onnx_path)

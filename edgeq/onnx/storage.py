@@ -102,7 +102,8 @@ def _compact(layer: str, q: QuantizedLinear):
         f"{c}scale_step": np.array(1 / step, np.float32),
     }
     nodes = [
-        helper.make_node("Cast", [f"{layer}.{PLANES}"], [f"{p}/planes32"], name=f"{p}/CastPlanes", to=TensorProto.INT32),
+        helper.make_node("Cast", [f"{layer}.{PLANES}"], [f"{p}/planes32"], name=f"{p}/CastPlanes",
+                         to=TensorProto.INT32),
         helper.make_node("Unsqueeze", [f"{p}/planes32", f"{c}last"], [f"{p}/planes3d"], name=f"{p}/Unsqueeze"),
         helper.make_node("Div", [f"{p}/planes3d", f"{c}pow2"], [f"{p}/shifted"], name=f"{p}/Shift"),
         helper.make_node("Mod", [f"{p}/shifted", f"{c}two"], [f"{p}/bits"], name=f"{p}/Bit"),

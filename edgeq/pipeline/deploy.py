@@ -77,7 +77,8 @@ def check_folder_output(out: Path, inputs: list[Path], force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out} is a file; give a folder name or a path ending in .onnx")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise UsageError(f"output folder {out} is not empty; pass --force to overwrite its files or choose a new folder")
+        raise UsageError(f"output folder {out} is not empty; "
+                         "pass --force to overwrite its files or choose a new folder")
 
 
 @contextlib.contextmanager
@@ -137,11 +138,13 @@ def stage_ort_format(stage, layout: Layout, staged_model: Path) -> tuple[Path, P
     ort_file = tmp / staged_model.with_suffix(".ort").name
     config = tmp / staged_model.with_suffix(".required_operators.config").name
     if not (ort_file.is_file() and config.is_file()):
-        raise EdgeqError(f"ONNX Runtime's converter did not write {ort_file.name} and {config.name}; please report this")
+        raise EdgeqError(f"ONNX Runtime's converter did not write {ort_file.name} and {config.name}; "
+                         "please report this")
     staged_ort, staged_config = stage.path(layout.ort), stage.path(layout.required_operators)
     os.replace(ort_file, staged_ort)
     lines = config.read_text(encoding="utf-8").splitlines()  # "# - <staging path>" → the final file name
-    staged_config.write_text("\n".join(f"# - {layout.ort.name}" if ln.startswith("# - ") else ln for ln in lines) + "\n",
+    staged_config.write_text("\n".join(f"# - {layout.ort.name}" if ln.startswith("# - ") else ln
+                                       for ln in lines) + "\n",
                              encoding="utf-8")
     return staged_ort, staged_config
 

@@ -104,7 +104,8 @@ def staged_output(parent: Path):
             yield stage
         except OSError as e:
             if e.errno == errno.ENOSPC:
-                raise EdgeqError(f"no space left on the device while writing to {parent}; free space and retry") from None
+                raise EdgeqError(f"no space left on the device while writing to {parent}; "
+                                 "free space and retry") from None
             raise
         finally:
             if stage is not None:

@@ -179,7 +179,8 @@ def _sarqc_gs(w, idx, config, ctx):
     return _sarqc(w, idx, config, ctx, run)
 
 
-register("lsi", "LSI: learnable singular-value increments + learnable clipping, block-wise reconstruction (calibration)",
+register("lsi",
+         "LSI: learnable singular-value increments + learnable clipping, block-wise reconstruction (calibration)",
          needs_calibration=True, kind="block",
          options=("lsi_epochs", "lsi_rank", "lsi_lr", "lwc_lr"))(None)
 

@@ -32,12 +32,14 @@ def check_methods(methods: Sequence[str], calib: str | None) -> None:
 
     unknown = [m for m in methods if m not in SALIENCY_METHODS]
     if unknown:
-        raise UsageError(f"unknown method {unknown[0]!r} in --methods; choose from {', '.join(sorted(SALIENCY_METHODS))}")
+        raise UsageError(f"unknown method {unknown[0]!r} in --methods; "
+                         f"choose from {', '.join(sorted(SALIENCY_METHODS))}")
     if len(set(methods)) != len(methods) or len(methods) < 2:
         raise UsageError("--methods needs at least two distinct methods, e.g. svd,awq,spqr")
     need = [m for m in methods if SALIENCY_METHODS[m].needs_calibration]
     if need and not calib:
-        raise UsageError(f"--methods {','.join(need)} need calibration data; pass --calib TASK_OR_FILE (e.g. --calib rte)")
+        raise UsageError(f"--methods {','.join(need)} need calibration data; "
+                         "pass --calib TASK_OR_FILE (e.g. --calib rte)")
 
 
 def analyze(model_dir: Path, methods: Sequence[str], ks: Sequence[int], calib: str | None = None,

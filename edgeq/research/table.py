@@ -27,7 +27,8 @@ def rows(cells: dict[str, dict], methods: Sequence[str], ks: Sequence[int], suff
     """FP32, then per variant (cell-id suffix): int4 (k = 0) and each method × k."""
     order = [(FP32, "FP32", None)]
     for s in suffixes:
-        order += [(cell_id(None, 0, s), "int4" + s, 0)] + [(cell_id(m, k, s), m + s, k) for m in methods for k in ks if k > 0]
+        order += [(cell_id(None, 0, s), "int4" + s, 0)] + [(cell_id(m, k, s), m + s, k)
+                                                          for m in methods for k in ks if k > 0]
     out = []
     for cid, label, k in order:
         c = cells.get(cid)
@@ -133,7 +134,8 @@ def figure(cells: dict[str, dict], methods: Sequence[str], ks: Sequence[int], me
             err = [100 * (c.get(se_key) or 0) if se_key else 0 for _, c in pts]
             ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=2, lw=1.4, elinewidth=0.7, label=m + s,
                         color=colors.get(m), ls=styles[suffixes.index(s) % len(styles)])
-        refs = [(FP32, "FP32", "--", 1.0)] + [(cell_id(None, 0, s), f"int4{s} (k=0)", ":", 1.0 - 0.5 * i / len(suffixes))
+        refs = [(FP32, "FP32", "--", 1.0)] + [(cell_id(None, 0, s), f"int4{s} (k=0)", ":",
+                                               1.0 - 0.5 * i / len(suffixes))
                                              for i, s in enumerate(suffixes)]
         for cid, name, style, alpha in refs:
             if cid in cells and value(cells[cid]) is not None:
@@ -154,7 +156,8 @@ def write_outputs(out: Path, cells: dict[str, dict], methods: Sequence[str], ks:
     """Write table1.md/.csv/.json and figure1.png into ``out``; returns their paths."""
     rs = rows(cells, methods, ks, suffixes)
     metric = task.metrics[0]
-    paths = {"md": out / "table1.md", "csv": out / "table1.csv", "json": out / "table1.json", "png": out / "figure1.png"}
+    paths = {"md": out / "table1.md", "csv": out / "table1.csv", "json": out / "table1.json",
+             "png": out / "figure1.png"}
     md = markdown(rs, task.metrics, title)
     md += "\n" + pivot_markdown(cells, methods, ks, metric, suffixes)
     md += ("\nAccuracy ± binomial standard error sqrt(p(1-p)/n); agreement = share of dev examples on which the "

@@ -27,7 +27,8 @@ def _stats(weight: torch.Tensor, ctx: ScoreContext, method: str):
     if s is None:
         raise ValueError(f"--method {method} needs calibration data for {ctx.layer}; pass --calib TASK_OR_FILE")
     if s.n_features != weight.shape[1]:
-        raise ValueError(f"calibration statistics of {ctx.layer} have {s.n_features} inputs, the weight {weight.shape[1]}")
+        raise ValueError(f"calibration statistics of {ctx.layer} have {s.n_features} inputs, "
+                         f"the weight {weight.shape[1]}")
     return s
 
 

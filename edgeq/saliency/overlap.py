@@ -89,7 +89,8 @@ def layer_overlaps(layer: str, shape: tuple[int, int], orders: Mapping[str, np.n
     for k in ks:
         sel = {meth: topk_from_order(o, min(k, size)) for meth, o in orders.items()}
         for meth, idx in sel.items():
-            conc.append(Concentration(layer, meth, k, m, n, int(np.unique(idx // n).size), int(np.unique(idx % n).size)))
+            conc.append(Concentration(layer, meth, k, m, n, int(np.unique(idx // n).size),
+                                      int(np.unique(idx % n).size)))
         for a, b in itertools.combinations(orders, 2):
             pairs.append(LayerPair(layer, a, b, k, size, intersection_size(sel[a], sel[b])))
     return pairs, conc
