@@ -43,7 +43,8 @@ def calib_options(fn):
         click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True,
                      help="Calibration examples (a --seed sample)."),
         click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-                     help="GLUE directory for --calib TASK (default: $EDGEQ_GLUE_DIR, else ../shared/data/glue)."),
+                     help="GLUE directory holding <TASK>/{train,dev}.tsv "
+                          "(default: $EDGEQ_GLUE_DIR, else ../shared/data/glue)."),
     ]
     return _apply(fn, opts)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from edgeq.cli.options import BLOCK_CHOICES, configure_logging
+from edgeq.cli.options import BLOCK_CHOICES, calib_options, configure_logging
 from edgeq.errors import UsageError
 from edgeq.quant.int4 import GRIDS
 from edgeq.quant.registry import QUANTIZERS
@@ -62,12 +62,8 @@ def _choices(allowed):
 @click.option("--rank", type=int, default=8, show_default=True, help="SVD rank r of the svd method.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random and of the calibration sample.")
 @click.option("--exclude-salient-from-scale", is_flag=True, help="Compute scales without the k FP32 entries.")
-@click.option("--calib", default=None, metavar="TASK_OR_FILE",
-              help="Calibration data for awq/spqr: a GLUE task name (its train split) or a file.")
-@click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True)
+@calib_options
 @click.option("--percdamp", type=float, default=0.01, show_default=True, help="Hessian damping of spqr.")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-              help="GLUE directory (default: $EDGEQ_GLUE_DIR, else ../shared/data/glue).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use the first N dev examples only.")
 @click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True,
               help="ONNX Runtime / PyTorch intra-op threads.")
