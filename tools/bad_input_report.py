@@ -23,8 +23,8 @@ def main() -> int:
     from click.testing import CliRunner
 
     from edgeq.cli import main as cli
-    from tests.conftest import make_tiny_model
     from tests.cli.test_bad_input import CASES, Ctx, run_case
+    from tests.helpers import make_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="edgeq-bad-input-") as d:
         root = Path(d)

@@ -7,12 +7,10 @@ import json
 
 import pytest
 
-from tests.conftest import shared_path
-
 pytestmark = pytest.mark.real
 
 
-def test_rte_fp32_onnx_equals_pytorch_and_training_json(tmp_path):
+def test_rte_fp32_onnx_equals_pytorch_and_training_json(shared_path, tmp_path):
     import onnx
 
     from edgeq.evaluation.evaluate import evaluate_path
@@ -39,7 +37,7 @@ def test_rte_fp32_onnx_equals_pytorch_and_training_json(tmp_path):
 
 @pytest.mark.parametrize("task,rows", [("CoLA", 1043), ("SST-2", 872), ("MRPC", 408), ("STS-B", 1500),
                                        ("QNLI", 5463), ("RTE", 277), ("WNLI", 71)])
-def test_every_glue_dev_file_reads_in_full(task, rows):
+def test_every_glue_dev_file_reads_in_full(shared_path, task, rows):
     """GLUE's official dev sizes: a quote-handling or header mistake loses or merges rows."""
     from edgeq.evaluation.tasks import get_task, read_examples
 

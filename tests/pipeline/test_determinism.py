@@ -19,7 +19,7 @@ import torch
 from click.testing import CliRunner
 
 from edgeq.cli import main
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 ARGS = ["--k", "32", "--method", "svd", "--block-size", "32"]
 
@@ -46,11 +46,9 @@ def convert_in_process(model: Path, out: Path, threads: int, torch_threads: int)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    from tests.conftest import make_tiny_model
-
+def runs(tiny_model, tmp_path_factory):
     base = tmp_path_factory.mktemp("determinism")
-    model = make_tiny_model(base / "model", hidden=64)
+    model = tiny_model(hidden=64)
     outs = {}
     for name, threads in (("a", 1), ("b", 2)):
         outs[name] = base / name / "model.onnx"
