@@ -44,14 +44,14 @@ def test_rte_plan_parity_on_dev(rte_k256):
 
 def test_rte_validate_command_gates(rte_k256):
     """`edgeq validate` re-derives the weights from the file and gates: passes at a lenient threshold,
-    exits 1 at a strict one.  On the first 64 dev examples: the full-dev numbers are the convert
+    exits 1 at a strict one.  On the first 64 (16) dev examples: the full-dev numbers are the convert
     report's (above), computed by the same checks."""
     model_dir, dev, out = rte_k256.model_dir, rte_k256.data, rte_k256.onnx
     ok = CliRunner().invoke(main, ["validate", str(model_dir), str(out), "--data", str(dev), "--limit", "64",
                                    "--min-agreement", "0.5"])
     assert ok.exit_code == 0, ok.output
     assert "64 examples" in ok.output
-    bad = CliRunner().invoke(main, ["validate", str(model_dir), str(out), "--data", str(dev), "--limit", "64",
+    bad = CliRunner().invoke(main, ["validate", str(model_dir), str(out), "--data", str(dev), "--limit", "16",
                                     "--min-agreement", "1.0", "--max-abs-diff", "1e-6"])
     assert bad.exit_code == 1
     assert "top-1 agreement" in bad.output
