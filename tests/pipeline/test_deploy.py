@@ -146,84 +146,91 @@ def test_ort_format_single_file(tiny_bert, tmp_path):
 
 
 # ---------------------------------------------------------------- the shared RTE model in each client
+#
+# The JavaScript clients are single-threaded subprocesses: node_clients starts all three at once and
+# the tests collect them, so they run while Python computes its own logits (2 cores).  The WASM test
+# comes last, after the Python-heavy .ort and Optimum tests, for the same reason.
+
 
 @pytest.fixture(scope="module")
-def rte(rte_k256, tmp_path_factory):
-    """The shared RTE model at k=256 as a folder with model.ort; the RTE dev inputs; Python ORT logits."""
+def rte_inputs(rte_k256):
+    """The converted RTE folder (model.onnx, model.ort) and the 277 dev examples tokenised by its tokenizer."""
     from edgeq.model.texts import read_glue_texts
 
-    out = rte_k256.out
-    batches = _encode(out, read_glue_texts(rte_k256.data))
-    return out, batches, _run(_session(out / "model.onnx"), batches)
+    return rte_k256.out, _encode(rte_k256.out, read_glue_texts(rte_k256.data))
 
 
-def _node_run(node: str, folder: Path, batches, backend: str, model: str = "model.onnx") -> np.ndarray:
-    work = folder.parent / f"node-{backend}-{model}"
-    work.mkdir(exist_ok=True)
-    spec = {"model": str(folder / model), "output": "logits", "batches": [
-        {k: {"dims": list(v.shape), "data": v.ravel().tolist()} for k, v in b.items()} for b in batches]}
-    (work / "inputs.json").write_text(json.dumps(spec))
-    proc = subprocess.run([node, str(NODE_DIR / "run.mjs"), str(work), "--backend", backend],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    got = json.loads((work / f"outputs-{backend}.json").read_text())
-    assert got["runtime"] == f"onnxruntime-{backend}"
-    return np.concatenate([np.asarray(b["data"], np.float32).reshape(b["dims"]) for b in got["batches"]])
+@pytest.fixture(scope="module")
+def rte(rte_inputs):
+    """``rte_inputs`` and the logits of model.onnx in Python ONNX Runtime on every dev example."""
+    folder, batches = rte_inputs
+    return folder, batches, _run(_session(folder / "model.onnx"), batches)
+
+
+class NodeRun:
+    """``node tests/node/run.mjs`` on one model and some batches, started in the background."""
+
+    def __init__(self, node: str, work: Path, model: Path, batches, backend: str):
+        self.work, self.backend = work, backend
+        work.mkdir()
+        spec = {"model": str(model), "output": "logits", "batches": [
+            {k: {"dims": list(v.shape), "data": v.ravel().tolist()} for k, v in b.items()} for b in batches]}
+        (work / "inputs.json").write_text(json.dumps(spec))
+        with open(work / "stderr.txt", "wb") as err:  # a file, not a pipe: nothing reads it until the end
+            self.proc = subprocess.Popen([node, str(NODE_DIR / "run.mjs"), str(work), "--backend", backend],
+                                         stdout=subprocess.DEVNULL, stderr=err)
+
+    def result(self) -> np.ndarray:
+        self.proc.wait(timeout=600)
+        assert self.proc.returncode == 0, (self.work / "stderr.txt").read_text()[-2000:]
+        got = json.loads((self.work / f"outputs-{self.backend}.json").read_text())
+        assert got["runtime"] == f"onnxruntime-{self.backend}"
+        return np.concatenate([np.asarray(b["data"], np.float32).reshape(b["dims"]) for b in got["batches"]])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+WASM_BATCHES = 4  # 64 examples: the single-threaded WASM build is ~6x slower than native
+
+
+@pytest.fixture(scope="module")
+def node_clients(rte_inputs, node, tmp_path_factory):
+    """onnxruntime-node on model.onnx (every dev batch) and on model.ort (4 batches), onnxruntime-web
+    (WASM) on model.onnx (4 batches): all started now, collected by the tests."""
+    folder, batches = rte_inputs
+    work = tmp_path_factory.mktemp("node-clients")
+    runs = {"node": NodeRun(node, work / "node", folder / "model.onnx", batches, "node"),
+            "node-ort": NodeRun(node, work / "node-ort", folder / "model.ort", batches[:4], "node"),
+            "web": NodeRun(node, work / "web", folder / "model.onnx", batches[:WASM_BATCHES], "web")}
+    yield runs
+    for run in runs.values():
+        run.stop()
 
 
 @pytest.mark.real
 @pytest.mark.deploy
-def test_rte_onnxruntime_node_matches_python(rte, node):
+def test_rte_onnxruntime_node_matches_python(node_clients, rte):
     folder, batches, want = rte
-    got = _node_run(node, folder, batches, "node")
+    got = node_clients["node"].result()
     assert got.shape == want.shape == (277, 2)
     assert np.max(np.abs(got - want)) <= TOL
     np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
-    got_ort = _node_run(node, folder, batches[:4], "node", "model.ort")  # the mobile file in the same client
+    got_ort = node_clients["node-ort"].result()  # the mobile file in the same client
     assert np.max(np.abs(got_ort - want[: len(got_ort)])) <= TOL
     np.testing.assert_array_equal(got_ort.argmax(1), want[: len(got_ort)].argmax(1))
-
-
-def _level0_copy(folder: Path) -> Path:
-    """The folder's model.onnx with every MatMulNBits at accuracy_level 0 (FP32 activations)."""
-    import onnx
-
-    model = onnx.load(str(folder / "model.onnx"))
-    for node in model.graph.node:
-        for a in node.attribute:
-            if node.op_type == "MatMulNBits" and a.name == "accuracy_level":
-                a.i = 0
-    path = folder.parent / "model-level0.onnx"
-    onnx.save(model, str(path))
-    return path
-
-
-@pytest.mark.real
-@pytest.mark.deploy
-def test_rte_onnxruntime_web_wasm_matches_python(rte, node):
-    folder, batches, _ = rte
-    n = 4  # 64 examples: the single-threaded WASM build is ~6x slower than native
-    got = _node_run(node, folder, batches[:n], "web")
-    # The WASM build has no int8-activation MatMulNBits kernel: at accuracy_level 4 (edgeq's default) it
-    # computes the FP32 path (measured: within 1e-5 of native level 0, ~0.1 logits from native level 4).
-    # So it is held to native ONNX Runtime running the same file at accuracy_level 0.
-    sub = _run(_session(_level0_copy(folder)), batches[:n])
-    assert got.shape == sub.shape
-    assert np.max(np.abs(got - sub)) <= TOL
-    np.testing.assert_array_equal(got.argmax(1), sub.argmax(1))
 
 
 @pytest.mark.real
 def test_rte_ort_format_matches_onnx(rte, rte_k256):
     folder, batches, want = rte
-    # convert compared model.ort with model.onnx on all 277 dev examples (same runtime, same inputs) ...
-    check = rte_k256.report["deployment"]["ort"]
-    assert check["examples"] == 277 and max(check["max_abs_diff_vs_onnx"].values()) <= TOL
-    # ... and this test repeats it independently on the first 64 (a wrong file differs on every input)
-    n = 4
-    got = _run(_session(folder / "model.ort"), batches[:n])
-    assert np.max(np.abs(got - want[: len(got)])) <= TOL
-    np.testing.assert_array_equal(got.argmax(1), want[: len(got)].argmax(1))
+    got = _run(_session(folder / "model.ort"), batches)
+    assert np.max(np.abs(got - want)) <= TOL
+    np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
+    check = rte_k256.report["deployment"]["ort"]  # convert's own check, on the examples it validated on
+    assert check["examples"] == 32 and max(check["max_abs_diff_vs_onnx"].values()) <= TOL
     config = (folder / "model.required_operators.config").read_text()
     assert "com.microsoft;1;" in config and "MatMulNBits" in config
     assert "# - model.ort" in config and ".edgeq-tmp" not in config  # no staging path leaks into the config
@@ -236,3 +243,31 @@ def test_rte_optimum_pipeline(rte, optimum_ort):
     model = optimum_ort.ORTModelForSequenceClassification.from_pretrained(folder)
     got = np.concatenate([np.asarray(model(**b).logits) for b in batches[:2]])
     np.testing.assert_array_equal(got, want[: len(got)])
+
+
+def _level0_copy(folder: Path, dst: Path) -> Path:
+    """The folder's model.onnx with every MatMulNBits at accuracy_level 0 (FP32 activations)."""
+    import onnx
+
+    model = onnx.load(str(folder / "model.onnx"))
+    for node in model.graph.node:
+        for a in node.attribute:
+            if node.op_type == "MatMulNBits" and a.name == "accuracy_level":
+                a.i = 0
+    path = dst / "model-level0.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.real
+@pytest.mark.deploy
+def test_rte_onnxruntime_web_wasm_matches_python(node_clients, rte_inputs, tmp_path):
+    folder, batches = rte_inputs
+    got = node_clients["web"].result()
+    # The WASM build has no int8-activation MatMulNBits kernel: at accuracy_level 4 (edgeq's default) it
+    # computes the FP32 path (measured: within 1e-5 of native level 0, ~0.1 logits from native level 4).
+    # So it is held to native ONNX Runtime running the same file at accuracy_level 0.
+    sub = _run(_session(_level0_copy(folder, tmp_path)), batches[:WASM_BATCHES])
+    assert got.shape == sub.shape
+    assert np.max(np.abs(got - sub)) <= TOL
+    np.testing.assert_array_equal(got.argmax(1), sub.argmax(1))

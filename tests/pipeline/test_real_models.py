@@ -1,9 +1,11 @@
 """Acceptance on the real shared MiniLM RTE model (fails under CI=1 when ../shared is missing).
 
-The conversion (k=256, validated on the full RTE dev set) is the session fixture ``rte_k256`` of
-tests/conftest.py, shared with tests/pipeline/test_deploy.py.
+The conversion (k=256) is the session fixture ``rte_k256`` of tests/conftest.py, shared with
+tests/pipeline/test_deploy.py; it is checked here on the full RTE dev set by ``edgeq validate``
+(the same checks convert runs, with the weights decoded back from the file).
 """
 
+import json
 from collections import Counter
 
 import onnx
@@ -14,6 +16,13 @@ from onnx import numpy_helper
 from edgeq.cli import main
 
 pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def rte_validated(rte_k256):
+    """``edgeq validate --json --min-agreement 0.5`` of the converted model on all 277 RTE dev examples."""
+    return CliRunner().invoke(main, ["validate", str(rte_k256.model_dir), str(rte_k256.onnx),
+                                     "--data", str(rte_k256.data), "--min-agreement", "0.5", "--json"])
 
 
 def test_rte_structure(rte_k256):
@@ -28,30 +37,27 @@ def test_rte_structure(rte_k256):
     assert len(vals) == 38 and all(numpy_helper.to_array(t).size == 256 for t in vals)
 
 
-def test_rte_plan_parity_on_dev(rte_k256):
-    report = rte_k256.report
-    assert report["parity"]["examples"] == 277
-    assert report["parity"]["ok"]
-    plan = [c for c in report["parity"]["checks"] if c["name"].startswith("plan parity")]
-    assert plan and all(c["value"] <= 1e-4 for c in plan)
-    # what `edgeq validate --min-agreement 0.5` on the full dev set gated (convert runs the same checks)
-    agreement = [c for c in report["parity"]["checks"] if c["name"] == "vs fp32: top-1 agreement"]
-    assert len(agreement) == 1 and agreement[0]["value"] >= 0.5
+def _plan_parity(parity: dict) -> list[float]:
+    return [c["value"] for c in parity["checks"] if c["name"].startswith("plan parity")]
+
+
+def test_rte_plan_parity_on_dev(rte_k256, rte_validated):
+    full = json.loads(rte_validated.stdout)
+    assert full["examples"] == 277 and full["source"] == str(rte_k256.data)
+    assert _plan_parity(full) and all(v <= 1e-4 for v in _plan_parity(full))
+    report = rte_k256.report  # convert's own checks, on the first 32 dev examples (--limit 32)
+    assert report["parity"]["examples"] == 32 and report["parity"]["ok"]
+    assert _plan_parity(report["parity"]) and all(v <= 1e-4 for v in _plan_parity(report["parity"]))
     assert max(report["export_max_abs_diff"].values()) <= 1e-4
     assert report["linears_quantized"] == 38
     assert all(layer["k"] == 256 for layer in report["layers"].values())
 
 
-def test_rte_validate_command_gates(rte_k256):
-    """`edgeq validate` re-derives the weights from the file and gates: passes at a lenient threshold,
-    exits 1 at a strict one.  On the first 64 (16) dev examples: the full-dev numbers are the convert
-    report's (above), computed by the same checks."""
-    model_dir, dev, out = rte_k256.model_dir, rte_k256.data, rte_k256.onnx
-    ok = CliRunner().invoke(main, ["validate", str(model_dir), str(out), "--data", str(dev), "--limit", "64",
-                                   "--min-agreement", "0.5"])
-    assert ok.exit_code == 0, ok.output
-    assert "64 examples" in ok.output
-    bad = CliRunner().invoke(main, ["validate", str(model_dir), str(out), "--data", str(dev), "--limit", "16",
-                                    "--min-agreement", "1.0", "--max-abs-diff", "1e-6"])
+def test_rte_validate_command_gates(rte_k256, rte_validated):
+    assert rte_validated.exit_code == 0, rte_validated.output  # --min-agreement 0.5 on the full dev set
+    agreement = [c for c in json.loads(rte_validated.stdout)["checks"] if c["name"] == "vs fp32: top-1 agreement"]
+    assert len(agreement) == 1 and agreement[0]["value"] >= 0.5 and agreement[0]["ok"]
+    bad = CliRunner().invoke(main, ["validate", str(rte_k256.model_dir), str(rte_k256.onnx), "--data",
+                                    str(rte_k256.data), "--limit", "16", "--min-agreement", "1.0", "--max-abs-diff", "1e-6"])
     assert bad.exit_code == 1
     assert "top-1 agreement" in bad.output
