@@ -88,6 +88,27 @@ def _no_implicit_shared(request, monkeypatch, tmp_path_factory):
         monkeypatch.setenv("EDGEQ_GLUE_DIR", str(tmp_path_factory.getbasetemp() / "no-glue-outside-real-tests"))
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads(request):
+    """PyTorch's intra-op thread count: 1 during tests not marked ``real``, and given back after every test.
+
+    Given back: some code under test sets it for the rest of the process (``evaluate_path(threads=1)``
+    does), which made every later real-model conversion single-threaded (measured at load ~1: the full
+    RTE ``validate`` 39 s with 1 thread, 26 s with 2).  One thread for tiny models: their matrices gain
+    nothing from a second thread, and on a busy 2-core machine an OpenMP thread that is not scheduled
+    stalls the other (at load ~4 ``torch.linalg.svd`` of a 128x64 matrix took 53 ms with 2 threads vs
+    1.2 ms with 1, so the default ``svd`` plan of a tiny model took 3.6 s instead of 0.04 s).  Tests
+    that set the count themselves still can.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if request.node.get_closest_marker("real") is None:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------- ../shared, optimum, node
 
 

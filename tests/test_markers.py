@@ -31,7 +31,8 @@ def setup(item):
     (["node"], [], "not marked deploy"),
     (["optimum_ort"], [], "not marked deploy"),
     ([], ["deploy"], "is marked deploy but"),
-])
+], ids=["shared-unmarked", "via-fixture-unmarked", "real-unused", "node-unmarked", "optimum-unmarked",
+        "deploy-unused"])
 def test_marker_mismatch_fails_before_setup(fixtures, markers, message):
     with pytest.raises(pytest.fail.Exception, match=message):
         setup(FakeItem(fixtures, markers))
@@ -43,7 +44,8 @@ def test_fixture_closure_is_what_the_hook_sees(tiny_bert, request):
     assert "shared_path" not in request.node.fixturenames
 
 
-@pytest.mark.parametrize("ci,outcome", [("", pytest.skip.Exception), ("1", pytest.fail.Exception)])
+@pytest.mark.parametrize("ci,outcome", [("", pytest.skip.Exception), ("1", pytest.fail.Exception)],
+                         ids=["local-skips", "ci-fails"])
 def test_missing_resources_skip_locally_and_fail_under_ci(monkeypatch, tmp_path, ci, outcome):
     monkeypatch.setenv("CI", ci)
     monkeypatch.setattr(conftest, "SHARED", tmp_path / "no-shared")
