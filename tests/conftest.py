@@ -1,98 +1,219 @@
-"""Shared fixtures: tiny randomly initialised HF models of each architecture, and ../shared."""
+"""Fixtures and marker rules of the suite.
+
+Markers mean what they say, and a hook holds them to it (before any fixture runs):
+
+* ``real``   ⇔ the test reads ../shared: it requests ``shared_path`` (directly or through a fixture
+  such as ``rte_k256``).  A test with one but not the other fails.
+* ``deploy`` ⇔ the test needs the deploy extra or Node: it requests ``optimum_ort`` or ``node``.
+
+Availability is checked in the same hook, so a test skips *before* any conversion runs.  Under
+``CI`` (set by ``.ci/run``) a missing ../shared, optimum, node or tests/node/node_modules fails
+instead of skipping.  ``pytest -m "not real and not deploy"`` is the fast subset.
+
+Tiny random models come from the session-scoped ``tiny_model`` factory (built once per argument set,
+shared read-only; pass ``copy_to=`` for a private copy to edit).  Real-model conversions used by
+several files are session fixtures here (``rte_k256``), converted once per session.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("EDGEQ_SHARED", REPO.parent / "shared"))
+from tests.helpers import REPO, SHARED, make_tiny_model, model_type_of
 
-WORDS = sorted({
-    w.strip(".,;'!?").lower()
-    for w in (
-        "the quick brown fox jumps over the lazy dog a man is playing guitar on stage someone "
-        "performing music i loved this film acting was superb and story moved me service slow food "
-        "arrived cold quantization reduces size of neural networks company reported record profits "
-        "quarter fell sharply she bought three apples at market purchased paris capital france city "
-        "it rained all day so match cancelled edgeq exports sentence one which little longer than first "
-        "second segment another unremarkable forgettable sequel that adds nothing new"
-    ).split()
-})
-
-# (architecture class, model_type)
-TINY_ARCHS = [
-    ("BertForSequenceClassification", "bert"),
-    ("BertModel", "bert"),
-    ("DistilBertForSequenceClassification", "distilbert"),
-    ("DistilBertModel", "distilbert"),
-    ("RobertaForSequenceClassification", "roberta"),
-    ("RobertaModel", "roberta"),
-]
+NODE_DIR = REPO / "tests" / "node"
+REAL_FIXTURE = "shared_path"
+DEPLOY_FIXTURES = ("optimum_ort", "node")
 
 
-def _tokenizer(path: Path, model_type: str):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    letters = [c for c in "abcdefghijklmnopqrstuvwxyz0123456789"] + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(special + WORDS + letters))}
-    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
-    )
-    tok.decoder = decoders.WordPiece()
-    names = ["input_ids", "token_type_ids", "attention_mask"] if model_type == "bert" else ["input_ids", "attention_mask"]
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-        sep_token="[SEP]", mask_token="[MASK]", model_input_names=names,
-    )
-    fast.save_pretrained(path)
-    return len(vocab)
+def unavailable(reason: str):
+    """Skip locally; under CI the environment is expected to be complete, so fail."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI needs it: ../shared beside the repo, the deploy extra, node + tests/node)",
+                    pytrace=False)
+    pytest.skip(reason)
 
 
-def make_tiny_model(path: Path, arch: str = "BertForSequenceClassification", model_type: str = "bert",
-                    dtype: str = "float32", num_labels: int = 2, hidden: int = 48, seed: int = 0) -> Path:
-    """Save a tiny random model of ``arch`` (safetensors, ``dtype`` on disk) with a tokenizer."""
+def _deploy_missing(name: str) -> str | None:
+    if name == "optimum_ort":
+        try:
+            found = importlib.util.find_spec("optimum.onnxruntime") is not None
+        except ImportError:
+            found = False
+        return None if found else "optimum.onnxruntime is not installed (pip install -e '.[deploy]')"
+    if shutil.which("node") is None:
+        return "node is not on PATH"
+    for pkg in ("onnxruntime-node", "onnxruntime-web"):
+        if not (NODE_DIR / "node_modules" / pkg).is_dir():
+            return f"tests/node/node_modules/{pkg} is missing (cd tests/node && npm ci --ignore-scripts)"
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Enforce the marker rules, then skip (or fail under CI) before any fixture does work."""
+    uses = set(getattr(item, "fixturenames", ()))
+    wants_real, marked_real = REAL_FIXTURE in uses, item.get_closest_marker("real") is not None
+    deploy_needs = [f for f in DEPLOY_FIXTURES if f in uses]
+    marked_deploy = item.get_closest_marker("deploy") is not None
+    if wants_real != marked_real:
+        pytest.fail(f"{item.nodeid}: " + ("reads ../shared (shared_path) but is not marked real; add @pytest.mark.real"
+                                          if wants_real else "is marked real but does not read ../shared through "
+                                          "the shared_path fixture; drop the marker or request the fixture"),
+                    pytrace=False)
+    if bool(deploy_needs) != marked_deploy:
+        pytest.fail(f"{item.nodeid}: " + (f"needs {', '.join(deploy_needs)} but is not marked deploy; add "
+                                          "@pytest.mark.deploy" if deploy_needs else "is marked deploy but requests "
+                                          "neither optimum_ort nor node"), pytrace=False)
+    if wants_real and not SHARED.is_dir():
+        unavailable(f"{SHARED} is missing")
+    for name in deploy_needs:
+        missing = _deploy_missing(name)
+        if missing:
+            unavailable(missing)
+
+
+@pytest.fixture(autouse=True)
+def _no_implicit_shared(request, monkeypatch, tmp_path_factory):
+    """Outside ``real`` tests the ../shared GLUE default (EDGEQ_GLUE_DIR unset) points nowhere."""
+    if request.node.get_closest_marker("real") is None:
+        monkeypatch.setenv("EDGEQ_GLUE_DIR", str(tmp_path_factory.getbasetemp() / "no-glue-outside-real-tests"))
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads(request):
+    """PyTorch's intra-op thread count: 1 during tests not marked ``real``, and given back after every test.
+
+    Given back: some code under test sets it for the rest of the process (``evaluate_path(threads=1)``
+    does), which made every later real-model conversion single-threaded (measured at load ~1: the full
+    RTE ``validate`` 39 s with 1 thread, 26 s with 2).  One thread for tiny models: their matrices gain
+    nothing from a second thread, and on a busy 2-core machine an OpenMP thread that is not scheduled
+    stalls the other (at load ~4 ``torch.linalg.svd`` of a 128x64 matrix took 53 ms with 2 threads vs
+    1.2 ms with 1, so the default ``svd`` plan of a tiny model took 3.6 s instead of 0.04 s).  Tests
+    that set the count themselves still can.
+    """
     import torch
-    import transformers
 
-    path.mkdir(parents=True, exist_ok=True)
-    vocab_size = _tokenizer(path, model_type)
-    common = dict(vocab_size=vocab_size, pad_token_id=0, max_position_embeddings=160, num_labels=num_labels)
-    if model_type == "distilbert":
-        cfg = transformers.DistilBertConfig(dim=hidden, n_layers=2, n_heads=4, hidden_dim=2 * hidden, **common)
-    else:
-        cls = transformers.BertConfig if model_type == "bert" else transformers.RobertaConfig
-        cfg = cls(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
-                  intermediate_size=2 * hidden, type_vocab_size=2 if model_type == "bert" else 1, **common)
-    cfg.architectures = [arch]
-    torch.manual_seed(seed)
-    model = getattr(transformers, arch)(cfg).eval()
-    with torch.no_grad():  # random biases and norms too: fresh HF inits are zeros/ones, unlike trained models
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.add_(0.05 * torch.randn_like(p))
-    model.to(getattr(torch, dtype)).save_pretrained(path, safe_serialization=True)
-    return path
+    before = torch.get_num_threads()
+    if request.node.get_closest_marker("real") is None:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- ../shared, optimum, node
 
 
 @pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "bert-cls")
+def shared_path():
+    """``shared_path(*parts)``: a path under ../shared (skips, or fails under CI, when missing).
+
+    Only tests marked ``real`` may request it (see :func:`pytest_runtest_setup`).
+    """
+    def get(*parts: str) -> Path:
+        p = SHARED.joinpath(*parts)
+        if not p.exists():
+            unavailable(f"{p} is missing")
+        return p
+    return get
 
 
-def shared_path(*parts: str) -> Path:
-    """A path under ../shared; fails (not skips) under CI when missing."""
-    p = SHARED.joinpath(*parts)
-    if not p.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{p} is missing; CI needs ../shared beside the repo")
-        pytest.skip(f"{p} not available")
-    return p
+@pytest.fixture(scope="session")
+def optimum_ort():
+    """``optimum.onnxruntime`` (the deploy extra); only tests marked ``deploy``."""
+    return importlib.import_module("optimum.onnxruntime")
+
+
+@pytest.fixture(scope="session")
+def node() -> str:
+    """The node executable, with tests/node/node_modules installed; only tests marked ``deploy``."""
+    return shutil.which("node")
+
+
+# ---------------------------------------------------------------- tiny random models
+
+
+def _digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        h.update(str(p.relative_to(root)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """``tiny_model(arch=..., *, dtype, num_labels, hidden, seed, copy_to=None) -> Path``.
+
+    Each argument set is built once per session and shared: treat it as read-only (checked at the
+    end of the session).  ``copy_to=path`` returns a private copy at ``path`` to edit.
+    """
+    root = tmp_path_factory.mktemp("tiny-models")
+    built: dict[tuple, tuple[Path, str]] = {}
+
+    def get(arch: str = "BertForSequenceClassification", model_type: str | None = None, *,
+            copy_to: Path | None = None, **kw) -> Path:
+        key = (arch, model_type or model_type_of(arch), tuple(sorted(kw.items())))
+        if key not in built:
+            path = make_tiny_model(root / f"{len(built)}-{arch}", arch, key[1], **kw)
+            built[key] = path, _digest(path)
+        path = built[key][0]
+        if copy_to is None:
+            return path
+        shutil.copytree(path, copy_to)
+        return copy_to
+
+    yield get
+    changed = [str(path) for path, digest in built.values() if _digest(path) != digest]
+    assert not changed, f"a test edited a shared tiny model (use tiny_model(..., copy_to=tmp_path / ...)): {changed}"
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tiny_model) -> Path:
+    """The default tiny BertForSequenceClassification (hidden 48, 2 labels, seed 0); read-only."""
+    return tiny_model()
+
+
+# ---------------------------------------------------------------- real models, converted once per session
+
+
+@dataclass(frozen=True)
+class Converted:
+    model_dir: Path
+    data: Path
+    out: Path  # the output folder (Hugging Face layout)
+    onnx: Path
+    report: dict
+
+
+@pytest.fixture(scope="session")
+def rte_k256(shared_path, tmp_path_factory) -> Converted:
+    """The shared MiniLM RTE model at k=256 as a Hugging Face folder with ``--ort-format``, checked by
+    convert on the first 32 RTE dev examples: the one conversion behind tests/pipeline/test_real_models.py
+    (which validates it on the full dev set with ``edgeq validate``) and the RTE half of
+    tests/pipeline/test_deploy.py.  Read-only.
+
+    (Not converted on the full dev set: with ``--ort-format`` convert also runs the .ort check on every
+    example, two more passes than the whole conversion costs at 32.)"""
+    import json
+
+    from click.testing import CliRunner
+
+    from edgeq.cli import main
+
+    model_dir = shared_path("models", "minilm-l6-rte")  # availability first: skip before converting
+    dev = shared_path("data", "glue", "RTE", "dev.tsv")
+    out = tmp_path_factory.mktemp("rte-k256") / "minilm-l6-rte-int4"
+    res = CliRunner().invoke(main, ["convert", "-q", "--k", "256", "--ort-format", "--data", str(dev), "--limit", "32",
+                                    str(model_dir), str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return Converted(model_dir, dev, out, out / "model.onnx", json.loads((out / "edgeq_report.json").read_text()))

@@ -24,7 +24,7 @@ def main() -> int:
 
     from edgeq.cli import main as cli
     from tests.cli.test_bad_input import CASES, Ctx, run_case
-    from tests.conftest import make_tiny_model
+    from tests.helpers import make_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="edgeq-bad-input-") as d:
         root = Path(d)

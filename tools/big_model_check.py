@@ -29,7 +29,7 @@ def build(path: Path, vocab: int, hidden: int, type_vocab: int) -> int:
     import torch
     import transformers
 
-    from tests.conftest import _tokenizer
+    from tests.helpers import _tokenizer
 
     path.mkdir(parents=True)
     _tokenizer(path, "bert")  # the small test vocabulary; ids index the first rows of the big table

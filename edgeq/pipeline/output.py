@@ -52,14 +52,14 @@ class StagedOutput:
     def commit(self) -> None:
         """Move every staged file into place; Ctrl-C/SIGTERM wait until it is done (or undone)."""
         moved: list[Path] = []
-        with _signals_blocked():
+        with _signals_deferred() as caught:
             try:
                 # data files first, the .onnx (what users open) last
                 for staged, final in sorted(self.targets.items(), key=lambda kv: kv[1].suffix == ".onnx"):
                     if staged.exists():
                         os.replace(staged, final)
                         moved.append(final)
-                if _interrupt_pending():  # Ctrl-C/SIGTERM arrived meanwhile: the run was interrupted
+                if caught:  # Ctrl-C/SIGTERM arrived meanwhile: the run was interrupted
                     raise KeyboardInterrupt("during commit")
             except BaseException:
                 for final in moved:  # all or nothing
@@ -67,30 +67,39 @@ class StagedOutput:
                 raise
 
     def discard(self) -> None:
-        with _signals_blocked():
+        with _signals_deferred():
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _interrupt_pending() -> bool:
-    try:
-        return bool(signal.sigpending() & {signal.SIGINT, signal.SIGTERM})
-    except AttributeError:
-        return False
-
-
 @contextmanager
-def _signals_blocked():
-    """Defer SIGINT/SIGTERM (delivered on exit) so a move or clean-up is never cut in half."""
-    sigs = {signal.SIGINT, signal.SIGTERM}
+def _signals_deferred():
+    """Defer SIGINT/SIGTERM (delivered on exit) so a move or clean-up is never cut in half.
+
+    Yields the list of signals caught meanwhile. The deferral is a Python handler that records the
+    signal, not a blocked signal mask: a mask is per thread, so while it blocks the main thread the
+    kernel hands a process-wide SIGTERM to one of the PyTorch / ONNX Runtime pool threads, and the
+    main thread then raises KeyboardInterrupt whenever that thread gets to run: possibly after the
+    commit (files left in place) or in the middle of the clean-up (``.edgeq-tmp-*`` left behind).
+    Python runs signal handlers in the main thread between bytecodes, whichever thread caught them.
+    """
+    caught: list[int] = []
+
+    def record(signum, frame):
+        caught.append(signum)
+
+    previous = {}
     try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
-    except (AttributeError, ValueError, OSError):  # no pthread_sigmask (Windows)
-        yield
-        return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, record)
+    except ValueError:  # not the main thread: handlers (and interrupts) belong to the main thread
+        pass
     try:
-        yield
+        yield caught
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        if caught:
+            signal.raise_signal(caught[0])  # delivered now, to the handler that was in place before
 
 
 @contextmanager
@@ -99,7 +108,7 @@ def staged_output(parent: Path):
     with sigterm_interrupts():
         stage = None
         try:
-            with _signals_blocked():  # an interrupt right after mkdtemp must not leak the directory
+            with _signals_deferred():  # an interrupt right after mkdtemp must not leak the directory
                 stage = StagedOutput(parent)
             yield stage
         except OSError as e:

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from edgeq.cli import main
 from edgeq.quant.registry import QUANTIZERS
-from tests.conftest import WORDS, make_tiny_model
+from tests.helpers import WORDS
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -25,9 +25,9 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_bert, tmp_path_factory):
     d = tmp_path_factory.mktemp("q")
-    model = make_tiny_model(d / "bert", "BertForSequenceClassification", "bert")
+    model = tiny_bert
     rng = np.random.default_rng(0)
     lines = [" ".join(rng.choice(WORDS, size=int(rng.integers(3, 14)))) for _ in range(24)]
     calib = d / "calib.txt"

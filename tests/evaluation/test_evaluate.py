@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from edgeq.cli import main
 from edgeq.errors import EdgeqError, UsageError
 from edgeq.evaluation.tasks import get_task, label_ids, read_examples
-from tests.conftest import WORDS, make_tiny_model
+from tests.helpers import WORDS
 
 RTE_LABELS = {"0": "entailment", "1": "not_entailment"}
 
@@ -40,9 +40,9 @@ def set_labels(model_dir: Path, id2label: dict[str, str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_rte(tmp_path_factory):
+def tiny_rte(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    model = make_tiny_model(root / "model", seed=3)
+    model = tiny_model(seed=3, copy_to=root / "model")  # its labels are edited
     set_labels(model, RTE_LABELS)
     write_rte(root / "glue")
     return root, model

@@ -12,7 +12,6 @@ from edgeq.model.texts import (
     encode_indexed,
     encode_texts,
 )
-from tests.conftest import make_tiny_model
 
 PAIRS = [("the cat sat on the mat today", "a cat sat"), ("a dog", "the dog ran far away from the house"),
          ("hi", "yes"), ("one two three four five six seven", None), ("short", "tiny")]
@@ -20,12 +19,10 @@ SINGLES = [("the quick brown fox jumps", None), ("a", None), ("the dog ran", Non
 
 
 @pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
+def tokenizers(tiny_model):
     from transformers import AutoTokenizer
 
-    root = tmp_path_factory.mktemp("texts")
-    return {t: AutoTokenizer.from_pretrained(make_tiny_model(root / t, model_type=t,
-                                                             arch="BertModel" if t == "bert" else "RobertaModel"))
+    return {t: AutoTokenizer.from_pretrained(tiny_model("BertModel" if t == "bert" else "RobertaModel"))
             for t in ("bert", "roberta")}
 
 

@@ -373,12 +373,11 @@ def test_embeddings_refusals():
     assert "matches no nn.Embedding" in res.refused[0][1]
 
 
-def test_embedding_module_mapping(tmp_path):
+def test_embedding_module_mapping(tiny_model):
     from edgeq.model.load import load_model
     from edgeq.onnx.export import export_fp32
-    from tests.conftest import make_tiny_model
 
-    loaded = load_model(make_tiny_model(tmp_path / "m", hidden=64))
+    loaded = load_model(tiny_model(hidden=64))
     model = export_fp32(loaded)
     names = module_names(model, loaded.model)
     prefix = "bert.embeddings."
@@ -398,15 +397,14 @@ def read_back_tables(model):
 # ------------------------------------------------------------------ end to end (tiny model)
 
 
-def test_convert_and_validate_with_perf_options(tmp_path):
+def test_convert_and_validate_with_perf_options(tmp_path, tiny_model, tiny_bert):
     """--quantize-embeddings, --accuracy-level 4 and --bits8 together: plan parity holds (checked on the
     accuracy_level-0 copy), the file carries what was asked, and validate decodes it."""
     from click.testing import CliRunner
 
     from edgeq.cli import main
-    from tests.conftest import make_tiny_model
 
-    model_dir = make_tiny_model(tmp_path / "m", hidden=64)
+    model_dir = tiny_model(hidden=64)
     out = tmp_path / "o.onnx"
     res = CliRunner().invoke(main, ["convert", "-q", "--k", "4", "--quantize-embeddings", "--accuracy-level", "4",
                                     "--bits8", r"intermediate\.dense", str(model_dir), str(out)])
@@ -424,6 +422,6 @@ def test_convert_and_validate_with_perf_options(tmp_path):
     assert bits[8] == 2 and bits[4] > 0  # one intermediate.dense per layer, 2 layers
     res = CliRunner().invoke(main, ["validate", str(model_dir), str(out)])
     assert res.exit_code == 0, res.output
-    res = CliRunner().invoke(main, ["convert", "-q", "--quantize-embeddings", str(make_tiny_model(tmp_path / "h48")),
+    res = CliRunner().invoke(main, ["convert", "-q", "--quantize-embeddings", str(tiny_bert),
                                     str(tmp_path / "x.onnx")])
     assert res.exit_code == 1 and "not a multiple of block size" in res.output and "Traceback" not in res.output

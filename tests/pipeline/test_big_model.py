@@ -15,11 +15,10 @@ from onnx.external_data_helper import uses_external_data
 
 from edgeq.cli import main
 from edgeq.onnx.safe_load import external_locations
-from tests.conftest import make_tiny_model
 
 
-def test_wide_model_is_written_with_external_data_and_validates(tmp_path):
-    model = make_tiny_model(tmp_path / "wide", hidden=128)  # ~0.6 MB of FP32 weights
+def test_wide_model_is_written_with_external_data_and_validates(tmp_path, tiny_model):
+    model = tiny_model(hidden=128)  # ~0.6 MB of FP32 weights
     out = tmp_path / "out" / "wide.onnx"
     out.parent.mkdir()
     res = CliRunner().invoke(main, ["convert", "-q", "--k", "16", "--external-data-threshold", "100000",

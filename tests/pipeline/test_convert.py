@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgeq.cli import main
-from tests.conftest import TINY_ARCHS, make_tiny_model
+from tests.helpers import TINY_ARCHS
 
 
 def convert(args):
@@ -20,8 +20,8 @@ def ops(path):
 
 
 @pytest.mark.parametrize("arch,model_type", TINY_ARCHS)
-def test_every_architecture_converts_and_validates(tmp_path, arch, model_type):
-    model_dir = make_tiny_model(tmp_path / arch, arch, model_type)
+def test_every_architecture_converts_and_validates(tmp_path, tiny_model, arch, model_type):
+    model_dir = tiny_model(arch, model_type)
     out = tmp_path / "out.onnx"
     res = convert(["--k", "16", str(model_dir), str(out)])
     assert res.exit_code == 0, res.output
@@ -39,8 +39,8 @@ def test_every_architecture_converts_and_validates(tmp_path, arch, model_type):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_half_precision_checkpoints(tmp_path, dtype):
-    model_dir = make_tiny_model(tmp_path / dtype, dtype=dtype)
+def test_half_precision_checkpoints(tmp_path, tiny_model, dtype):
+    model_dir = tiny_model(dtype=dtype)
     out = tmp_path / "out.onnx"
     res = convert(["--k", "1", str(model_dir), str(out)])
     assert res.exit_code == 0, res.output
@@ -64,8 +64,8 @@ def test_k_values(tmp_path, tiny_bert, k):
             assert layer["recon_error"] == 0.0
 
 
-def test_exclude_and_regression_head(tmp_path):
-    model_dir = make_tiny_model(tmp_path / "reg", num_labels=1)
+def test_exclude_and_regression_head(tmp_path, tiny_model):
+    model_dir = tiny_model(num_labels=1)
     out = tmp_path / "out.onnx"
     res = convert(["--k", "4", "--exclude", "classifier", str(model_dir), str(out)])
     assert res.exit_code == 0, res.output

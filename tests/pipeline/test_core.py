@@ -16,7 +16,6 @@ from edgeq.errors import EdgeqError, UsageError
 from edgeq.pipeline import core
 from edgeq.pipeline.core import QuantizedGraph, needs_calibration_pass, plan_weights, quantize_graph
 from edgeq.quant.plan import build_plan
-from tests.conftest import make_tiny_model
 from tests.onnx.test_rewrite import N2, K, N, linear_graph, reference, run
 from tests.quant.test_int4 import snapped
 
@@ -130,12 +129,12 @@ def test_needs_calibration_pass():
     assert not needs_calibration_pass(ConvertConfig(calib="rte", quantizer="gptq"))  # gptq calibrates itself
 
 
-def test_tiny_model_with_4bit_embeddings(tmp_path):
+def test_tiny_model_with_4bit_embeddings(tiny_model):
     from edgeq.model.load import load_model
     from edgeq.onnx.embeddings import module_names
     from edgeq.onnx.export import export_fp32
 
-    loaded = load_model(make_tiny_model(tmp_path / "m", hidden=64))  # hidden a multiple of the block (32)
+    loaded = load_model(tiny_model(hidden=64))  # hidden a multiple of the block (32)
     fp32 = export_fp32(loaded)
     weights = loaded.linear_weights()
     config = ConvertConfig(k=4, quantize_embeddings=True)

@@ -2,18 +2,19 @@
 
 Tiny random models check the layout, refusals and all-or-nothing writes; the shared RTE model
 (k=256) is run in onnxruntime-node (native), onnxruntime-web (WASM, in Node), the .ort file and
-Optimum, each against Python ONNX Runtime on the same tokenised RTE dev inputs.
-Under CI=1 a missing optimum, node or tests/node/node_modules fails instead of skipping.
+Optimum, each against Python ONNX Runtime on the same tokenised RTE dev inputs.  The RTE conversion
+is the session fixture ``rte_k256`` (tests/conftest.py), shared with tests/pipeline/test_real_models.py.
+Tests needing optimum or node request the ``optimum_ort`` / ``node`` fixtures and are marked ``deploy``;
+they skip before any work when those are missing (under CI=1 they fail instead).
 """
 
 from __future__ import annotations
 
-import importlib
 import json
-import os
-import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -21,28 +22,10 @@ from click.testing import CliRunner
 
 from edgeq.cli import main
 
-from tests.conftest import REPO, shared_path
+from tests.helpers import REPO
 
 NODE_DIR = REPO / "tests" / "node"
 TOL = 1e-4  # JavaScript / .ort logits vs Python ONNX Runtime, max|Δ|
-
-
-def _need_module(name: str):
-    if os.environ.get("CI"):
-        return importlib.import_module(name)  # CI installs the deploy extra: fail, do not skip
-    return pytest.importorskip(name)
-
-
-def _need_node() -> str:
-    node = shutil.which("node")
-    missing = ("node is not on PATH" if node is None else
-               None if (NODE_DIR / "node_modules" / "onnxruntime-node").is_dir() else
-               "tests/node/node_modules is missing (cd tests/node && npm ci --ignore-scripts)")
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(missing)
-        pytest.skip(missing)
-    return node
 
 
 def _convert(*args: str):
@@ -74,10 +57,17 @@ def _run(session, batches) -> np.ndarray:
 
 # ---------------------------------------------------------------- tiny models: layout, refusals, atomicity
 
-def test_folder_layout_loads_in_optimum(tiny_bert, tmp_path):
-    out = tmp_path / "deploy"
+@pytest.fixture(scope="module")
+def tiny_folder(tiny_bert, tmp_path_factory) -> Path:
+    """The tiny BERT as a Hugging Face folder with --ort-format (read-only)."""
+    out = tmp_path_factory.mktemp("tiny-folder") / "deploy"
     res = _convert("--k", "16", "--ort-format", str(tiny_bert), str(out))
     assert res.exit_code == 0, res.output
+    return out
+
+
+def test_folder_layout(tiny_folder):
+    out = tiny_folder
     names = sorted(p.name for p in out.iterdir())
     for f in ("model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json", "edgeq_report.json",
               "model.ort", "model.required_operators.config"):
@@ -87,7 +77,10 @@ def test_folder_layout_loads_in_optimum(tiny_bert, tmp_path):
     assert sorted(report["deployment"]["files"]) == names
     assert report["deployment"]["ops"]["com.microsoft"] == ["MatMulNBits"]
 
-    optimum_ort = _need_module("optimum.onnxruntime")
+
+@pytest.mark.deploy
+def test_folder_loads_in_optimum(tiny_folder, optimum_ort):
+    out = tiny_folder
     model = optimum_ort.ORTModelForSequenceClassification.from_pretrained(out)
     batches = _encode(out, [("the quick brown fox", "jumps over the lazy dog"), ("a man is playing guitar", None)], 1)
     want = _run(_session(out / "model.onnx"), batches)
@@ -95,14 +88,12 @@ def test_folder_layout_loads_in_optimum(tiny_bert, tmp_path):
     np.testing.assert_array_equal(got, want)  # the same file in the same runtime: bit-identical
 
 
-def test_encoder_folder_loads_in_optimum_feature_extraction(tmp_path):
-    from tests.conftest import make_tiny_model
-
-    src = make_tiny_model(tmp_path / "enc", "RobertaModel", "roberta")
+@pytest.mark.deploy
+def test_encoder_folder_loads_in_optimum_feature_extraction(tiny_model, optimum_ort, tmp_path):
+    src = tiny_model("RobertaModel")
     out = tmp_path / "deploy"
     res = _convert("--k", "4", str(src), str(out))
     assert res.exit_code == 0, res.output
-    optimum_ort = _need_module("optimum.onnxruntime")
     model = optimum_ort.ORTModelForFeatureExtraction.from_pretrained(out)
     batches = _encode(out, [("the quick brown fox", None)], 1)
     sess = _session(out / "model.onnx")
@@ -157,50 +148,115 @@ def test_ort_format_single_file(tiny_bert, tmp_path):
 
 
 # ---------------------------------------------------------------- the shared RTE model in each client
+#
+# Every client runs single-threaded, so they run side by side on the 2 cores: node_clients starts the
+# three JavaScript runs as subprocesses and the tests collect them; meanwhile ``rte`` runs model.onnx
+# and model.ort in Python ONNX Runtime in two threads.  The WASM test (the slowest run) comes last.
+
 
 @pytest.fixture(scope="module")
-def rte(tmp_path_factory):
-    """The shared RTE model at k=256 as a folder with model.ort; the RTE dev inputs; Python ORT logits."""
+def rte_inputs(rte_k256):
+    """The converted RTE folder (model.onnx, model.ort) and the 277 dev examples tokenised by its tokenizer."""
     from edgeq.model.texts import read_glue_texts
 
-    model_dir = shared_path("models", "minilm-l6-rte")
-    dev = shared_path("data", "glue", "RTE", "dev.tsv")
-    out = tmp_path_factory.mktemp("rte") / "minilm-l6-rte-int4"
-    res = _convert("--k", "256", "--ort-format", "--data", str(dev), "--limit", "32", str(model_dir), str(out))
-    assert res.exit_code == 0, res.output
-    batches = _encode(out, read_glue_texts(dev))
-    return out, batches, _run(_session(out / "model.onnx"), batches)
+    return rte_k256.out, _encode(rte_k256.out, read_glue_texts(rte_k256.data))
 
 
-def _node_run(folder: Path, batches, backend: str, model: str = "model.onnx") -> np.ndarray:
-    node = _need_node()
-    work = folder.parent / f"node-{backend}-{model}"
-    work.mkdir(exist_ok=True)
-    spec = {"model": str(folder / model), "output": "logits", "batches": [
-        {k: {"dims": list(v.shape), "data": v.ravel().tolist()} for k, v in b.items()} for b in batches]}
-    (work / "inputs.json").write_text(json.dumps(spec))
-    proc = subprocess.run([node, str(NODE_DIR / "run.mjs"), str(work), "--backend", backend],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    got = json.loads((work / f"outputs-{backend}.json").read_text())
-    assert got["runtime"] == f"onnxruntime-{backend}"
-    return np.concatenate([np.asarray(b["data"], np.float32).reshape(b["dims"]) for b in got["batches"]])
+class RTE(NamedTuple):
+    folder: Path
+    batches: list
+    want: np.ndarray  # model.onnx in Python ONNX Runtime, every dev example
+    ort: np.ndarray  # model.ort in Python ONNX Runtime, every dev example
+
+
+@pytest.fixture(scope="module")
+def rte(rte_inputs) -> RTE:
+    folder, batches = rte_inputs
+    with ThreadPoolExecutor(1) as pool:  # ONNX Runtime releases the GIL while it computes
+        ort = pool.submit(_run, _session(folder / "model.ort"), batches)
+        want = _run(_session(folder / "model.onnx"), batches)
+        return RTE(folder, batches, want, ort.result())
+
+
+class NodeRun:
+    """``node tests/node/run.mjs`` on one model and some batches, started in the background."""
+
+    def __init__(self, node: str, work: Path, model: Path, batches, backend: str):
+        self.work, self.backend = work, backend
+        work.mkdir()
+        spec = {"model": str(model), "output": "logits", "batches": [
+            {k: {"dims": list(v.shape), "data": v.ravel().tolist()} for k, v in b.items()} for b in batches]}
+        (work / "inputs.json").write_text(json.dumps(spec))
+        with open(work / "stderr.txt", "wb") as err:  # a file, not a pipe: nothing reads it until the end
+            self.proc = subprocess.Popen([node, str(NODE_DIR / "run.mjs"), str(work), "--backend", backend],
+                                         stdout=subprocess.DEVNULL, stderr=err)
+
+    def result(self) -> np.ndarray:
+        self.proc.wait(timeout=600)
+        assert self.proc.returncode == 0, (self.work / "stderr.txt").read_text()[-2000:]
+        got = json.loads((self.work / f"outputs-{self.backend}.json").read_text())
+        assert got["runtime"] == f"onnxruntime-{self.backend}"
+        return np.concatenate([np.asarray(b["data"], np.float32).reshape(b["dims"]) for b in got["batches"]])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+WASM_BATCHES = 4  # 64 examples: the single-threaded WASM build is ~6x slower than native
+
+
+@pytest.fixture(scope="module")
+def node_clients(rte_inputs, node, tmp_path_factory):
+    """onnxruntime-node on model.onnx (every dev batch) and on model.ort (4 batches), onnxruntime-web
+    (WASM) on model.onnx (4 batches): all started now, collected by the tests."""
+    folder, batches = rte_inputs
+    work = tmp_path_factory.mktemp("node-clients")
+    runs = {"node": NodeRun(node, work / "node", folder / "model.onnx", batches, "node"),
+            "node-ort": NodeRun(node, work / "node-ort", folder / "model.ort", batches[:4], "node"),
+            "web": NodeRun(node, work / "web", folder / "model.onnx", batches[:WASM_BATCHES], "web")}
+    yield runs
+    for run in runs.values():
+        run.stop()
 
 
 @pytest.mark.real
 @pytest.mark.deploy
-def test_rte_onnxruntime_node_matches_python(rte):
-    folder, batches, want = rte
-    got = _node_run(folder, batches, "node")
+def test_rte_onnxruntime_node_matches_python(node_clients, rte):
+    want = rte.want
+    got = node_clients["node"].result()
     assert got.shape == want.shape == (277, 2)
     assert np.max(np.abs(got - want)) <= TOL
     np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
-    got_ort = _node_run(folder, batches[:4], "node", "model.ort")  # the mobile file in the same client
+    got_ort = node_clients["node-ort"].result()  # the mobile file in the same client
     assert np.max(np.abs(got_ort - want[: len(got_ort)])) <= TOL
     np.testing.assert_array_equal(got_ort.argmax(1), want[: len(got_ort)].argmax(1))
 
 
-def _level0_copy(folder: Path) -> Path:
+@pytest.mark.real
+def test_rte_ort_format_matches_onnx(rte, rte_k256):
+    folder, got, want = rte.folder, rte.ort, rte.want
+    assert got.shape == want.shape == (277, 2)
+    assert np.max(np.abs(got - want)) <= TOL
+    np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
+    check = rte_k256.report["deployment"]["ort"]  # convert's own check, on the examples it validated on
+    assert check["examples"] == 32 and max(check["max_abs_diff_vs_onnx"].values()) <= TOL
+    config = (folder / "model.required_operators.config").read_text()
+    assert "com.microsoft;1;" in config and "MatMulNBits" in config
+    assert "# - model.ort" in config and ".edgeq-tmp" not in config  # no staging path leaks into the config
+
+
+@pytest.mark.real
+@pytest.mark.deploy
+def test_rte_optimum_pipeline(rte, optimum_ort):
+    folder, batches, want = rte.folder, rte.batches, rte.want
+    model = optimum_ort.ORTModelForSequenceClassification.from_pretrained(folder)
+    got = np.concatenate([np.asarray(model(**b).logits) for b in batches[:2]])
+    np.testing.assert_array_equal(got, want[: len(got)])
+
+
+def _level0_copy(folder: Path, dst: Path) -> Path:
     """The folder's model.onnx with every MatMulNBits at accuracy_level 0 (FP32 activations)."""
     import onnx
 
@@ -209,42 +265,20 @@ def _level0_copy(folder: Path) -> Path:
         for a in node.attribute:
             if node.op_type == "MatMulNBits" and a.name == "accuracy_level":
                 a.i = 0
-    path = folder.parent / "model-level0.onnx"
+    path = dst / "model-level0.onnx"
     onnx.save(model, str(path))
     return path
 
 
 @pytest.mark.real
 @pytest.mark.deploy
-def test_rte_onnxruntime_web_wasm_matches_python(rte):
-    folder, batches, _ = rte
-    n = 4  # 64 examples: the single-threaded WASM build is ~6x slower than native
-    got = _node_run(folder, batches[:n], "web")
+def test_rte_onnxruntime_web_wasm_matches_python(node_clients, rte_inputs, tmp_path):
+    folder, batches = rte_inputs
+    got = node_clients["web"].result()
     # The WASM build has no int8-activation MatMulNBits kernel: at accuracy_level 4 (edgeq's default) it
     # computes the FP32 path (measured: within 1e-5 of native level 0, ~0.1 logits from native level 4).
     # So it is held to native ONNX Runtime running the same file at accuracy_level 0.
-    sub = _run(_session(_level0_copy(folder)), batches[:n])
+    sub = _run(_session(_level0_copy(folder, tmp_path)), batches[:WASM_BATCHES])
     assert got.shape == sub.shape
     assert np.max(np.abs(got - sub)) <= TOL
     np.testing.assert_array_equal(got.argmax(1), sub.argmax(1))
-
-
-@pytest.mark.real
-def test_rte_ort_format_matches_onnx(rte):
-    folder, batches, want = rte
-    got = _run(_session(folder / "model.ort"), batches)
-    assert np.max(np.abs(got - want)) <= TOL
-    np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
-    config = (folder / "model.required_operators.config").read_text()
-    assert "com.microsoft;1;" in config and "MatMulNBits" in config
-    assert "# - model.ort" in config and ".edgeq-tmp" not in config  # no staging path leaks into the config
-
-
-@pytest.mark.real
-@pytest.mark.deploy
-def test_rte_optimum_pipeline(rte):
-    folder, batches, want = rte
-    optimum_ort = _need_module("optimum.onnxruntime")
-    model = optimum_ort.ORTModelForSequenceClassification.from_pretrained(folder)
-    got = np.concatenate([np.asarray(model(**b).logits) for b in batches[:2]])
-    np.testing.assert_array_equal(got, want[: len(got)])

@@ -19,7 +19,7 @@ import torch
 from click.testing import CliRunner
 
 from edgeq.cli import main
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 ARGS = ["--k", "32", "--method", "svd", "--block-size", "32"]
 
@@ -46,21 +46,23 @@ def convert_in_process(model: Path, out: Path, threads: int, torch_threads: int)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    from tests.conftest import make_tiny_model
-
+def runs(tiny_model, tmp_path_factory):
     base = tmp_path_factory.mktemp("determinism")
-    model = make_tiny_model(base / "model", hidden=64)
-    outs = {}
-    for name, threads in (("a", 1), ("b", 2)):
-        outs[name] = base / name / "model.onnx"
-        outs[name].parent.mkdir()
-        convert_in_process(model, outs[name], threads, threads)
-    outs["c"] = base / "c" / "model.onnx"
-    outs["c"].parent.mkdir()
+    model = tiny_model(hidden=64)
+    outs = {name: base / name / "model.onnx" for name in "abc"}
+    for out in outs.values():
+        out.parent.mkdir()
+    # another process (another PYTHONHASHSEED), started first so that it runs beside the in-process ones
     env = {**os.environ, "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "2"}
-    subprocess.run([sys.executable, "-m", "edgeq", "convert", "-q", *ARGS, "--threads", "2", str(model),
-                    str(outs["c"])], check=True, cwd=REPO, env=env, capture_output=True)
+    with open(base / "c" / "stderr.txt", "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "edgeq", "convert", "-q", *ARGS, "--threads", "2", str(model),
+                                 str(outs["c"])], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        for name, threads in (("a", 1), ("b", 2)):
+            convert_in_process(model, outs[name], threads, threads)
+    finally:
+        proc.wait(timeout=600)
+    assert proc.returncode == 0, (base / "c" / "stderr.txt").read_text()[-2000:]
     return outs
 
 

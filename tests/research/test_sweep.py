@@ -12,14 +12,13 @@ from click.testing import CliRunner
 from edgeq.cli import main
 from edgeq.errors import UsageError
 from edgeq.research.sweep import FP32, INT4, SweepSettings, Variant, _Context, run_sweep
-from tests.conftest import make_tiny_model
 from tests.evaluation.test_evaluate import RTE_LABELS, set_labels, write_rte
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    model = make_tiny_model(root / "model", seed=5, hidden=64)
+    model = tiny_model(seed=5, hidden=64, copy_to=root / "model")  # its labels are edited
     set_labels(model, RTE_LABELS)
     write_rte(root / "glue", n=20, seed=1)
     return root, model

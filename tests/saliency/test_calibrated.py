@@ -32,7 +32,6 @@ from edgeq.saliency.overlap import (
     summarize,
     topk_from_order,
 )
-from tests.conftest import make_tiny_model
 
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog",
@@ -94,10 +93,10 @@ def _batches(loaded, texts, pad_to=None, batch_size=4):
     return batches
 
 
-def test_statistics_exclude_padding(tmp_path):
+def test_statistics_exclude_padding(tiny_bert):
     from edgeq.model.load import load_model
 
-    loaded = load_model(make_tiny_model(tmp_path / "m"))
+    loaded = load_model(tiny_bert)
     plain = _batches(loaded, SENTENCES)
     padded = _batches(loaded, SENTENCES, pad_to=40)
     single = _batches(loaded, SENTENCES, batch_size=1)  # no padding at all
@@ -278,9 +277,9 @@ def test_layer_overlaps_concentration():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_bert, tmp_path_factory):
     d = tmp_path_factory.mktemp("calib")
-    model_dir = make_tiny_model(d / "bert")
+    model_dir = tiny_bert
     calib = d / "calib.txt"
     calib.write_text("\n".join(SENTENCES) + "\n")
     return model_dir, calib
@@ -346,10 +345,9 @@ def test_convert_spqr_with_calibration_records_it(tiny, tmp_path):
 
 
 @pytest.mark.real
-def test_real_model_calibration_and_planted_outliers():
+def test_real_model_calibration_and_planted_outliers(shared_path):
     from edgeq.model.calib import calibrate
     from edgeq.model.load import load_model
-    from tests.conftest import shared_path
 
     loaded = load_model(shared_path("models", "minilm-l6-rte"))
     cal = calibrate(loaded, "rte", samples=8, seed=0, data_dir=shared_path("data", "glue"))

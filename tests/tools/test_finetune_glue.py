@@ -8,16 +8,16 @@ import json
 from click.testing import CliRunner
 
 from edgeq.cli import main
-from tests.conftest import REPO, make_tiny_model
 from tests.evaluation.test_evaluate import write_rte
+from tests.helpers import REPO
 
 
-def test_finetune_two_steps_then_eval(tmp_path):
+def test_finetune_two_steps_then_eval(tmp_path, tiny_model):
     spec = importlib.util.spec_from_file_location("finetune_glue", REPO / "tools" / "finetune_glue.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
 
-    base = make_tiny_model(tmp_path / "encoder", arch="BertModel", seed=2)
+    base = tiny_model("BertModel", seed=2)
     glue = tmp_path / "glue"
     write_rte(glue, n=12, seed=3)
     (glue / "RTE" / "dev.tsv").rename(glue / "RTE" / "train.tsv")

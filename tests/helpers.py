@@ -1,0 +1,92 @@
+"""Plain helpers of the test suite (no pytest): tiny random HF models and the repository paths.
+
+Tests get tiny models through the ``tiny_model`` fixture of ``tests/conftest.py`` (built once per
+session); ``make_tiny_model`` stays importable here for scripts such as ``tools/bad_input_report.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("EDGEQ_SHARED", REPO.parent / "shared"))
+
+WORDS = sorted({
+    w.strip(".,;'!?").lower()
+    for w in (
+        "the quick brown fox jumps over the lazy dog a man is playing guitar on stage someone "
+        "performing music i loved this film acting was superb and story moved me service slow food "
+        "arrived cold quantization reduces size of neural networks company reported record profits "
+        "quarter fell sharply she bought three apples at market purchased paris capital france city "
+        "it rained all day so match cancelled edgeq exports sentence one which little longer than first "
+        "second segment another unremarkable forgettable sequel that adds nothing new"
+    ).split()
+})
+
+# (architecture class, model_type)
+TINY_ARCHS = [
+    ("BertForSequenceClassification", "bert"),
+    ("BertModel", "bert"),
+    ("DistilBertForSequenceClassification", "distilbert"),
+    ("DistilBertModel", "distilbert"),
+    ("RobertaForSequenceClassification", "roberta"),
+    ("RobertaModel", "roberta"),
+]
+
+
+def _tokenizer(path: Path, model_type: str):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    letters = [c for c in "abcdefghijklmnopqrstuvwxyz0123456789"] + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(special + WORDS + letters))}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    tok.decoder = decoders.WordPiece()
+    names = ["input_ids", "token_type_ids", "attention_mask"] if model_type == "bert" else ["input_ids", "attention_mask"]
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]", model_input_names=names,
+    )
+    fast.save_pretrained(path)
+    return len(vocab)
+
+
+def model_type_of(arch: str) -> str:
+    """``bert``, ``distilbert`` or ``roberta`` from an architecture class name."""
+    return next(t for prefix, t in (("DistilBert", "distilbert"), ("Roberta", "roberta"), ("Bert", "bert"))
+                if arch.startswith(prefix))
+
+
+def make_tiny_model(path: Path, arch: str = "BertForSequenceClassification", model_type: str | None = None,
+                    dtype: str = "float32", num_labels: int = 2, hidden: int = 48, seed: int = 0) -> Path:
+    """Save a tiny random model of ``arch`` (safetensors, ``dtype`` on disk) with a tokenizer."""
+    import torch
+    import transformers
+
+    model_type = model_type or model_type_of(arch)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab_size = _tokenizer(path, model_type)
+    common = dict(vocab_size=vocab_size, pad_token_id=0, max_position_embeddings=160, num_labels=num_labels)
+    if model_type == "distilbert":
+        cfg = transformers.DistilBertConfig(dim=hidden, n_layers=2, n_heads=4, hidden_dim=2 * hidden, **common)
+    else:
+        cls = transformers.BertConfig if model_type == "bert" else transformers.RobertaConfig
+        cfg = cls(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=2 * hidden, type_vocab_size=2 if model_type == "bert" else 1, **common)
+    cfg.architectures = [arch]
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(cfg).eval()
+    with torch.no_grad():  # random biases and norms too: fresh HF inits are zeros/ones, unlike trained models
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.05 * torch.randn_like(p))
+    model.to(getattr(torch, dtype)).save_pretrained(path, safe_serialization=True)
+    return path
