@@ -21,7 +21,6 @@ import pytest
 from click.testing import CliRunner
 
 from edgeq.cli import main
-
 from tests.helpers import REPO
 
 NODE_DIR = REPO / "tests" / "node"
