@@ -63,9 +63,9 @@ def test_missing_resources_skip_locally_and_fail_under_ci(monkeypatch, tmp_path,
 def test_no_implicit_glue_default_outside_real_tests():
     import os
 
-    from edgeq.evaluation.tasks import default_data_dir
+    from edgeq.model.texts import default_glue_dir
 
-    assert not default_data_dir().exists()  # EDGEQ_GLUE_DIR points nowhere
+    assert not default_glue_dir().exists()  # EDGEQ_GLUE_DIR points nowhere
     assert os.environ["EDGEQ_GLUE_DIR"].endswith("no-glue-outside-real-tests")
 
 
