@@ -90,7 +90,9 @@ def test_only_the_fixture_reaches_shared():
     for path in sorted((REPO / "tests").rglob("*.py")):
         if path.name in ("conftest.py", "helpers.py", "test_markers.py") or "node_modules" in path.parts:
             continue
-        offenders += [f"{path.relative_to(REPO)}: {ref}" for ref in _shared_references(ast.parse(path.read_text("utf-8")))]
+        offenders += [
+            f"{path.relative_to(REPO)}: {ref}" for ref in _shared_references(ast.parse(path.read_text("utf-8")))
+        ]
     assert not offenders, offenders
     # the check itself finds what it should
     found = list(_shared_references(ast.parse('from tests.helpers import SHARED\nx = SHARED / "models"\n'

@@ -96,7 +96,9 @@ def test_wrappers_are_the_same_batches(tokenizers):
     from edgeq.evaluation.evaluate import encode_sorted
 
     # the two attributes encode_batches reads from a LoadedModel
-    Loaded = SimpleNamespace(tokenizer=tokenizers["bert"], input_names=["input_ids", "attention_mask", "token_type_ids"])
+    Loaded = SimpleNamespace(
+        tokenizer=tokenizers["bert"], input_names=["input_ids", "attention_mask", "token_type_ids"]
+    )
 
     def same(a, b):
         return len(a) == len(b) and all(x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)

@@ -65,7 +65,8 @@ def ref(x, ws_hat, biases):
 def run(model, x, level=None):
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(["y"], {"x": x})[0]
 
 
 @pytest.fixture
@@ -228,7 +229,11 @@ def test_cli_choices_come_from_the_registries():
     assert tuple(params["grid"].type.choices) == tuple(GRIDS)
     assert set(params["method"].type.choices) == set(SALIENCY_METHODS)
     assert tuple(params["quantizer"].type.choices) == tuple(QUANTIZERS)
-    assert list(params["block_size"].type.choices) == BLOCK_CHOICES == [*map(str, BLOCK_SIZES), "per-channel", "per-tensor"]
+    assert (
+        list(params["block_size"].type.choices)
+        == BLOCK_CHOICES
+        == [*map(str, BLOCK_SIZES), "per-channel", "per-tensor"]
+    )
     defaults = ConvertConfig()
     for name in ("correction", "grid", "method", "quantizer", "block_size", "k", "rank", "seed"):
         assert str(params[name].default) == str(getattr(defaults, name)), name
@@ -248,7 +253,10 @@ def test_q8_codes_and_q4_unchanged():
     assert q8.bits == 8 and q8.codes.min() >= 1 and q8.codes.max() <= 255
     assert (q8.codes.reshape(-1)[idx] == 128).all()
     np.testing.assert_array_equal(q8.dequantize().reshape(-1)[idx], w.reshape(-1)[idx])
-    assert np.abs(q8.dequantize() - w).max() < np.abs(quantize_rtn(w, idx, Granularity("block", 32)).dequantize() - w).max()
+    assert (
+        np.abs(q8.dequantize() - w).max()
+        < np.abs(quantize_rtn(w, idx, Granularity("block", 32)).dequantize() - w).max()
+    )
     q4 = quantize_rtn(w, idx, Granularity("block", 32))
     q4b = quantize_rtn(w, idx, Granularity("block", 32), bits=4)
     assert q4.bits == 4 and np.array_equal(q4.codes, q4b.codes) and np.array_equal(q4.scales, q4b.scales)
@@ -292,7 +300,9 @@ def test_q8_numerics_in_ort(layers, level):
     wsel = {n: w for n, (w, _) in sel.items()}
     model = mlp(wsel, biases)
     rewrite_linears(model, plan.quants, wsel, accuracy_level=level)
-    assert {(a.i) for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"} == {8}
+    assert {
+        (a.i) for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"
+    } == {8}
     decoded = read_back(model)
     for name in ws:
         np.testing.assert_array_equal(decoded[name], wsel[name])
@@ -348,7 +358,9 @@ def test_embeddings_structure_and_numerics(h):
     assert ops["GatherBlockQuantized"] == 1 and ops["Gather"] == 0 and not res.refused
     assert "E" not in {t.name for t in model.graph.initializer}
     ids = rng.integers(0, 50, size=(3, 9))
-    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})[0]
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": ids}
+    )[0]
     e_hat = read_embeddings(model)["E"]
     np.testing.assert_array_equal(got, e_hat[ids])  # ORT's dequantized gather equals numpy's Ê[ids]
     np.testing.assert_array_equal(e_hat, res.tables["E"])
@@ -381,7 +393,9 @@ def test_embedding_module_mapping(tiny_model):
     model = export_fp32(loaded)
     names = module_names(model, loaded.model)
     prefix = "bert.embeddings."
-    assert sorted(names.values()) == [prefix + t for t in ("position_embeddings", "token_type_embeddings", "word_embeddings")]
+    assert sorted(names.values()) == [
+        prefix + t for t in ("position_embeddings", "token_type_embeddings", "word_embeddings")
+    ]
     res = quantize_embeddings(model, 32, names)
     quantized = sorted([prefix + "word_embeddings", prefix + "position_embeddings"])  # 160 positions ≥ MIN_ROWS
     assert sorted(read_back_tables(model)) == quantized == sorted(res.tables)

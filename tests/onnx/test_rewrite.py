@@ -85,7 +85,10 @@ def test_rewrite_structure_and_numerics(weights, k):
     for layer, w in ws.items():
         kk = min(k, w.size)
         if kk:
-            assert numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == f"{layer}.corr_vals")).size == kk
+            assert (
+                numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == f"{layer}.corr_vals")).size
+                == kk
+            )
     # the file decodes to the plan, and (snapped weights) the plan is W itself
     decoded = read_back(model)
     for layer, w in ws.items():
@@ -115,7 +118,9 @@ def test_accuracy_level_attribute(weights):
     ws, b1, b2 = weights
     model = linear_graph(ws["lin1"], b1, ws["lin2"], b2)
     rewrite_linears(model, build_plan(ws, ConvertConfig(k=4)).quants, ws, accuracy_level=4)
-    levels = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    levels = {
+        a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"
+    }
     assert levels == {4}
 
 

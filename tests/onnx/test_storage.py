@@ -103,7 +103,10 @@ def test_onnxruntime_folds_the_unpacking(tmp_path):
         q = quantize_rtn(w, np.array([5, 700]), Granularity("block", 32), bits=bits, fp16_scales=True)
         model = _rewritten(w, q, "compact")
         inits = {t.name: t for t in model.graph.initializer}
-        assert inits["lin.qplanes"].dims == [bits, 48 * 96 // 8] and inits["lin.scales16"].data_type == onnx.TensorProto.FLOAT16
+        assert (
+            inits["lin.qplanes"].dims == [bits, 48 * 96 // 8]
+            and inits["lin.scales16"].data_type == onnx.TensorProto.FLOAT16
+        )
         assert "lin.qweight" not in inits and any("/unpack/" in n.name for n in model.graph.node)
         optimized = tmp_path / f"opt{bits}.onnx"
         _session(model, str(optimized))

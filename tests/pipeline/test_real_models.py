@@ -58,6 +58,7 @@ def test_rte_validate_command_gates(rte_k256, rte_validated):
     agreement = [c for c in json.loads(rte_validated.stdout)["checks"] if c["name"] == "vs fp32: top-1 agreement"]
     assert len(agreement) == 1 and agreement[0]["value"] >= 0.5 and agreement[0]["ok"]
     bad = CliRunner().invoke(main, ["validate", str(rte_k256.model_dir), str(rte_k256.onnx), "--data",
-                                    str(rte_k256.data), "--limit", "16", "--min-agreement", "1.0", "--max-abs-diff", "1e-6"])
+                                    str(rte_k256.data), "--limit", "16", "--min-agreement", "1.0",
+                                    "--max-abs-diff", "1e-6"])
     assert bad.exit_code == 1
     assert "top-1 agreement" in bad.output

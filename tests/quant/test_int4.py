@@ -60,7 +60,9 @@ def test_salient_entries_exact_and_zero_in_int4_part():
     assert (ql.codes.reshape(-1)[idx] == 8).all()
     assert (ql.dequantize_int4().reshape(-1)[idx] == 0).all()
     other = np.setdiff1d(np.arange(w.size), idx)
-    np.testing.assert_array_equal(deq.reshape(-1)[other], quantize_rtn(w, idx[:0], Granularity("block", 32)).dequantize().reshape(-1)[other])
+    np.testing.assert_array_equal(
+        deq.reshape(-1)[other], quantize_rtn(w, idx[:0], Granularity("block", 32)).dequantize().reshape(-1)[other]
+    )
 
 
 def test_exclude_salient_from_scale_shrinks_the_scale():

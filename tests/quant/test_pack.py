@@ -18,7 +18,9 @@ def ort_grid_weights(k_in, n, block, seed):
     return (q * np.repeat(s, block, axis=0)[:k_in]).astype(np.float32), q, s
 
 
-@pytest.mark.parametrize("k_in,n,block", [(64, 3, 32), (128, 5, 16), (96, 4, 64), (80, 7, 32), (48, 2, 32), (256, 3, 256)])
+@pytest.mark.parametrize(
+    "k_in,n,block", [(64, 3, 32), (128, 5, 16), (96, 4, 64), (80, 7, 32), (48, 2, 32), (256, 3, 256)]
+)
 def test_pack_matches_onnxruntime(k_in, n, block):
     w, q, s = ort_grid_weights(k_in, n, block, seed=k_in + n)
     nb = -(-k_in // block)

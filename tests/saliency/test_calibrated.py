@@ -1,4 +1,5 @@
-"""Calibration statistics, awq/spqr saliency, selection overlap and `edgeq saliency` (ALGORITHMS.md §3.1, §4.1, §7, §12).
+"""Calibration statistics, awq/spqr saliency, selection overlap and `edgeq saliency`
+(ALGORITHMS.md §3.1, §4.1, §7, §12).
 
 §12 item 1 (rank ≤ r ⇒ svd selection == magnitude) is tested in tests/saliency/test_weight_only.py.
 """
@@ -259,7 +260,9 @@ def test_summary_macro_micro_and_trivial_layers():
 
 def test_chance_iou_matches_simulation():
     rng = np.random.default_rng(8)
-    cs = [intersection_size(rng.choice(200, 20, replace=False), rng.choice(200, 20, replace=False)) for _ in range(3000)]
+    cs = [
+        intersection_size(rng.choice(200, 20, replace=False), rng.choice(200, 20, replace=False)) for _ in range(3000)
+    ]
     assert np.mean(cs) == pytest.approx(20 * 20 / 200, rel=0.05)
 
 
