@@ -21,11 +21,13 @@ must equal the number of planned Linears; the caller enforces that.  :func:`edge
 Ŵ from any encoding.  Nodes are keyed by name (the exporter's names are unique; a candidate whose
 name is empty or shared is refused, with that reason); the shared bookkeeping is :mod:`edgeq.onnx.graph`.
 
-Why not onnx-ir (the pin was dropped): its serializer changes the bytes.  A round trip of the
-unchanged FP32 export grows it from 90,969,566 to 90,975,282 bytes (a value_info per initializer,
-an explicit ``domain: ""`` opset, metadata sorted by key); the same rewrite done on ``ir.Model``
-matched the sha256 only after undoing those three on the proto, and needed a name → Value table to
-wire in the NodeProtos of the correction builders.  Speed was not the issue (0.04 s in, 0.08 s out).
+Why not onnx-ir (edgeq does not import it; it stays only in the test extra, because
+onnxruntime.quantization, the packing tests' reference, imports it): its serializer changes the
+bytes.  A round trip of the unchanged FP32 export grows it from 90,969,566 to 90,975,282 bytes (a
+value_info per initializer, an explicit ``domain: ""`` opset, metadata sorted by key); the same
+rewrite done on ``ir.Model`` matched the sha256 only after undoing those three on the proto, and
+needed a name → Value table to wire in the NodeProtos of the correction builders.  Speed was not
+the issue (0.04 s in, 0.08 s out).
 """
 
 from __future__ import annotations
