@@ -210,10 +210,20 @@ def rte_k256(shared_path, tmp_path_factory) -> Converted:
 
     from edgeq.cli import main
 
+    import torch
+
     model_dir = shared_path("models", "minilm-l6-rte")  # availability first: skip before converting
     dev = shared_path("data", "glue", "RTE", "dev.tsv")
     out = tmp_path_factory.mktemp("rte-k256") / "minilm-l6-rte-int4"
-    res = CliRunner().invoke(main, ["convert", "-q", "--k", "256", "--ort-format", "--data", str(dev), "--limit", "32",
-                                    str(model_dir), str(out)], catch_exceptions=False)
+    # one PyTorch thread: at 32 examples the conversion is mostly the svd plan (38 SVDs), which a second
+    # OpenMP thread speeds up little when the machine is idle and stalls badly when it is busy (measured
+    # at load ~4: plan 36-65 s with 2 threads; 1536x384 SVD 0.12 s with 1 thread, 0.58 s with 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = CliRunner().invoke(main, ["convert", "-q", "--k", "256", "--ort-format", "--data", str(dev),
+                                        "--limit", "32", str(model_dir), str(out)], catch_exceptions=False)
+    finally:
+        torch.set_num_threads(before)
     assert res.exit_code == 0, res.output
     return Converted(model_dir, dev, out, out / "model.onnx", json.loads((out / "edgeq_report.json").read_text()))
