@@ -29,6 +29,12 @@ import pytest
 
 from tests.helpers import REPO, SHARED, make_tiny_model, model_type_of
 
+# PyTorch's OpenMP workers sleep instead of spinning while they wait (set before torch is imported).
+# On a busy 2-core machine a spinning worker stalls the one it waits for: measured at load ~5 with 2
+# threads, torch.linalg.svd of a 128x64 matrix took 60-170 ms spinning, 1.8-2.7 ms passive (1.1-2.0 ms
+# with 1 thread), and the svd plan of the RTE model 17-65 s instead of ~5 s.  Results are unchanged.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 NODE_DIR = REPO / "tests" / "node"
 REAL_FIXTURE = "shared_path"
 DEPLOY_FIXTURES = ("optimum_ort", "node")
@@ -95,10 +101,8 @@ def _torch_threads(request):
     Given back: some code under test sets it for the rest of the process (``evaluate_path(threads=1)``
     does), which made every later real-model conversion single-threaded (measured at load ~1: the full
     RTE ``validate`` 39 s with 1 thread, 26 s with 2).  One thread for tiny models: their matrices gain
-    nothing from a second thread, and on a busy 2-core machine an OpenMP thread that is not scheduled
-    stalls the other (at load ~4 ``torch.linalg.svd`` of a 128x64 matrix took 53 ms with 2 threads vs
-    1.2 ms with 1, so the default ``svd`` plan of a tiny model took 3.6 s instead of 0.04 s).  Tests
-    that set the count themselves still can.
+    nothing from a second one (see OMP_WAIT_POLICY above for what it can cost).  Tests that set the
+    count themselves still can.
     """
     import torch
 
@@ -210,20 +214,10 @@ def rte_k256(shared_path, tmp_path_factory) -> Converted:
 
     from edgeq.cli import main
 
-    import torch
-
     model_dir = shared_path("models", "minilm-l6-rte")  # availability first: skip before converting
     dev = shared_path("data", "glue", "RTE", "dev.tsv")
     out = tmp_path_factory.mktemp("rte-k256") / "minilm-l6-rte-int4"
-    # one PyTorch thread: at 32 examples the conversion is mostly the svd plan (38 SVDs), which a second
-    # OpenMP thread speeds up little when the machine is idle and stalls badly when it is busy (measured
-    # at load ~4: plan 36-65 s with 2 threads; 1536x384 SVD 0.12 s with 1 thread, 0.58 s with 2)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        res = CliRunner().invoke(main, ["convert", "-q", "--k", "256", "--ort-format", "--data", str(dev),
-                                        "--limit", "32", str(model_dir), str(out)], catch_exceptions=False)
-    finally:
-        torch.set_num_threads(before)
+    res = CliRunner().invoke(main, ["convert", "-q", "--k", "256", "--ort-format", "--data", str(dev), "--limit", "32",
+                                    str(model_dir), str(out)], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     return Converted(model_dir, dev, out, out / "model.onnx", json.loads((out / "edgeq_report.json").read_text()))
