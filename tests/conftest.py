@@ -29,6 +29,12 @@ import pytest
 
 from tests.helpers import REPO, SHARED, make_tiny_model, model_type_of
 
+# PyTorch's OpenMP workers sleep instead of spinning while they wait (set before torch is imported).
+# On a busy 2-core machine a spinning worker stalls the one it waits for: measured at load ~5 with 2
+# threads, torch.linalg.svd of a 128x64 matrix took 60-170 ms spinning, 1.8-2.7 ms passive (1.1-2.0 ms
+# with 1 thread), and the svd plan of the RTE model 17-65 s instead of ~5 s.  Results are unchanged.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 NODE_DIR = REPO / "tests" / "node"
 REAL_FIXTURE = "shared_path"
 DEPLOY_FIXTURES = ("optimum_ort", "node")
@@ -95,10 +101,8 @@ def _torch_threads(request):
     Given back: some code under test sets it for the rest of the process (``evaluate_path(threads=1)``
     does), which made every later real-model conversion single-threaded (measured at load ~1: the full
     RTE ``validate`` 39 s with 1 thread, 26 s with 2).  One thread for tiny models: their matrices gain
-    nothing from a second thread, and on a busy 2-core machine an OpenMP thread that is not scheduled
-    stalls the other (at load ~4 ``torch.linalg.svd`` of a 128x64 matrix took 53 ms with 2 threads vs
-    1.2 ms with 1, so the default ``svd`` plan of a tiny model took 3.6 s instead of 0.04 s).  Tests
-    that set the count themselves still can.
+    nothing from a second one (see OMP_WAIT_POLICY above for what it can cost).  Tests that set the
+    count themselves still can.
     """
     import torch
 
