@@ -92,7 +92,10 @@ def test_2_and_3_bit_levels_are_4_bit_levels():
     for bits, levels in ((2, {0, 4, 8, 12}), (3, {0, 2, 4, 6, 8, 10, 12, 14})):
         q = quantize_rtn(w, np.empty(0, np.int64), Granularity("block", 32), bits=bits)
         assert set(np.unique(q.codes)) <= levels and len(np.unique(q.codes)) == len(levels)
-        assert np.abs(q.dequantize() - w).max() <= np.abs(q.scales).max() * 2 ** (4 - bits) / 2 * (1 + 1e-6) * 2
+        # per entry: |Ŵ − W| ≤ s_b (half a step, or one step where the signed-max grid clips the
+        # opposite sign at 2^(b−1) − 1), with s_b = 2^(4−b) · the 4-bit scale of its block
+        step = np.repeat(np.abs(q.scales) * 2 ** (4 - bits), 32, axis=1)
+        assert np.all(np.abs(q.dequantize() - w) <= step * (1 + 1e-6))
 
 
 def test_onnxruntime_folds_the_unpacking(tmp_path):
