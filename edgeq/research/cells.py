@@ -28,12 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeq.config import ConvertConfig
 from edgeq.errors import UsageError
 from edgeq.evaluation import metrics
 
 FP32, INT4 = "fp32", "int4-k0"
 CALIB_FIELDS = ("calib", "calib_samples", "percdamp")
-DEFAULT_BITS, DEFAULT_QUANTIZER, DEFAULT_GRID = 4, "rtn", "sym7"
+# a cell id names only the dimensions that differ from the convert defaults (ConvertConfig, one source)
+DEFAULT_BITS, DEFAULT_QUANTIZER, DEFAULT_GRID = (ConvertConfig.__dataclass_fields__[f].default
+                                                 for f in ("bits", "quantizer", "grid"))
 
 
 @dataclass(frozen=True)
