@@ -14,7 +14,7 @@ import click
 
 from edgeq.cli.options import BLOCK_CHOICES, calib_options, configure_logging
 from edgeq.errors import UsageError
-from edgeq.quant.int4 import GRIDS
+from edgeq.quant.int4 import BITS, GRIDS
 from edgeq.quant.registry import QUANTIZERS
 
 
@@ -53,8 +53,9 @@ def _choices(allowed):
 @click.option("--quantizers", default="rtn", show_default=True, callback=_choices(list(QUANTIZERS)),
               help="Comma-separated quantizers (edgeq.quant.registry); calibrated ones need --calib. Cells of "
                    "quantizers other than rtn get a suffix, e.g. svd-k256-gptq.")
-@click.option("--bits", "bits_list", default="4", show_default=True, callback=_choices(["4", "8"]),
-              help="Comma-separated MatMulNBits bits (4, 8); 8-bit cells get the suffix -bits8.")
+@click.option("--bits", "bits_list", default="4", show_default=True, callback=_choices([str(b) for b in BITS]),
+              help="Comma-separated bits per Linear weight (2, 3: stored compact and run by the 4-bit kernel; 4; "
+                   "8); cells at other than 4 get a suffix, e.g. -bits2.")
 @click.option("--grid", "grids", default="sym7", show_default=True, callback=_choices(list(GRIDS)),
               help="Comma-separated 4-bit grids (sym7, sym8: rtn only); sym8 cells get the suffix -sym8.")
 @click.option("--out", type=click.Path(path_type=Path), required=True,

@@ -202,13 +202,14 @@ class _Context:
 
 
 def usable_variants(settings: SweepSettings, grid: Sequence[Variant]) -> list[Variant]:
-    """``grid`` without the combinations the config refuses (a calibrated quantizer at 8 bits or on sym8)."""
+    """``grid`` without the combinations the config refuses (a calibrated quantizer at 8 bits or on sym8) and the
+    4-bit grid option at other widths (2/3 bits always use the signed-max grid, 8 bits Q8-sym-127)."""
     from edgeq.config import ConvertConfig
 
     out = []
     for v in grid:
-        if v.bits == 8 and v.grid != "sym7":
-            logger.warning(f"skipping grid {v.grid} at 8 bits: the grid is a 4-bit option (same cells as sym7)")
+        if v.bits != 4 and v.grid != "sym7":
+            logger.warning(f"skipping grid {v.grid} at {v.bits} bits: the grid is a 4-bit option (same cells as sym7)")
             continue
         try:
             ConvertConfig(block_size=v.block_size, bits=v.bits, grid=v.grid, quantizer=v.quantizer,

@@ -152,6 +152,23 @@ def test_grid_sweep_cells_match_single_variant_sweeps(tiny, tmp_path):
             (g["predictions"], g["recon_error_total"], g["mean_abs_dlogit"])
 
 
+def test_low_bit_sweep_cells(tiny, tmp_path):
+    """--bits 2,3 cells are compact files run by the 4-bit kernel: suffixed, exact plan parity, and coarser."""
+    from edgeq.research.cells import variants
+
+    root, model = tiny
+    settings = SweepSettings(str(model), "RTE", block_size="16")
+    grid = variants(["16"], ["rtn"], [4, 3, 2], ["sym7", "sym8"])
+    run = run_sweep(settings, ["magnitude"], [0, 4], tmp_path / "lb", root / "glue", 1, True, grid)
+    assert [v.suffix("16") for v in run.variants] == ["", "-sym8", "-bits3", "-bits2"]  # sym8: a 4-bit option
+    cells = run.cells
+    for cid in ("int4-k0-bits2", "magnitude-k4-bits2", "int4-k0-bits3", "magnitude-k4-bits3"):
+        assert cells[cid]["plan_parity"] <= 1e-4 and cells[cid]["linears"] == 14
+    errors = [cells[INT4 + s]["recon_error_total"] for s in ("", "-bits3", "-bits2")]
+    assert errors[0] < errors[1] < errors[2]
+    assert cells["magnitude-k4-bits2"]["recon_error_total"] < cells["int4-k0-bits2"]["recon_error_total"]
+
+
 def test_calibrated_quantizer_cells(tiny, tmp_path):
     root, model = tiny
     calib = str(root / "glue" / "RTE" / "dev.tsv")  # a TSV file serves as calibration text
