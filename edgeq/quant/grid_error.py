@@ -111,7 +111,7 @@ class _Groups:
         np.put_along_axis(self.rank, self.sidx, np.broadcast_to(np.arange(b), (g, b)), axis=1)
         self.removed = ~self.valid  # padding never counts
         self.mex = self.advance(np.zeros(g, np.int64), np.arange(g))
-        self.e = self.errors(np.arange(g), self.mex)
+        self.e = self.errors(None, self.mex)
         self.total = self.e.sum(axis=1)
 
     def advance(self, mex, rows):
@@ -126,18 +126,25 @@ class _Groups:
             mex[need] += 1
 
     def errors(self, rows, mex, removed=None):
-        """a_j (W_j − Q_s(W_j))² of the groups ``rows`` at the scale set by ``mex`` (0 where removed)."""
+        """a_j (W_j − Q_s(W_j))² of the groups ``rows`` (None: all) at the scale set by ``mex`` (0 where removed)."""
         b = self.wg.shape[1]
+        every = rows is None  # no gathered copies
+        rows = np.arange(len(self.wg)) if every else rows
         m = np.where(mex < b, self.sval[rows, np.minimum(mex, b - 1)], np.float32(0))
         s = self.spec.scale(m)[:, None]
-        w = self.wg[rows]
+        w = self.wg if every else self.wg[rows]
         lo, hi = self.spec.q_range
         with np.errstate(divide="ignore", invalid="ignore"):
-            q = np.clip(np.where(s != 0, np.rint(w / s), np.float32(0)), lo, hi).astype(np.float32)
-        d = w.astype(np.float64) - (q * s).astype(np.float64)
-        e = self.a[rows] * d * d
-        e[self.removed[rows] if removed is None else removed] = 0.0
-        return e
+            q = np.rint(w / s)
+        q[s[:, 0] == 0] = 0.0
+        np.clip(q, lo, hi, out=q)
+        q *= s
+        d = w.astype(np.float64)
+        d -= q
+        d *= d
+        d *= self.a if every else self.a[rows]
+        d[(self.removed if every else self.removed[rows]) if removed is None else removed] = 0.0
+        return d
 
 
 def greedy_order(w: np.ndarray, spec: GridSpec, col_weight=None, depth: int = GREEDY_DEPTH):
@@ -159,7 +166,7 @@ def greedy_order(w: np.ndarray, spec: GridSpec, col_weight=None, depth: int = GR
         rem2[rows[alive], jmax[alive]] = True
         saved, st.removed = st.removed, rem2
         mex2 = st.advance(st.mex.copy(), rows)
-        e2 = st.errors(rows, mex2)
+        e2 = st.errors(None, mex2)
         st.removed = saved
         gb = st.total - e2.sum(axis=1)
         take_b = alive & ((gb > ga) | ((gb == ga) & (jmax < ja)))
