@@ -116,11 +116,13 @@ def budget_allocation(weights: Mapping[str, np.ndarray], config: ConvertConfig,
         a = np.diagonal(np.asarray(st.hessian(), dtype=np.float64)) / 2.0 if st is not None else None
         gains[name] = order_gains(w, orders[name], grid_spec(name, config), config.exclude_salient_from_scale, a)
         t_score, t_gain = t_score + t1 - t0, t_gain + time.perf_counter() - t1
+    t0 = time.perf_counter()
     ks = allocate(gains, total)
+    t_alloc = time.perf_counter() - t0
     report = {"fraction": config.budget, "weights_total": int(sum(np.size(weights[n]) for n in names)),
               "kept_total": int(sum(ks.values())), "weighting": "E[x_j^2]" if weighted else "none",
               "method": config.method, "exclude_salient_from_scale": config.exclude_salient_from_scale,
-              "score_s": round(t_score, 3), "gains_s": round(t_gain, 3), "k_per_layer": ks}
+              "score_s": round(t_score, 3), "gains_s": round(t_gain, 3), "allocate_s": round(t_alloc, 3), "k_per_layer": ks}
     return Allocation(ks, orders, report)
 
 
