@@ -122,7 +122,8 @@ def budget_allocation(weights: Mapping[str, np.ndarray], config: ConvertConfig,
     report = {"fraction": config.budget, "weights_total": int(sum(np.size(weights[n]) for n in names)),
               "kept_total": int(sum(ks.values())), "weighting": "E[x_j^2]" if weighted else "none",
               "method": config.method, "exclude_salient_from_scale": config.exclude_salient_from_scale,
-              "score_s": round(t_score, 3), "gains_s": round(t_gain, 3), "allocate_s": round(t_alloc, 3), "k_per_layer": ks}
+              "score_s": round(t_score, 3), "gains_s": round(t_gain, 3), "allocate_s": round(t_alloc, 3),
+              "k_per_layer": ks}
     return Allocation(ks, orders, report)
 
 
