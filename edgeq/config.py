@@ -15,6 +15,7 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 class ConvertConfig:
     method: str = "svd"  # saliency method (registry name)
     k: int = 256  # FP32 entries per Linear
+    budget: float | None = None  # instead of k: fraction of all quantized Linear weights kept FP32, model-wide
     rank: int = 8  # SVD rank r
     seed: int = 0
     block_size: str = "32"  # 16..256, "per-channel" or "per-tensor"
@@ -54,6 +55,7 @@ class ConvertConfig:
             raise ValueError(f"--k must be a non-negative integer, got {self.k!r}")
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"--rank must be a positive integer, got {self.rank!r}")
+        self._check_budget()
         object.__setattr__(self, "granularity", Granularity.parse(self.block_size))
         object.__setattr__(self, "block_size", str(self.granularity))
         if SALIENCY_METHODS[self.method].needs_calibration and not self.calib:
@@ -88,6 +90,16 @@ class ConvertConfig:
                     re.compile(pattern)
                 except re.error as e:
                     raise ValueError(f"{option} {pattern!r} is not a valid regular expression: {e}") from None
+
+    def _check_budget(self) -> None:
+        if self.budget is not None:
+            b = self.budget
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1:
+                raise ValueError(f"--budget must be a fraction in [0, 1) (e.g. 0.01), got {b!r}")
+            if self.k != ConvertConfig.__dataclass_fields__["k"].default:
+                raise ValueError("--budget and --k are mutually exclusive; drop --k (the budget sets k per layer)")
+        if SALIENCY_METHODS[self.method].exclude_salient_from_scale:  # the selection assumed it
+            object.__setattr__(self, "exclude_salient_from_scale", True)
 
     def _check_storage(self) -> None:
         from edgeq.onnx.storage import KERNELS, STORAGES

@@ -9,6 +9,7 @@ import click
 
 from edgeq.cli.options import (
     BLOCK_CHOICES,
+    budget_option,
     calib_options,
     configure_logging,
     perf_kwargs,
@@ -27,6 +28,7 @@ from edgeq.saliency import SALIENCY_METHODS
 @click.argument("out", required=False, type=click.Path(path_type=Path))
 @click.option("--k", "k", type=int, default=256, show_default=True,
               help="FP32 entries kept per Linear (0: plain int4; >= size: all FP32).")
+@budget_option
 @click.option("--method", type=click.Choice(sorted(SALIENCY_METHODS)), default="svd", show_default=True,
               help="Saliency method that picks the k FP32 entries.")
 @click.option("--rank", type=int, default=8, show_default=True, help="SVD rank r of the svd method.")
@@ -56,7 +58,7 @@ from edgeq.saliency import SALIENCY_METHODS
 @quantizer_options
 @perf_options
 @threshold_options
-def convert(model_dir, out, k, method, rank, seed, block_size, exclude_salient_from_scale, exclude,
+def convert(model_dir, out, k, budget, method, rank, seed, block_size, exclude_salient_from_scale, exclude,
             accuracy_level, allow_pickle, force, ort_format, quiet, json_out, data, limit, threads,
             calib, calib_samples, data_dir, percdamp,
             max_plan_diff, min_agreement, max_abs_diff, **qopts):
@@ -96,8 +98,10 @@ def convert(model_dir, out, k, method, rank, seed, block_size, exclude_salient_f
     folder = is_folder_output(out)  # refuses other extensions
     if k < 0:
         raise UsageError(f"--k must be >= 0, got {k}")
+    if budget is not None and click.get_current_context().get_parameter_source("k").name != "DEFAULT":
+        raise UsageError("--budget and --k are mutually exclusive; drop --k (the budget sets k per layer)")
     config = ConvertConfig(
-        method=method, k=k, rank=rank, seed=seed, block_size=block_size,
+        method=method, k=k, budget=budget, rank=rank, seed=seed, block_size=block_size,
         exclude_salient_from_scale=exclude_salient_from_scale, exclude=tuple(exclude),
         accuracy_level=int(accuracy_level), allow_pickle=allow_pickle,
         calib=calib, calib_samples=calib_samples, data_dir=str(data_dir) if data_dir else None, percdamp=percdamp,
@@ -129,9 +133,11 @@ def _print_summary(report: dict) -> None:
     mib = lambda b: f"{b / 2**20:.2f} MiB"  # noqa: E731
     click.echo(f"wrote {report['output']} ({mib(report['file_bytes'])}; "
                f"FP32 initializers {mib(f['total_initializers'])})")
+    b = report.get("budget")
+    each = (f"budget {b['fraction']:g}: {b['kept_total']} FP32 entries in all" if b else
+            f"k={report['config']['k']} FP32 entries each")
     click.echo(f"  Linears: {report['linears_quantized']} of {report['linears_total']} as MatMulNBits, "
-               f"k={report['config']['k']} FP32 entries each ({report['config']['method']}, "
-               f"block {report['config']['block_size']})")
+               f"{each} ({report['config']['method']}, block {report['config']['block_size']})")
     click.echo("  size: " + ", ".join(f"{c} {mib(s[c])}"
                                       for c in ("int4_codes", "scales", "fp32_correction", "embeddings", "rest")))
     click.echo(f"  validation on {report['parity']['examples']} examples ({report['parity']['source']}):")

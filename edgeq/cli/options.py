@@ -5,6 +5,7 @@
 * :func:`perf_options` — bits, grid, per-layer 8-bit, correction encoding, 4-bit embeddings.
 * :func:`threshold_options` — validation data and gates (convert, validate).
 * :data:`BLOCK_CHOICES` — ``--block-size`` values (``edgeq.quant.int4.BLOCK_SIZES``).
+* :func:`budget_option` — ``--budget F`` (model-wide FP32 fraction instead of ``--k``).
 
 The values land in :class:`edgeq.config.ConvertConfig`, whose field defaults are the defaults here.
 """
@@ -47,6 +48,14 @@ def calib_options(fn):
                           "(default: $EDGEQ_GLUE_DIR, else ../shared/data/glue)."),
     ]
     return _apply(fn, opts)
+
+
+def budget_option(fn):
+    """Add --budget (``ConvertConfig.budget``; exclusive with --k, checked by the command and the config)."""
+    return click.option("--budget", type=float, default=_default("budget"), metavar="F",
+                        help="Instead of --k: keep the fraction F (e.g. 0.01) of all quantized Linear weights "
+                             "FP32, model-wide; each Linear's k goes where it cuts the quantization error most "
+                             "(weighted by E[x^2] with --calib). Exclusive with --k.")(fn)
 
 
 QUANTIZER_OPTION_NAMES = ("quantizer", "sarqc_lambda", "sarqc_saliency", "lsi_epochs", "lsi_rank", "lsi_lr", "lwc_lr")

@@ -209,6 +209,7 @@ def make_report(c: Converted, out: Path, large: bool, file_bytes: int, parity: P
         "external_data": large,
         "export_max_abs_diff": c.export_diff,
         "recon_error_total": plan.total_recon_error,
+        "budget": plan.budget,  # --budget: fraction, total kept, k per layer (None with --k)
         "layers": {name: lp.stats() for name, lp in plan.layers.items()},
         "size_bytes": size_by_component(c.graph.model),
         "size_bytes_fp32": c.fp32_sizes,

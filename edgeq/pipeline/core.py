@@ -74,7 +74,8 @@ class QuantizedGraph:
 
 def needs_calibration_pass(config: ConvertConfig) -> bool:
     """Whether the one-pass input statistics (:func:`edgeq.model.calib.calibrate`) feed the plan."""
-    return bool(config.calib) and (config.quantizer == "rtn" or get_method(config.method).needs_calibration)
+    return bool(config.calib) and (config.quantizer == "rtn" or get_method(config.method).needs_calibration
+                                   or config.budget is not None)  # --budget weighs errors by E[x²]
 
 
 def plan_weights(loaded, weights: Mapping[str, np.ndarray], config: ConvertConfig, calibration=None,

@@ -7,6 +7,12 @@ One path, ``plan_layer_from_order``: ``plan_layer`` scores and calls it; a sweep
 one order per layer for every k.  The plan is pure data: numpy/torch in, dataclasses out; the ONNX rewrite
 and the PyTorch reference both consume it, which is what makes their comparison meaningful.
 
+``--budget F`` (:func:`budget_allocation`, the math in ``edgeq.quant.budget``): instead of one k,
+each layer offers its selection order (the first min(N·K, T) entries) with the marginal error
+reduction of each next entry on its own grid (``edgeq.quant.grid_error.order_gains``, weighted by
+E[x_j²] when calibration statistics are given), and the T = round(F · Σ N·K) best entries model-wide
+decide k per layer; the plan's ``budget`` section records them.
+
 Per-layer statistics recorded: k, the reconstruction error ``‖W − Ŵ‖²_F`` and that of plain
 int4 (k = 0) on the same quantizer, and the number of distinct rows/columns the selection
 touches (how concentrated it is).
@@ -14,12 +20,15 @@ touches (how concentrated it is).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from edgeq.config import ConvertConfig
+from edgeq.quant.budget import allocate, budget_total
+from edgeq.quant.grid_error import GridSpec, order_gains
 from edgeq.quant.int4 import QuantizedLinear, quantize_rtn
 from edgeq.saliency import ScoreContext, descending_order, get_method, topk_from_order
 
@@ -50,6 +59,7 @@ class LayerPlan:
 class QuantPlan:
     layers: dict[str, LayerPlan]
     excluded: tuple[str, ...]  # Linears kept FP32 by --exclude
+    budget: dict | None = None  # --budget: fraction, totals, k per layer (the report's "budget")
 
     @property
     def quants(self) -> dict[str, QuantizedLinear]:
@@ -61,25 +71,73 @@ class QuantPlan:
         return float(sum(p.recon_error for p in self.layers.values()))
 
 
+def grid_spec(name: str, config: ConvertConfig) -> GridSpec:
+    """The grid :func:`plan_layer_from_order` quantizes layer ``name`` on (RTN)."""
+    bits = config.layer_bits(name)
+    return GridSpec(bits, config.grid if bits == 4 else "sym7", config.granularity,
+                    config.fp16_scales and bits != 8)
+
+
 def selection_order(name: str, weight: np.ndarray, config: ConvertConfig, stats=None,
                     limit: int | None = None) -> np.ndarray:
     """Flat indices of ``weight`` by decreasing ``config.method`` score (ties → lower index), the first ``limit``."""
     import torch
 
     w = np.ascontiguousarray(weight, dtype=np.float32)
-    ctx = ScoreContext(layer=name, rank=config.rank, seed=config.seed, stats=stats, percdamp=config.percdamp)
+    spec = grid_spec(name, config)
+    ctx = ScoreContext(layer=name, rank=config.rank, seed=config.seed, stats=stats, percdamp=config.percdamp,
+                       bits=spec.bits, grid=spec.grid, granularity=spec.granularity, fp16_scales=spec.fp16_scales)
     return descending_order(get_method(config.method).score(torch.from_numpy(w), ctx), limit)
 
 
+@dataclass(frozen=True)
+class Allocation:
+    """``--budget``: k per layer, the orders it was computed from, and the report section."""
+
+    ks: dict[str, int]
+    orders: dict[str, np.ndarray] = field(repr=False)
+    report: dict
+
+
+def budget_allocation(weights: Mapping[str, np.ndarray], config: ConvertConfig,
+                      stats: Mapping[str, object] | None = None) -> Allocation:
+    """k per non-excluded Linear for ``config.budget`` (see the module docstring and ``edgeq.quant.budget``)."""
+    names = [n for n in weights if not config.is_excluded(n)]
+    total = budget_total({n: np.size(weights[n]) for n in names}, config.budget)
+    weighted = bool(stats) and all(stats.get(n) is not None for n in names)
+    orders, gains, t_score, t_gain = {}, {}, 0.0, 0.0
+    for name in names:
+        w = np.ascontiguousarray(weights[name], dtype=np.float32)
+        st = stats.get(name) if weighted else None
+        t0 = time.perf_counter()
+        orders[name] = selection_order(name, w, config, st, limit=min(w.size, total)) if total else \
+            np.empty(0, np.int64)
+        t1 = time.perf_counter()
+        a = np.diagonal(np.asarray(st.hessian(), dtype=np.float64)) / 2.0 if st is not None else None
+        gains[name] = order_gains(w, orders[name], grid_spec(name, config), config.exclude_salient_from_scale, a)
+        t_score, t_gain = t_score + t1 - t0, t_gain + time.perf_counter() - t1
+    t0 = time.perf_counter()
+    ks = allocate(gains, total)
+    t_alloc = time.perf_counter() - t0
+    report = {"fraction": config.budget, "weights_total": int(sum(np.size(weights[n]) for n in names)),
+              "kept_total": int(sum(ks.values())), "weighting": "E[x_j^2]" if weighted else "none",
+              "method": config.method, "exclude_salient_from_scale": config.exclude_salient_from_scale,
+              "score_s": round(t_score, 3), "gains_s": round(t_gain, 3), "allocate_s": round(t_alloc, 3),
+              "k_per_layer": ks}
+    return Allocation(ks, orders, report)
+
+
 def plan_layer_from_order(name: str, weight: np.ndarray, order: np.ndarray, config: ConvertConfig,
-                          quantize: Callable[[np.ndarray, np.ndarray], QuantizedLinear] | None = None) -> LayerPlan:
-    """Plan one Linear whose salient set is ``sort(order[:k])``, k = ``config.k`` clipped to N·K.
+                          quantize: Callable[[np.ndarray, np.ndarray], QuantizedLinear] | None = None,
+                          k: int | None = None) -> LayerPlan:
+    """Plan one Linear whose salient set is ``sort(order[:k])``, k (default ``config.k``) clipped to N·K.
 
     ``order``: a descending selection order of at least k entries (:func:`selection_order`), so one
     order serves every k.  ``quantize(w, idx)`` defaults to RTN (see edgeq.quant.registry).
+    ``k``: this layer's own k (``--budget``: :func:`budget_allocation`).
     """
     w = np.ascontiguousarray(weight, dtype=np.float32)
-    k = min(config.k, w.size)
+    k = min(config.k if k is None else k, w.size)
     if len(order) < k:
         raise ValueError(f"{name}: the selection order holds {len(order)} entries, fewer than k = {k}")
     idx = topk_from_order(np.asarray(order, dtype=np.int64), k)
@@ -104,17 +162,20 @@ def plan_layer_from_order(name: str, weight: np.ndarray, order: np.ndarray, conf
 
 
 def plan_layer(name: str, weight: np.ndarray, config: ConvertConfig, stats=None,
-               quantize: Callable[[np.ndarray, np.ndarray], QuantizedLinear] | None = None) -> LayerPlan:
-    """Select the salient entries (scored only when 0 < k < N·K), then :func:`plan_layer_from_order`."""
+               quantize: Callable[[np.ndarray, np.ndarray], QuantizedLinear] | None = None,
+               k: int | None = None) -> LayerPlan:
+    """Select the salient entries (scored only when 0 < k < N·K), then :func:`plan_layer_from_order`.
+
+    ``k``: this layer's own k instead of ``config.k`` (``--budget``)."""
     size = int(np.prod(np.shape(weight)))
-    k = min(config.k, size)
+    k = min(config.k if k is None else k, size)
     if k == 0:
         order = np.empty(0, dtype=np.int64)
     elif k == size:
         order = np.arange(k, dtype=np.int64)
     else:
         order = selection_order(name, weight, config, stats, limit=k)
-    return plan_layer_from_order(name, weight, order, config, quantize)
+    return plan_layer_from_order(name, weight, order, config, quantize, k)
 
 
 def build_plan(
@@ -127,21 +188,25 @@ def build_plan(
     """Plan every Linear in ``weights`` (name → ``[N, K]``) except those ``--exclude`` keeps FP32.
 
     ``orders`` (name → :func:`selection_order` of at least k entries) skips the scoring: a sweep
-    scores each layer once and plans every k from the same order.
+    scores each layer once and plans every k from the same order.  With ``config.budget`` the k of
+    each layer comes from :func:`budget_allocation` (and its orders; ``orders`` is then not used).
     """
     method = get_method(config.method)
     if orders is None and method.needs_calibration and not stats:
         raise ValueError(f"--method {config.method} needs calibration data (--calib)")
     layers: dict[str, LayerPlan] = {}
     excluded = []
+    alloc = budget_allocation(weights, config, stats) if config.budget is not None else None
     for name, w in weights.items():
         if config.is_excluded(name):
             excluded.append(name)
             continue
-        if orders is not None:
+        if alloc is not None:
+            layers[name] = plan_layer_from_order(name, w, alloc.orders[name], config, k=alloc.ks[name])
+        elif orders is not None:
             layers[name] = plan_layer_from_order(name, w, orders[name], config)
         else:
             layers[name] = plan_layer(name, w, config, (stats or {}).get(name))
         if progress:
             progress(name)
-    return QuantPlan(layers=layers, excluded=tuple(excluded))
+    return QuantPlan(layers=layers, excluded=tuple(excluded), budget=alloc.report if alloc else None)

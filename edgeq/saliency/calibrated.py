@@ -9,7 +9,11 @@ With ``X ∈ R^{N×n}`` the non-padding calibration inputs of a Linear ``W [m, n
   ``H ← H + percdamp · mean(diag H) · I``; ``score_ij = W_ij² / [H⁻¹]_jj``; dead columns score 0.
   ``H ∝ I`` ⇒ ranks by ``|W|``.  Larger ``percdamp`` drifts toward ``|W_ij|·‖X_j‖`` (≈ awq).
 
-Both are computed in float64.  Without statistics they raise ``ValueError`` naming ``--calib``.
+* ``error-act``: the ``error`` greedy (``edgeq.saliency.weight_only``) with each entry's squared
+  error weighted by ``E[x_j²] = diag(H)_j / 2`` of its input column j (the expected output error it
+  causes); also turns on ``--exclude-salient-from-scale``.
+
+All are computed in float64.  Without statistics they raise ``ValueError`` naming ``--calib``.
 """
 
 from __future__ import annotations
@@ -58,6 +62,13 @@ def spqr_score_from(weight: torch.Tensor, hessian: torch.Tensor, percdamp: float
     return score
 
 
+def mean_square(stats) -> torch.Tensor:
+    """``E[x_j²]`` over the calibration tokens (float64 [n]): ``diag(H) / 2``."""
+    import torch
+
+    return torch.diagonal(stats.hessian()).to(torch.float64) / 2.0
+
+
 @register("awq", "|W_ij|·mean|x_j| (activation-scaled magnitude; needs --calib)", needs_calibration=True)
 def awq_score(weight: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
     return awq_score_from(weight, _stats(weight, ctx, "awq").mean_abs)
@@ -66,3 +77,11 @@ def awq_score(weight: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
 @register("spqr", "W_ij²/[H⁻¹]_jj, H = 2/N XᵀX damped by --percdamp (needs --calib)", needs_calibration=True)
 def spqr_score(weight: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
     return spqr_score_from(weight, _stats(weight, ctx, "spqr").hessian(), ctx.percdamp)
+
+
+@register("error-act", "the error greedy with each squared error weighted by E[x_j^2] of its input (needs "
+          "--calib; turns on --exclude-salient-from-scale)", needs_calibration=True, exclude_salient_from_scale=True)
+def error_act_score(weight: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
+    from edgeq.saliency.weight_only import greedy_error_score
+
+    return greedy_error_score(weight, ctx, mean_square(_stats(weight, ctx, "error-act")).numpy())

@@ -4,6 +4,10 @@ A method maps a Linear weight ``W [N, K]`` (plus, for calibration methods, the l
 statistics) to a score of the same shape; the ``k`` highest scores of a layer stay FP32.
 The selection is one stable descending sort (:func:`descending_order`; ties → lower flat index)
 whose first k entries, sorted, are the top-k at every k.
+
+A method registered with ``exclude_salient_from_scale=True`` chose its entries assuming the scales
+are computed without them (``error``, ``error-act``): ``ConvertConfig`` then turns
+``--exclude-salient-from-scale`` on by itself (and the report's config shows it).
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ class ScoreContext:
     seed: int = 0  # for the random baseline
     stats: Any = None  # calibration statistics of the layer's input (calibration methods)
     percdamp: float = 0.01  # relative Hessian damping of the spqr method (× mean diag H)
+    # the grid the plan quantizes this layer on (edgeq.quant.int4.quantize_rtn), for the error methods
+    bits: int = 4  # 2, 3, 4 or 8
+    grid: str = "sym7"  # sym7 or sym8 (4 bits; 2/3 bits always use the signed-max grid)
+    granularity: Any = None  # edgeq.quant.int4.Granularity; None: blocks of 32
+    fp16_scales: bool = False  # scales rounded to float16 (compact storage)
 
 
 ScoreFn = Callable[["torch.Tensor", ScoreContext], "torch.Tensor"]
@@ -38,16 +47,18 @@ class SaliencyMethod:
     score: ScoreFn
     needs_calibration: bool
     summary: str
+    exclude_salient_from_scale: bool = False  # the plan must compute scales without the salient entries
 
 
 SALIENCY_METHODS: dict[str, SaliencyMethod] = {}
 
 
-def register(name: str, summary: str, needs_calibration: bool = False) -> Callable[[ScoreFn], ScoreFn]:
+def register(name: str, summary: str, needs_calibration: bool = False,
+             exclude_salient_from_scale: bool = False) -> Callable[[ScoreFn], ScoreFn]:
     def decorator(fn: ScoreFn) -> ScoreFn:
         if name in SALIENCY_METHODS:
             raise ValueError(f"saliency method {name!r} registered twice")
-        SALIENCY_METHODS[name] = SaliencyMethod(name, fn, needs_calibration, summary)
+        SALIENCY_METHODS[name] = SaliencyMethod(name, fn, needs_calibration, summary, exclude_salient_from_scale)
         return fn
 
     return decorator

@@ -434,6 +434,11 @@ CASES = [
          "convert --calib"),
     Case("gptq without --calib", _plain, CONVERT + ("--quantizer", "gptq"), 2,
          r"--quantizer gptq needs calibration data; pass --calib", "convert --quantizer"),
+    # --budget (model-wide FP32 fraction)
+    Case("--budget with --k", _plain, CONVERT + ("--k", "16", "--budget", "0.01"), 2,
+         r"--budget and --k are mutually exclusive; drop --k", "convert --budget"),
+    Case("--budget out of range", _plain, CONVERT + ("--budget", "1"), 2,
+         r"--budget must be a fraction in \[0, 1\)", "convert --budget"),
     # eval
     Case("eval: unknown task", _glue(), EVAL + ("--task", "FOO"), 2, r"unknown GLUE task 'FOO'; choose from", "eval"),
     Case("eval: GLUE dir missing the task", _glue(task="SST-2"), EVAL + ("--task", "RTE"), 2,

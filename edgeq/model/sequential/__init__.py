@@ -24,7 +24,10 @@ This module splits the calibration text, groups the Linears by block and dispatc
 (:func:`quantize_sequential`); :func:`run_quantizer` is ``edgeq convert``'s entry point.
 
 The salient entries of each Linear are picked exactly as for RTN (``edgeq.quant.plan.plan_layer`` with
-the configured ``--method``, on the original weight and the one-pass FP32 statistics).
+the configured ``--method``, on the original weight and the one-pass FP32 statistics); with
+``--budget`` the k of each Linear comes from ``edgeq.quant.plan.budget_allocation`` on the same, before
+any block is quantized (the allocation measures RTN error on the layer's grid, the proxy for every
+quantizer).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from edgeq.model.sequential.blocks import HOLDOUT_FRACTION, find_blocks, held_ou
 from edgeq.model.sequential.layerwise import run_layerwise
 from edgeq.model.sequential.reconstruct import run_lsi
 from edgeq.model.texts import encode_batches
-from edgeq.quant.plan import QuantPlan
+from edgeq.quant.plan import QuantPlan, budget_allocation
 from edgeq.quant.registry import get_quantizer, hyperparameters
 
 __all__ = ["HOLDOUT_FRACTION", "SequentialResult", "find_blocks", "quantize_sequential", "run_quantizer"]
@@ -97,10 +100,13 @@ def quantize_sequential(
     in_blocks = {n for _, ns in groups for n in ns}
     groups.append(("heads", [n for n in targets if n not in in_blocks]))
     runner = run_layerwise if q.kind == "layer" else run_lsi
+    alloc = budget_allocation(weights, config, sel_stats) if config.budget is not None else None
     with torch.inference_mode(False):
-        plans, info, timings = runner(work, weights, config, groups, fit, ho, sel_stats or {}, progress)
+        plans, info, timings = runner(work, weights, config, groups, fit, ho, sel_stats or {}, progress,
+                                      alloc.ks if alloc else None)
     ordered = {n: plans[n] for n in targets}
-    return SequentialResult(QuantPlan(layers=ordered, excluded=excluded), {n: info[n] for n in targets},
+    plan = QuantPlan(layers=ordered, excluded=excluded, budget=alloc.report if alloc else None)
+    return SequentialResult(plan, {n: info[n] for n in targets},
                             {k: round(v, 3) for k, v in timings.items()}, split)
 
 

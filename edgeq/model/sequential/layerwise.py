@@ -60,8 +60,10 @@ def _block_stats(block, names, prefix, xs, args, masks):
     return stats
 
 
-def run_layerwise(work, weights, config, groups, fit, ho, sel_stats, progress):
-    """(plans, per-Linear info, timings) of the ``layer`` quantizer ``config.quantizer``; see the module doc."""
+def run_layerwise(work, weights, config, groups, fit, ho, sel_stats, progress, ks=None):
+    """(plans, per-Linear info, timings) of the ``layer`` quantizer ``config.quantizer``; see the module doc.
+
+    ``ks``: k per Linear (``--budget``) instead of ``config.k``."""
     import torch
 
     q = get_quantizer(config.quantizer)
@@ -101,7 +103,8 @@ def run_layerwise(work, weights, config, groups, fit, ho, sel_stats, progress):
                 _extra.update(inf)
                 return quant
 
-            plans[name] = plan_layer(name, weights[name], config, sel_stats.get(name), quantize=quantize)
+            plans[name] = plan_layer(name, weights[name], config, sel_stats.get(name), quantize=quantize,
+                                     k=ks[name] if ks else None)
             info[name] = extra
             set_weight(work, name, plans[name].quant.dequantize())
         t2 = time.perf_counter()

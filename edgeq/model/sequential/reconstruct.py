@@ -35,7 +35,7 @@ HEAD_CHUNK = 64  # rows per training step of a head Linear
 logger = logging.getLogger(__name__)
 
 
-def _wrappers(names, weights, config, sel_stats):
+def _wrappers(names, weights, config, sel_stats, ks=None):
     """An ``LSIWeight`` per Linear, its salient entries picked exactly as the plan will pick them."""
     from edgeq.quant.lsi import LSIWeight
 
@@ -45,7 +45,8 @@ def _wrappers(names, weights, config, sel_stats):
             idxs[_n] = idx
             return quantize_rtn(w, idx, config.granularity, config.exclude_salient_from_scale)
 
-        plan_layer(name, weights[name], config, sel_stats.get(name), quantize=grab)  # the salient selection only
+        plan_layer(name, weights[name], config, sel_stats.get(name), quantize=grab,  # the salient selection only
+                   k=ks[name] if ks else None)
         w = weights[name]
         mask = np.zeros(w.size, dtype=bool)
         mask[idxs[name]] = True
@@ -54,14 +55,14 @@ def _wrappers(names, weights, config, sel_stats):
     return wr
 
 
-def _finish(names, wr, weights, config, sel_stats, res, work, plans, info):
+def _finish(names, wr, weights, config, sel_stats, res, work, plans, info, ks=None):
     """Plan each trained Linear with its exported Ŵ, record its training info, write Ŵ into ``work``."""
     import torch
 
     for name in names:
         exported = wr[name].export()
         plans[name] = plan_layer(name, weights[name], config, sel_stats.get(name),
-                                 quantize=lambda w, idx, _q=exported: _q)
+                                 quantize=lambda w, idx, _q=exported: _q, k=ks[name] if ks else None)
         d = wr[name].delta
         info[name] = {"held_out_mse_init": res.held_out_init, "held_out_mse_best": res.held_out_best,
                       "best_epoch": res.best_epoch, "steps": res.steps,
@@ -70,8 +71,10 @@ def _finish(names, wr, weights, config, sel_stats, res, work, plans, info):
         set_weight(work, name, plans[name].quant.dequantize())
 
 
-def run_lsi(work, weights, config, groups, fit, ho, sel_stats, progress):
-    """(plans, per-Linear info, timings) of LSI over ``groups`` (blocks, then ``"heads"``); see the module doc."""
+def run_lsi(work, weights, config, groups, fit, ho, sel_stats, progress, ks=None):
+    """(plans, per-Linear info, timings) of LSI over ``groups`` (blocks, then ``"heads"``); see the module doc.
+
+    ``ks``: k per Linear (``--budget``) instead of ``config.k``."""
     import torch
 
     from edgeq.quant.lsi import reconstruct
@@ -93,7 +96,7 @@ def run_lsi(work, weights, config, groups, fit, ho, sel_stats, progress):
         block = mods[prefix]
         tgt = [rec[b][i + 1][0] if i + 1 < len(blocks) else rec[b]["out"] for b in range(len(batches))]
         args = [rec[b][i][1:] for b in range(len(batches))]
-        wr = _wrappers(names, weights, config, sel_stats)
+        wr = _wrappers(names, weights, config, sel_stats, ks)
         rel = {n: n[len(prefix) + 1:] + ".weight" for n in names}
 
         def fwd(x, ws, _block=block, _rel=rel):
@@ -104,7 +107,7 @@ def run_lsi(work, weights, config, groups, fit, ho, sel_stats, progress):
         res = reconstruct(fwd, wr, data[: len(fit)], data[len(fit):], config.lsi_epochs, config.lwc_lr,
                           config.lsi_lr)
         t1 = time.perf_counter()
-        _finish(names, wr, weights, config, sel_stats, res, work, plans, info)
+        _finish(names, wr, weights, config, sel_stats, res, work, plans, info, ks)
         with torch.no_grad():
             xq = [call_block(block, xq[b], *args[b]) for b in range(len(batches))]
         t2 = time.perf_counter()
@@ -117,7 +120,7 @@ def run_lsi(work, weights, config, groups, fit, ho, sel_stats, progress):
     heads = groups[-1][1]
     if heads:
         t0 = time.perf_counter()
-        _train_heads(work, heads, weights, config, sel_stats, batches, plans, info)
+        _train_heads(work, heads, weights, config, sel_stats, batches, plans, info, ks)
         t["train"] += time.perf_counter() - t0
         t["block:heads"] = time.perf_counter() - t0
         logger.info(f"lsi heads: {len(heads)} Linears in {time.perf_counter() - t0:.1f} s")
@@ -126,7 +129,7 @@ def run_lsi(work, weights, config, groups, fit, ho, sel_stats, progress):
     return plans, info, t
 
 
-def _train_heads(work, heads, weights, config, sel_stats, batches, plans, info):
+def _train_heads(work, heads, weights, config, sel_stats, batches, plans, info, ks=None):
     """Layer-wise LSI of the Linears outside the blocks, on their inputs in the quantized ``work``."""
     import torch
 
@@ -135,7 +138,7 @@ def _train_heads(work, heads, weights, config, sel_stats, batches, plans, info):
     mods = dict(work.named_modules())
     rows = _head_inputs(work, heads, batches)
     for name in heads:
-        wr = _wrappers([name], weights, config, sel_stats)
+        wr = _wrappers([name], weights, config, sel_stats, ks)
         bias = mods[name].bias
         x_all = rows[name]
         y_all = torch.nn.functional.linear(x_all, torch.from_numpy(weights[name]), bias)
@@ -147,7 +150,7 @@ def _train_heads(work, heads, weights, config, sel_stats, batches, plans, info):
             return torch.nn.functional.linear(x, ws[_n], _b)
 
         res = reconstruct(fwd, wr, chunks, held, config.lsi_epochs, config.lwc_lr, config.lsi_lr)
-        _finish([name], wr, weights, config, sel_stats, res, work, plans, info)
+        _finish([name], wr, weights, config, sel_stats, res, work, plans, info, ks)
 
 
 def _head_inputs(model, names, batches):
