@@ -48,7 +48,9 @@ from edgeq.saliency import SALIENCY_METHODS
 @click.option("--external-data-threshold", type=click.IntRange(min=1), default=None, hidden=True, expose_value=False,
               callback=lambda ctx, p, v: ctx.meta.__setitem__("external_data_threshold", v),
               help="Write weights as external data above this many bytes (default 2e9; for tests).")
-@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--force", "--overwrite", "force", is_flag=True,
+              help="Replace an existing OUT (and its report): the new files replace the old ones only after "
+                   "they validated; until then, and on any failure, the old ones stay as they were.")
 @click.option("--ort-format", is_flag=True,
               help="Also write the ONNX Runtime Mobile .ort file and its required_operators.config (reduced builds).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
@@ -129,9 +131,11 @@ def _print_summary(report: dict) -> None:
     mib = lambda b: f"{b / 2**20:.2f} MiB"  # noqa: E731
     click.echo(f"wrote {report['output']} ({mib(report['file_bytes'])}; "
                f"FP32 initializers {mib(f['total_initializers'])})")
+    cfg = report["config"]
+    # k = 0 keeps no FP32 entry: no saliency method picked anything, so none is named
+    picked = f"{cfg['method']}, " if cfg["k"] > 0 or cfg.get("budget") else ""
     click.echo(f"  Linears: {report['linears_quantized']} of {report['linears_total']} as MatMulNBits, "
-               f"k={report['config']['k']} FP32 entries each ({report['config']['method']}, "
-               f"block {report['config']['block_size']})")
+               f"k={cfg['k']} FP32 entries each ({picked}block {cfg['block_size']})")
     click.echo("  size: " + ", ".join(f"{c} {mib(s[c])}"
                                       for c in ("int4_codes", "scales", "fp32_correction", "embeddings", "rest")))
     click.echo(f"  validation on {report['parity']['examples']} examples ({report['parity']['source']}):")

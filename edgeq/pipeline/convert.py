@@ -4,7 +4,7 @@
 
 1. :func:`load_checked` — load the model (refusing a single tensor of 2 GB or more);
    :func:`calibrate_if_needed` — one pass of input statistics when the plan uses them;
-2. :func:`reference_outputs` — the validation text and the FP32 PyTorch outputs on it;
+2. :func:`reference_outputs` (stage ``reference``) — the validation text and the FP32 PyTorch outputs on it;
 3. :func:`export_checked` — the FP32 ONNX export, max|Δ| vs PyTorch ≤ EXPORT_TOLERANCE·max(1, max|y|);
 4. :func:`quantize` — plan and rewrite in memory (:mod:`edgeq.pipeline.core`: count and read-back
    checks), then the ``edgeq.version`` / ``edgeq.config`` metadata;
@@ -179,7 +179,7 @@ def prepare(model_dir: Path, config: ConvertConfig, data, limit, threads: int, p
 
     loaded = timer.run("load", load_checked, model_dir, config.allow_pickle)
     calibration = calibrate_if_needed(loaded, config, timer, progress)
-    ref = reference_outputs(loaded, data, limit)
+    ref = timer.run("reference", reference_outputs, loaded, data, limit)  # the PyTorch FP32 pass on --data
     fp32_model, export_diff = export_checked(loaded, config, ref, threads, timer)
     fp32_sizes = size_by_component(fp32_model)
     weights = loaded.linear_weights()
