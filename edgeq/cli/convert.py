@@ -119,7 +119,7 @@ def convert(model_dir, out, k, method, rank, seed, block_size, exclude_salient_f
         resolve_calib_source(calib, data_dir)  # fail before loading the model
     configure_logging(quiet)
     report = run_convert(model_dir, out, config, data, limit, thresholds(max_plan_diff, min_agreement, max_abs_diff),
-                         threads, progress=not quiet, ort_format=ort_format)
+                         threads, progress=not quiet, ort_format=ort_format, overwrite=force)
     if json_out:
         click.echo(json.dumps(report, indent=2))
     elif not quiet:

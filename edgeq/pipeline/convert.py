@@ -219,7 +219,7 @@ def make_report(c: Converted, out: Path, large: bool, file_bytes: int, parity: P
 
 
 def write_validated(c: Converted, out: Path, thresholds: Thresholds, threads: int, ort_format: bool,
-                    timer: Timer, t_start: float) -> dict:
+                    timer: Timer, t_start: float, overwrite: bool = True) -> dict:
     """Stages 5–6: save to a staging directory, validate the file, commit it with its report (or nothing)."""
     from edgeq.onnx.rewrite import exact_arithmetic_copy
     from edgeq.onnx.safe_load import save_onnx, weight_bytes
@@ -228,7 +228,7 @@ def write_validated(c: Converted, out: Path, thresholds: Thresholds, threads: in
 
     model, limit = c.graph.model, c.config.external_data_threshold
     layout = Layout.for_output(out)  # one .onnx file, or a Hugging Face folder (edgeq.pipeline.deploy)
-    with staged(layout) as stage:
+    with staged(layout, overwrite) as stage:
         tmp_model, tmp_report = stage.path(layout.model), stage.path(layout.report)
         large = weight_bytes(model) > limit
         tmp_data = stage.path(layout.data) if large else None
@@ -263,11 +263,15 @@ def convert(
     threads: int | None = None,
     progress: bool = False,
     ort_format: bool = False,
+    overwrite: bool = True,
 ) -> dict:
-    """Convert ``model_dir`` to ``out`` (atomically) and return the report (also written as JSON)."""
+    """Convert ``model_dir`` to ``out`` (atomically) and return the report (also written as JSON).
+
+    ``overwrite=False`` refuses to replace files that appear at ``out`` while the conversion runs.
+    """
     t_start, timer = time.perf_counter(), Timer()
     converted = prepare(model_dir, config, data, limit, threads or 0, progress, timer)
-    return write_validated(converted, out, thresholds, threads or 0, ort_format, timer, t_start)
+    return write_validated(converted, out, thresholds, threads or 0, ort_format, timer, t_start, overwrite)
 
 
 def validate_file(
