@@ -63,7 +63,7 @@ def _header_problem(header: object, buffer: int) -> str | None:
     if end > buffer:
         return None  # the caller reports the truncation
     if end < buffer:
-        return f"{buffer - end} bytes after the last tensor"
+        return f"{buffer - end} byte(s) after the last tensor"
     return None
 
 
