@@ -26,7 +26,7 @@ class ConvertConfig:
     grid: str = "sym7"  # 4-bit grid: sym7 (max/7, the paper's) or sym8 (ONNX Runtime's signed max/8; rtn only)
     bits8: tuple[str, ...] = ()  # regexes of Linear names quantized to 8 bits whatever --bits says
     correction: str = "auto"  # graph encoding of the FP32 correction (edgeq.onnx.corrections.CORRECTION_CHOICES)
-    quantize_embeddings: bool = False  # word-embedding table as 4-bit GatherBlockQuantized
+    quantize_embeddings: bool = False  # word + nn.Embedding tables of >= 64 rows as 4-bit GatherBlockQuantized
     storage: str = "auto"  # plain (MatMulNBits inputs) or compact (b-bit planes + fp16 scales);
                            # auto: compact below 4 bits
     kernel: str = "int4"  # int4 (every width runs the 4-bit kernel) or native (ONNX Runtime's own 2-bit kernel)

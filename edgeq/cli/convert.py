@@ -50,7 +50,9 @@ from edgeq.saliency import SALIENCY_METHODS
 @click.option("--external-data-threshold", type=click.IntRange(min=1), default=None, hidden=True, expose_value=False,
               callback=lambda ctx, p, v: ctx.meta.__setitem__("external_data_threshold", v),
               help="Write weights as external data above this many bytes (default 2e9; for tests).")
-@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--force", "--overwrite", "force", is_flag=True,
+              help="Replace an existing OUT (and its report): the new files replace the old ones only after "
+                   "they validated; until then, and on any failure, the old ones stay as they were.")
 @click.option("--ort-format", is_flag=True,
               help="Also write the ONNX Runtime Mobile .ort file and its required_operators.config (reduced builds).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
@@ -121,7 +123,7 @@ def convert(model_dir, out, k, budget, method, rank, seed, block_size, exclude_s
         resolve_calib_source(calib, data_dir)  # fail before loading the model
     configure_logging(quiet)
     report = run_convert(model_dir, out, config, data, limit, thresholds(max_plan_diff, min_agreement, max_abs_diff),
-                         threads, progress=not quiet, ort_format=ort_format)
+                         threads, progress=not quiet, ort_format=ort_format, overwrite=force)
     if json_out:
         click.echo(json.dumps(report, indent=2))
     elif not quiet:
@@ -133,11 +135,14 @@ def _print_summary(report: dict) -> None:
     mib = lambda b: f"{b / 2**20:.2f} MiB"  # noqa: E731
     click.echo(f"wrote {report['output']} ({mib(report['file_bytes'])}; "
                f"FP32 initializers {mib(f['total_initializers'])})")
+    cfg = report["config"]
     b = report.get("budget")
     each = (f"budget {b['fraction']:g}: {b['kept_total']} FP32 entries in all" if b else
-            f"k={report['config']['k']} FP32 entries each")
+            f"k={cfg['k']} FP32 entries each")
+    # k = 0 keeps no FP32 entry: no saliency method picked anything, so none is named
+    picked = f"{cfg['method']}, " if cfg["k"] > 0 or b else ""
     click.echo(f"  Linears: {report['linears_quantized']} of {report['linears_total']} as MatMulNBits, "
-               f"{each} ({report['config']['method']}, block {report['config']['block_size']})")
+               f"{each} ({picked}block {cfg['block_size']})")
     click.echo("  size: " + ", ".join(f"{c} {mib(s[c])}"
                                       for c in ("int4_codes", "scales", "fp32_correction", "embeddings", "rest")))
     click.echo(f"  validation on {report['parity']['examples']} examples ({report['parity']['source']}):")

@@ -117,7 +117,8 @@ def perf_options(fn):
                      help="Graph encoding of the k FP32 entries: dense (Gather+MatMul+Add), rows "
                           "(MatMul+MatMul+Add), scatter (ScatterElements); auto picks the cheapest per layer."),
         click.option("--quantize-embeddings/--no-quantize-embeddings", default=False, show_default=True,
-                     help="Word-embedding table as 4-bit GatherBlockQuantized (block 32)."),
+                     help="Embedding tables as 4-bit GatherBlockQuantized (block 32): the word table and every "
+                          "other nn.Embedding table with >= 64 rows (position); token-type tables stay FP32."),
     ]
     return _apply(fn, opts)
 

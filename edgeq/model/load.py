@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeq.errors import EdgeqError, UsageError
+from edgeq.model.checkpoint import check_safetensors_header, check_shards
 
 SUPPORTED_MODEL_TYPES = ("bert", "distilbert", "roberta")
 DEFAULT_INPUT_NAMES = {
@@ -96,9 +97,10 @@ def _check_weight_files(model_dir: Path, allow_pickle: bool) -> bool:
     _check_paths_inside(model_dir)
     safetensors = sorted(model_dir.glob("*.safetensors"))
     pickles = sorted(p for p in model_dir.glob("*.bin") if p.name.startswith("pytorch_model"))
+    check_shards(model_dir)
     if safetensors:
         for p in safetensors:
-            _check_safetensors_header(p)
+            check_safetensors_header(p)
         return True
     if pickles:
         if not allow_pickle:
@@ -136,6 +138,8 @@ def _check_paths_inside(model_dir: Path) -> None:
     for index in sorted(model_dir.glob("*.index.json")):
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+            if not isinstance(weight_map, dict):
+                raise AttributeError("weight_map is not an object")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             raise EdgeqError(f"{index} is not a valid shard index; re-save the model") from None
         bad = next((f for f in dict(weight_map).values() if not _inside(model_dir, f)), None)
@@ -153,24 +157,6 @@ def _check_paths_inside(model_dir: Path) -> None:
             if value is not None and not _inside(model_dir, value):
                 raise EdgeqError(f"{tok_cfg}: {key} = {value!r} points outside {model_dir}; "
                                  "remove the key or make it a plain file name")
-
-
-def _check_safetensors_header(path: Path) -> None:
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise EdgeqError(f"{path} is truncated (no safetensors header); re-download or re-save it")
-        n = int.from_bytes(head, "little")
-        if n <= 0 or 8 + n > size:
-            raise EdgeqError(f"{path} has a corrupt safetensors header; re-download or re-save it")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise EdgeqError(f"{path} has a corrupt safetensors header; re-download or re-save it") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise EdgeqError(f"{path} is truncated ({size} bytes, header needs {8 + n + end}); re-download it")
 
 
 def check_model_dir(model_dir: str | Path, allow_pickle: bool = False) -> tuple[dict, bool]:

@@ -4,7 +4,7 @@
 
 1. :func:`load_checked` — load the model (refusing a single tensor of 2 GB or more);
    :func:`calibrate_if_needed` — one pass of input statistics when the plan uses them;
-2. :func:`reference_outputs` — the validation text and the FP32 PyTorch outputs on it;
+2. :func:`reference_outputs` (stage ``reference``) — the validation text and the FP32 PyTorch outputs on it;
 3. :func:`export_checked` — the FP32 ONNX export, max|Δ| vs PyTorch ≤ EXPORT_TOLERANCE·max(1, max|y|);
 4. :func:`quantize` — plan and rewrite in memory (:mod:`edgeq.pipeline.core`: count and read-back
    checks), then the ``edgeq.version`` / ``edgeq.config`` metadata;
@@ -179,7 +179,7 @@ def prepare(model_dir: Path, config: ConvertConfig, data, limit, threads: int, p
 
     loaded = timer.run("load", load_checked, model_dir, config.allow_pickle)
     calibration = calibrate_if_needed(loaded, config, timer, progress)
-    ref = reference_outputs(loaded, data, limit)
+    ref = timer.run("reference", reference_outputs, loaded, data, limit)  # the PyTorch FP32 pass on --data
     fp32_model, export_diff = export_checked(loaded, config, ref, threads, timer)
     fp32_sizes = size_by_component(fp32_model)
     weights = loaded.linear_weights()
@@ -220,7 +220,7 @@ def make_report(c: Converted, out: Path, large: bool, file_bytes: int, parity: P
 
 
 def write_validated(c: Converted, out: Path, thresholds: Thresholds, threads: int, ort_format: bool,
-                    timer: Timer, t_start: float) -> dict:
+                    timer: Timer, t_start: float, overwrite: bool = True) -> dict:
     """Stages 5–6: save to a staging directory, validate the file, commit it with its report (or nothing)."""
     from edgeq.onnx.rewrite import exact_arithmetic_copy
     from edgeq.onnx.safe_load import save_onnx, weight_bytes
@@ -229,7 +229,7 @@ def write_validated(c: Converted, out: Path, thresholds: Thresholds, threads: in
 
     model, limit = c.graph.model, c.config.external_data_threshold
     layout = Layout.for_output(out)  # one .onnx file, or a Hugging Face folder (edgeq.pipeline.deploy)
-    with staged(layout) as stage:
+    with staged(layout, overwrite) as stage:
         tmp_model, tmp_report = stage.path(layout.model), stage.path(layout.report)
         large = weight_bytes(model) > limit
         tmp_data = stage.path(layout.data) if large else None
@@ -264,11 +264,15 @@ def convert(
     threads: int | None = None,
     progress: bool = False,
     ort_format: bool = False,
+    overwrite: bool = True,
 ) -> dict:
-    """Convert ``model_dir`` to ``out`` (atomically) and return the report (also written as JSON)."""
+    """Convert ``model_dir`` to ``out`` (atomically) and return the report (also written as JSON).
+
+    ``overwrite=False`` refuses to replace files that appear at ``out`` while the conversion runs.
+    """
     t_start, timer = time.perf_counter(), Timer()
     converted = prepare(model_dir, config, data, limit, threads or 0, progress, timer)
-    return write_validated(converted, out, thresholds, threads or 0, ort_format, timer, t_start)
+    return write_validated(converted, out, thresholds, threads or 0, ort_format, timer, t_start, overwrite)
 
 
 def validate_file(

@@ -82,7 +82,7 @@ def check_folder_output(out: Path, inputs: list[Path], force: bool) -> None:
 
 
 @contextlib.contextmanager
-def staged(layout: Layout) -> Iterator:
+def staged(layout: Layout, overwrite: bool = True) -> Iterator:
     """:func:`edgeq.pipeline.output.staged_output` beside the model file; a folder made for it goes again on failure."""
     from edgeq.pipeline.output import staged_output
 
@@ -90,7 +90,7 @@ def staged(layout: Layout) -> Iterator:
     try:
         if made:
             layout.folder.mkdir()
-        with staged_output(layout.model.resolve().parent) as stage:
+        with staged_output(layout.model.resolve().parent, overwrite) as stage:
             yield stage
     except BaseException:
         if made:

@@ -3,6 +3,13 @@
 Files are written into a hidden temporary directory beside the target and moved into place with
 ``os.replace`` (atomic on one filesystem) only at ``commit()``; on any error, Ctrl-C or SIGTERM
 the temporary directory is removed and the target is left as it was.
+
+Replacing (``--force``): a file already at a target is hard-linked into the staging directory
+before the new one replaces it, and put back if the commit fails half-way, so the old files are
+never deleted before the new ones are all in place.  Concurrent converts to the same path: the
+commit holds an exclusive ``flock`` on the target directory, so two commits never interleave (the
+``.onnx`` and its report always come from the same run), and without ``overwrite`` a target that
+appeared meanwhile (another convert finished first) is refused in one line instead of replaced.
 """
 
 from __future__ import annotations
@@ -16,6 +23,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from edgeq.errors import EdgeqError, UsageError, sigterm_interrupts
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; commits are then not serialised between processes
+    fcntl = None
 
 
 def check_output_path(out: Path, inputs: list[Path], force: bool) -> None:
@@ -38,9 +50,15 @@ def check_output_path(out: Path, inputs: list[Path], force: bool) -> None:
 
 
 class StagedOutput:
-    """A temporary directory whose files are moved to ``targets`` on ``commit``."""
+    """A temporary directory whose files are moved to ``targets`` on ``commit``.
 
-    def __init__(self, parent: Path):
+    ``overwrite``: replace files already at the targets (else a target that exists at commit time,
+    e.g. written meanwhile by another convert, is refused).
+    """
+
+    def __init__(self, parent: Path, overwrite: bool = True):
+        self.parent = parent
+        self.overwrite = overwrite
         self.dir = Path(tempfile.mkdtemp(prefix=".edgeq-tmp-", dir=parent))
         self.targets: dict[Path, Path] = {}
 
@@ -51,24 +69,57 @@ class StagedOutput:
 
     def commit(self) -> None:
         """Move every staged file into place; Ctrl-C/SIGTERM wait until it is done (or undone)."""
-        moved: list[Path] = []
-        with _signals_deferred() as caught:
+        moved: list[tuple[Path, Path | None]] = []  # (final, the old file it replaced, kept in the stage)
+        with _signals_deferred() as caught, _locked(self.parent):
             try:
+                clash = next((f for s, f in self.targets.items() if s.exists() and os.path.lexists(f)), None)
+                if clash is not None and not self.overwrite:
+                    raise EdgeqError(f"output {clash} appeared while this convert ran (another edgeq convert to the "
+                                     "same path?); nothing written — choose another output or pass --force")
                 # data files first, the .onnx (what users open) last
                 for staged, final in sorted(self.targets.items(), key=lambda kv: kv[1].suffix == ".onnx"):
                     if staged.exists():
+                        old = self._keep(final)
                         os.replace(staged, final)
-                        moved.append(final)
+                        moved.append((final, old))
                 if caught:  # Ctrl-C/SIGTERM arrived meanwhile: the run was interrupted
                     raise KeyboardInterrupt("during commit")
             except BaseException:
-                for final in moved:  # all or nothing
-                    final.unlink(missing_ok=True)
+                for final, old in reversed(moved):  # all or nothing: the old files come back
+                    if old is not None:
+                        os.replace(old, final)
+                    else:
+                        final.unlink(missing_ok=True)
                 raise
+
+    def _keep(self, final: Path) -> Path | None:
+        """A second name, inside the stage, for the file now at ``final`` (None if there is none)."""
+        if not final.is_file():
+            return None
+        old = self.dir / f".old-{final.name}"
+        try:
+            os.link(final, old)
+        except OSError:  # no hard links on this filesystem
+            shutil.copy2(final, old)
+        return old
 
     def discard(self) -> None:
         with _signals_deferred():
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextmanager
+def _locked(directory: Path):
+    """An exclusive flock on ``directory`` (released when the process dies, so never stale)."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 @contextmanager
@@ -103,18 +154,19 @@ def _signals_deferred():
 
 
 @contextmanager
-def staged_output(parent: Path):
+def staged_output(parent: Path, overwrite: bool = True):
     """Yield a :class:`StagedOutput`; SIGTERM is treated like Ctrl-C while it is open."""
     with sigterm_interrupts():
         stage = None
         try:
             with _signals_deferred():  # an interrupt right after mkdtemp must not leak the directory
-                stage = StagedOutput(parent)
+                stage = StagedOutput(parent, overwrite)
             yield stage
         except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise EdgeqError(f"no space left on the device while writing to {parent}; "
-                                 "free space and retry") from None
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                what = "no space left on the device" if e.errno == errno.ENOSPC else "disk quota exceeded"
+                raise EdgeqError(f"{what} while writing to {parent}; nothing written — free space or choose "
+                                 "another output") from None
             raise
         finally:
             if stage is not None:

@@ -108,6 +108,33 @@ def _corrupt_header(b: bytes) -> bytes:
     return b[:8] + b"{" * n + b[8 + n:]
 
 
+def _header(edit):
+    """Rewrite the JSON header of model.safetensors with ``edit(dict) -> dict | bytes`` (its length follows)."""
+    def rewrite(b: bytes) -> bytes:
+        n = struct.unpack("<Q", b[:8])[0]
+        h = edit(json.loads(b[8:8 + n]))
+        raw = h if isinstance(h, bytes) else json.dumps(h).encode()
+        return struct.pack("<Q", len(raw)) + raw + b[8 + n:]
+    return _st(rewrite)
+
+
+def _first_tensor(h: dict) -> str:
+    return next(k for k in sorted(h) if k != "__metadata__")
+
+
+def _missing_shard(ctx):
+    """A sharded checkpoint whose index names a second shard that was never downloaded."""
+    from safetensors.numpy import load_file
+
+    m = ctx.copy_model()
+    names = sorted(load_file(m / "model.safetensors"))
+    (m / "model.safetensors").rename(m / "model-00001-of-00002.safetensors")
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in names}
+    weight_map[names[-1]] = "model-00002-of-00002.safetensors"
+    (m / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return {"model": m}
+
+
 def _tensors(edit):
     """Re-save model.safetensors with ``edit(dict of numpy arrays) -> dict``."""
     def build(ctx):
@@ -158,6 +185,14 @@ def _shard_index_escape(ctx):
     (m / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {"bert.pooler.dense.weight": "../../../etc/passwd"}}))
     return {"model": m}
+
+
+def _shard_index(text: str):
+    def build(ctx):
+        m = ctx.copy_model()
+        (m / "model.safetensors.index.json").write_text(text)
+        return {"model": m}
+    return build
 
 
 def _tokenizer_file_escape(ctx):
@@ -287,6 +322,27 @@ def _disk_full_on_save(ctx):
     return {}
 
 
+def _disk_full_on_report(ctx):
+    """ENOSPC while the report is written into the staging directory (the model is staged already)."""
+    real = Path.write_text
+
+    def write_text(self, *a, **k):
+        if self.suffix == ".json" and self.parent.name.startswith(".edgeq-tmp-"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, *a, **k)
+    ctx.monkeypatch.setattr(Path, "write_text", write_text)
+    return {}
+
+
+def _old_output(build=_plain):
+    """An earlier convert's out.onnx + out.json (``--force`` may replace them only with a complete new pair)."""
+    def b(ctx):
+        for name in ("out.onnx", "out.json"):
+            (ctx.dir / name).write_text(f"the earlier {name}\n")
+        return build(ctx)
+    return b
+
+
 def _fail_second_replace(err):
     def build(ctx):
         real, calls = os.replace, []
@@ -364,6 +420,19 @@ CASES = [
     Case("safetensors truncated", _st(lambda b: b[: len(b) // 2]), CONVERT, 1, r"model\.safetensors is truncated"),
     Case("safetensors zero bytes", _st(lambda b: b""), CONVERT, 1, r"truncated \(no safetensors header\)"),
     Case("safetensors corrupt header", _st(_corrupt_header), CONVERT, 1, r"corrupt safetensors header"),
+    Case("safetensors header length garbled", _st(lambda b: struct.pack("<Q", 2**40 + 3) + b[8:]), CONVERT, 1,
+         r"corrupt safetensors header \(header length 1099511627779, file \d+ bytes\); re-download or re-save"),
+    Case("safetensors header length off by one", _st(lambda b: struct.pack("<Q", struct.unpack("<Q", b[:8])[0] - 1)
+                                                     + b[8:]), CONVERT, 1, r"corrupt safetensors header \(.+\); re-"),
+    Case("safetensors header garbage bytes", _st(lambda b: b[:12] + bytes(range(200, 216)) + b[28:]), CONVERT, 1,
+         r"corrupt safetensors header \(not (valid JSON|UTF-8)\)"),
+    Case("safetensors header not an object", _header(lambda h: [1, 2]), CONVERT, 1, r"\(not a JSON object\)"),
+    Case("safetensors tensor size disagrees with shape",
+         _header(lambda h: {**h, _first_tensor(h): {**h[_first_tensor(h)], "shape": [7, 7, 7]}}), CONVERT, 1,
+         r"data_offsets span \d+ bytes, its shape needs 1372"),
+    Case("safetensors unsupported dtype", _header(lambda h: {**h, _first_tensor(h): {**h[_first_tensor(h)],
+                                                                                     "dtype": "F4"}}),
+         CONVERT, 1, r"unsupported dtype 'F4'"),
     Case("shapes disagree with config", _config(lambda c: {**c, "hidden_size": 64}), CONVERT, 1,
          r"tensor shapes in .* disagree with its config\.json"),
     Case("weights missing from checkpoint", _tensors(lambda t: {k: v for k, v in t.items() if "classifier" not in k}),
@@ -373,6 +442,11 @@ CASES = [
     Case("NaN in a weight", _tensors(_poison(float("nan"))), CONVERT, 1, r"query\.weight .* 1 NaN/Inf"),
     Case("Inf in a weight", _tensors(_poison(float("inf"))), CONVERT, 1, r"query\.weight .* 1 NaN/Inf"),
     Case("tokenizer missing", _no_tokenizer, CONVERT, 1, r"no usable tokenizer \(no tokenizer files\)"),
+    Case("shard missing", _missing_shard, CONVERT, 1,
+         r"index\.json names 1 shard\(s\) that are missing \(first: model-00002-of-00002\.safetensors\); download"),
+    Case("shard index not valid JSON", _shard_index("{"), CONVERT, 1, r"is not a valid shard index; re-save the model"),
+    Case("shard index weight_map a list", _shard_index('{"weight_map": [1, 2]}'), CONVERT, 1,
+         r"is not a valid shard index; re-save the model"),
     Case("shard index escapes the dir", _shard_index_escape, CONVERT, 1, r"points at '\.\./\.\./\.\./etc/passwd', outside"),
     Case("tokenizer_file escapes the dir", _tokenizer_file_escape, CONVERT, 1, r"tokenizer_file = '/etc/passwd' points outside"),
     Case("ONNX file given as model dir", _onnx_as_model, CONVERT, 2, r"is an ONNX file; this argument takes a Hugging Face"),
@@ -404,8 +478,18 @@ CASES = [
     Case("validation threshold fails", _plain, CONVERT + ("--max-abs-diff", "0"), 1,
          r"validation failed, no output written \(vs fp32: .* max\|d\| = .*\); relax the threshold"),
     # interrupted or failing writes
-    Case("disk full while saving", _disk_full_on_save, CONVERT, 1, r"no space left on the device .*; free space"),
+    Case("disk full while saving", _disk_full_on_save, CONVERT, 1,
+         r"no space left on the device while writing to .*; nothing written — free space or choose another output"),
+    Case("disk full while writing the report", _disk_full_on_report, CONVERT, 1,
+         r"no space left on the device .*free space or choose another output"),
     Case("disk full while moving into place", _fail_second_replace(_enospc), CONVERT, 1, r"no space left on the device"),
+    Case("--force, validation fails: old output kept", _old_output(), CONVERT + ("--force", "--max-abs-diff", "0"), 1,
+         r"validation failed, no output written"),
+    Case("--force, disk full while moving: old output kept", _old_output(_fail_second_replace(_enospc)),
+         CONVERT + ("--force",), 1, r"no space left on the device .*choose another output"),
+    Case("--force, SIGTERM during commit: old output kept",
+         _old_output(_fail_second_replace(lambda: os.kill(os.getpid(), signal.SIGTERM))), CONVERT + ("--force",), 143,
+         r"interrupted; no output was written"),
     Case("SIGINT during save", _signal_during("edgeq.onnx.safe_load:save_onnx", signal.SIGINT), CONVERT, 130,
          r"interrupted; no output was written"),
     Case("SIGTERM during export", _signal_during("edgeq.onnx.export:export_fp32", signal.SIGTERM), CONVERT, 143,
@@ -576,3 +660,88 @@ def test_force_overwrites_and_k_beyond_layer_size_is_all_fp32(tiny, tmp_path):
     assert all(lay["k"] == lay["shape"][0] * lay["shape"][1] for lay in report["layers"].values())
     assert all(lay["recon_error"] == 0.0 for lay in report["layers"].values())
     assert not list(tmp_path.rglob(".edgeq-tmp-*"))
+
+
+# ---------------------------------------------------------------- two converts racing to one output
+
+# Runs `edgeq convert` with StagedOutput.commit held at a barrier until both processes have staged
+# and validated their file, so that both commits really meet (each passed the "already exists"
+# check long before).  argv: barrier directory, then the CLI arguments.
+_RACER = """
+import os, sys, time
+from pathlib import Path
+from edgeq.pipeline import output
+barrier, real = Path(sys.argv[1]), output.StagedOutput.commit
+def commit(self):
+    (barrier / str(os.getpid())).touch()
+    t0 = time.monotonic()
+    while len(list(barrier.iterdir())) < 2 and time.monotonic() - t0 < 300:
+        time.sleep(0.02)
+    real(self)
+output.StagedOutput.commit = commit
+from edgeq.cli import main
+main(sys.argv[2:], prog_name="edgeq")
+"""
+
+
+@dataclass
+class Race:
+    codes: list[int]  # exit code of each process (the first converts with --k 0, the second with --k 8)
+    errors: list[str]  # their stderr lines other than progress
+    out_k: int | None  # k recorded in out.onnx's metadata (None: no out.onnx)
+    report_k: int | None  # k recorded in out.json
+    report_bytes_match: bool  # out.json's file_bytes is out.onnx's size
+    leftovers: list[str]  # .edgeq-tmp-* and anything but out.onnx/out.json
+
+
+def race(tiny: Path, d: Path, force: bool) -> Race:
+    import subprocess
+    import sys
+
+    import onnx
+
+    from tests.helpers import REPO
+
+    barrier, out = d / "barrier", d / "out" / "out.onnx"
+    barrier.mkdir()
+    out.parent.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(barrier), "convert", "-q", "--k", str(k),
+                               *(["--force"] if force else []), str(tiny), str(out)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for k in (0, 8)]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    out_k = report_k = None
+    if out.exists():
+        meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+        out_k = json.loads(meta["edgeq.config"])["k"]
+    report = out.with_suffix(".json")
+    rep = json.loads(report.read_text()) if report.exists() else None
+    report_k = rep["config"]["k"] if rep else None
+    return Race([p.returncode for p in procs],
+                [ln for e in errs for ln in e.splitlines() if ln.strip() and not ln.startswith(("[", "warning:"))],
+                out_k, report_k, bool(rep) and rep["file_bytes"] == out.stat().st_size,
+                sorted(p.name for p in out.parent.iterdir() if p.name not in ("out.onnx", "out.json")))
+
+
+def race_ok(r: Race, force: bool) -> bool:
+    """One complete pair from one process; without --force the other refuses in one line; never a mix."""
+    one_pair = r.out_k in (0, 8) and r.report_k == r.out_k and r.report_bytes_match and r.leftovers == []
+    if force:  # both succeed, one commit after the other: the second replaced the first pair whole
+        return one_pair and r.codes == [0, 0] and r.errors == []
+    refused = len(r.errors) == 1 and re.match(r"edgeq: error: output .* appeared while this convert ran .*"
+                                              r"choose another output or pass --force", r.errors[0]) is not None
+    return one_pair and sorted(r.codes) == [0, 1] and refused and r.out_k == (0, 8)[r.codes.index(0)]
+
+
+def test_two_converts_racing_to_one_output(tiny, tmp_path):
+    """Two processes, both past the "already exists" check, commit at the same moment (no --force).
+
+    The --force variant (both succeed, the last pair wins whole) is in results/bad_input.md
+    (tools/bad_input_report.py); its mechanism, the directory lock held across the commit, is
+    tested in-process in tests/pipeline/test_output.py.  One pair of processes only: each one
+    imports torch, which is most of the cost.
+    """
+    r = race(tiny, tmp_path, force=False)
+    assert "Traceback" not in "\n".join(r.errors), r.errors
+    assert race_ok(r, force=False), r

@@ -47,6 +47,22 @@ def test_half_precision_checkpoints(tmp_path, tiny_model, dtype):
     assert json.loads(out.with_suffix(".json").read_text())["parity"]["ok"]
 
 
+@pytest.mark.parametrize("k", [0, 1])
+def test_summary_and_stage_log(tmp_path, tiny_bert, k):
+    """The summary names the saliency method only when it picked entries (k > 0); the PyTorch
+    reference pass on the validation text is a named stage between load and export."""
+    out = tmp_path / "out.onnx"
+    res = CliRunner().invoke(main, ["convert", "--k", str(k), "--method", "magnitude", str(tiny_bert), str(out)],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    linears = next(ln for ln in res.stdout.splitlines() if "Linears:" in ln)
+    assert (f"k={k} FP32 entries each (magnitude, block 32)" if k else "k=0 FP32 entries each (block 32)") in linears
+    assert ("magnitude" in res.stdout) == (k > 0)
+    stages = [ln.split("] ", 1)[1] for ln in res.stderr.splitlines() if ln.endswith(" ...")]
+    assert stages[:3] == ["load ...", "reference ...", "export ..."], res.stderr
+    assert "reference" in json.loads(out.with_suffix(".json").read_text())["timings_s"]
+
+
 @pytest.mark.parametrize("k", [0, 1, 256, 100_000])
 def test_k_values(tmp_path, tiny_bert, k):
     out = tmp_path / "out.onnx"
@@ -116,3 +132,12 @@ def test_bad_input_gives_one_line(tmp_path, tiny_bert, setup, args, code, messag
     import re
     assert re.search(message, lines[0]), lines[0]
     assert not out.exists()
+
+
+def test_quantize_embeddings_help_says_what_the_code_does():
+    from edgeq.onnx.embeddings import MIN_ROWS
+
+    res = CliRunner().invoke(main, ["convert", "--help"])
+    text = " ".join(res.output.split())
+    assert f"the word table and every other nn.Embedding table with >= {MIN_ROWS} rows" in text
+    assert "--force, --overwrite" in text

@@ -84,3 +84,75 @@ def test_deferred_sigint_is_raised_once_the_block_is_done():
             done.append(True)  # not cut short
             assert caught == [signal.SIGINT, signal.SIGINT]
     assert done and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _old_files(target):
+    for name in ("out.json", "out.onnx"):
+        (target / name).write_text(f"old {name}")
+
+
+def test_overwrite_replaces_only_at_commit(tmp_path):
+    _old_files(tmp_path)
+    with staged_output(tmp_path) as stage:
+        _stage_two(stage, tmp_path)
+        assert (tmp_path / "out.onnx").read_text() == "old out.onnx"  # staged, not yet replaced
+        stage.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "out.onnx"]
+    assert (tmp_path / "out.onnx").read_text() == "out.onnx" and (tmp_path / "out.json").read_text() == "out.json"
+
+
+def test_failed_commit_puts_the_old_files_back(tmp_path, monkeypatch):
+    """--force and a commit that fails half-way (disk full on the second move): the replaced .json returns."""
+    import errno
+
+    _old_files(tmp_path)
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst)
+
+    with pytest.raises(output.EdgeqError, match="no space left on the device .*choose another output"):
+        with staged_output(tmp_path) as stage:
+            _stage_two(stage, tmp_path)
+            monkeypatch.setattr(output.os, "replace", replace)
+            stage.commit()
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"out.json": "old out.json",
+                                                                  "out.onnx": "old out.onnx"}
+
+
+def test_without_overwrite_a_target_that_appeared_meanwhile_is_refused(tmp_path):
+    with pytest.raises(output.EdgeqError, match=r"out\.json appeared while this convert ran.*pass --force"):
+        with staged_output(tmp_path, overwrite=False) as stage:
+            _stage_two(stage, tmp_path)
+            (tmp_path / "out.json").write_text("the other convert's")  # it committed first
+            stage.commit()
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"out.json": "the other convert's"}
+
+
+@pytest.mark.skipif(output.fcntl is None, reason="no flock on this platform")
+def test_commit_holds_the_directory_lock(tmp_path, monkeypatch):
+    """While one commit moves files, no other process can take the lock (and so cannot commit)."""
+    real, blocked = os.replace, []
+
+    def replace(src, dst):
+        fd = os.open(tmp_path, os.O_RDONLY)  # another open file description: what another process would use
+        try:
+            output.fcntl.flock(fd, output.fcntl.LOCK_EX | output.fcntl.LOCK_NB)
+            blocked.append(False)
+        except BlockingIOError:
+            blocked.append(True)
+        finally:
+            os.close(fd)
+        return real(src, dst)
+
+    with staged_output(tmp_path) as stage:
+        _stage_two(stage, tmp_path)
+        monkeypatch.setattr(output.os, "replace", replace)
+        stage.commit()
+    assert blocked == [True, True]
+    fd = os.open(tmp_path, os.O_RDONLY)  # released afterwards
+    output.fcntl.flock(fd, output.fcntl.LOCK_EX | output.fcntl.LOCK_NB)
+    os.close(fd)
