@@ -256,7 +256,7 @@ def write_validated(c: Converted, out: Path, thresholds: Thresholds, threads: in
             raise ValidationFailed(f"validation failed, no output written ({failed}); relax the threshold or raise --k")
         if layout.folder is not None or ort_format:
             report["deployment"] = timer.run("package", stage_deployment, stage, layout, c.loaded, model, tmp_model,
-                                             session, c.ref.batches, large, ort_format, threads)
+                                             session, c.ref.batches, large, ort_format, threads, c.graph.planned)
             report["timings_s"].update(package=timer.stages["package"], total=round(time.perf_counter() - t_start, 3))
         tmp_report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         stage.commit()

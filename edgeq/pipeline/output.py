@@ -57,13 +57,18 @@ class StagedOutput:
                 # data files first, the .onnx (what users open) last
                 for staged, final in sorted(self.targets.items(), key=lambda kv: kv[1].suffix == ".onnx"):
                     if staged.exists():
+                        if staged.is_dir() and final.is_dir():  # a staged sub-folder replaces the old one
+                            shutil.rmtree(final)
                         os.replace(staged, final)
                         moved.append(final)
                 if caught:  # Ctrl-C/SIGTERM arrived meanwhile: the run was interrupted
                     raise KeyboardInterrupt("during commit")
             except BaseException:
                 for final in moved:  # all or nothing
-                    final.unlink(missing_ok=True)
+                    if final.is_dir():
+                        shutil.rmtree(final, ignore_errors=True)
+                    else:
+                        final.unlink(missing_ok=True)
                 raise
 
     def discard(self) -> None:
