@@ -129,7 +129,7 @@ def threshold_options(fn):
                       help="Fail if max|Δ| of the first output against FP32 exceeds this.")(fn)
     fn = click.option("--min-cosine", type=click.FloatRange(-1, 1), default=None,
                       help="Embedding models: fail if any sentence's embedding has cosine below this to FP32's "
-                           "(default 0.98).")(fn)
+                           "(default 0.8).")(fn)
     fn = click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
                       help="Fail if top-1 agreement with FP32 is below this (0-1).")(fn)
     fn = click.option("--max-plan-diff", type=float, default=1e-4, show_default=True,

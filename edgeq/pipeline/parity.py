@@ -22,7 +22,10 @@ from edgeq.errors import EdgeqError
 from edgeq.model.load import LoadedModel
 from edgeq.onnx.export import TOKEN_OUTPUTS
 
-DEFAULT_MIN_COSINE = 0.98  # embedding models: per-sentence cosine to FP32, the worst one (docs/embeddings.md)
+# embedding models: the worst sentence's cosine to FP32.  Measured on all-MiniLM-L6-v2, int4 k=256 (the
+# default convert), STS-B dev's 3000 sentences: mean 0.959, min 0.847, while STS-B Spearman moves
+# 0.8672 → 0.8641; 0.98 would refuse the default conversion (docs/embeddings.md)
+DEFAULT_MIN_COSINE = 0.80
 
 
 def _collect(outputs: list[dict[str, np.ndarray]], batches) -> dict[str, np.ndarray]:

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from edgeq.cli import main
 from edgeq.model.texts import encode_texts
+from edgeq.pipeline.parity import DEFAULT_MIN_COSINE
 from tests.helpers import WORDS, make_st_folder
 
 
@@ -59,7 +60,7 @@ def test_sentence_model_converts_with_pooling_dense_normalize_in_the_graph(st_de
     assert report["head"] == "sentence-embedding" and report["sentence"]["pooling"] == ["mean"]
     assert report["linears_quantized"] == report["linears_total"] and "dense.0.linear" in report["layers"]
     checks = _checks(report)
-    assert checks["vs fp32: sentence_embedding min cosine"]["limit"] == 0.98
+    assert checks["vs fp32: sentence_embedding min cosine"]["limit"] == DEFAULT_MIN_COSINE
     assert checks["vs fp32: sentence_embedding min cosine"]["value"] <= \
         checks["vs fp32: sentence_embedding mean cosine"]["value"]
     sess = _session(st_folder_out / "model.onnx")
