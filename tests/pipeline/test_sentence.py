@@ -149,3 +149,18 @@ def test_sentence_transformers_agrees_for_every_pooling_mode(tiny_model, sentenc
     (feed,) = encode_texts(model.tokenizer, [(t, None) for t in texts], max_length=model.max_seq_length)
     want = sess.run(["sentence_embedding"], {i.name: feed[i.name] for i in sess.get_inputs()})[0]
     assert got.shape == want.shape == (2, 48 * len(pooling)) and np.max(np.abs(got - want)) <= 1e-5
+
+
+@pytest.mark.deploy
+def test_pooling_option_folder_loads_in_sentence_transformers(tiny_model, sentence_transformers, tmp_path):
+    out = tmp_path / "deploy"
+    res = _run("convert", "-q", "--k", "4", "--pooling", "cls", "--normalize", str(tiny_model("BertModel")), str(out))
+    assert res.exit_code == 0, res.output
+    texts = ["the quick brown fox", "paris is the capital of france"]
+    model = sentence_transformers.SentenceTransformer(str(out), backend="onnx", device="cpu")
+    got = model.encode(texts, convert_to_numpy=True)
+    sess = _session(out / "model.onnx")
+    (feed,) = encode_texts(model.tokenizer, [(t, None) for t in texts], max_length=model.max_seq_length)
+    want = sess.run(["sentence_embedding"], {i.name: feed[i.name] for i in sess.get_inputs()})[0]
+    assert np.max(np.abs(got - want)) <= 1e-5
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
