@@ -9,6 +9,7 @@ from edgeq.quant.int4 import BITS, COMPACT_BITS, GRIDS, Granularity
 from edgeq.saliency import SALIENCY_METHODS
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+POOLING_CHOICES = ("none", "mean", "cls", "max")  # --pooling of a plain encoder (edgeq.model.sentence)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class ConvertConfig:
     lsi_rank: int = 64  # singular values with a learnable increment (0: LWC only)
     lsi_lr: float = 1e-3  # AdamW lr of the increments δ (docs/quantizers.md: measured choice)
     lwc_lr: float = 1e-1  # AdamW lr of the clipping logits γ, β (OmniQuant's 1e-2 barely moves in ~20 steps)
+    pooling: str = "none"  # plain encoders: sentence_embedding in the graph (none, mean, cls, max)
+    normalize: bool = False  # plain encoders with --pooling: L2-normalise the sentence embedding
     granularity: Granularity = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -63,6 +66,10 @@ class ConvertConfig:
                              "pass --calib TASK_OR_FILE (e.g. --calib rte)")
         if isinstance(self.calib_samples, bool) or not isinstance(self.calib_samples, int) or self.calib_samples < 1:
             raise ValueError(f"--calib-samples must be a positive integer, got {self.calib_samples!r}")
+        if self.pooling not in POOLING_CHOICES:
+            raise ValueError(f"unknown --pooling {self.pooling!r}; choose from {', '.join(POOLING_CHOICES)}")
+        if self.normalize and self.pooling == "none":
+            raise ValueError("--normalize needs --pooling (mean, cls or max): it normalises the sentence embedding")
         if not self.percdamp >= 0:
             raise ValueError(f"--percdamp must be >= 0, got {self.percdamp!r}")
         from edgeq.quant.registry import check_options

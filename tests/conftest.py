@@ -4,7 +4,8 @@ Markers mean what they say, and a hook holds them to it (before any fixture runs
 
 * ``real``   ⇔ the test reads ../shared: it requests ``shared_path`` (directly or through a fixture
   such as ``rte_k256``).  A test with one but not the other fails.
-* ``deploy`` ⇔ the test needs the deploy extra or Node: it requests ``optimum_ort`` or ``node``.
+* ``deploy`` ⇔ the test needs the deploy extra or Node: it requests ``optimum_ort``,
+  ``sentence_transformers`` or ``node``.
 
 Availability is checked in the same hook, so a test skips *before* any conversion runs.  Under
 ``CI`` (set by ``.ci/run``) a missing ../shared, optimum, node or tests/node/node_modules fails
@@ -37,7 +38,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 NODE_DIR = REPO / "tests" / "node"
 REAL_FIXTURE = "shared_path"
-DEPLOY_FIXTURES = ("optimum_ort", "node")
+DEPLOY_FIXTURES = ("optimum_ort", "sentence_transformers", "node")
 
 
 def unavailable(reason: str):
@@ -55,6 +56,9 @@ def _deploy_missing(name: str) -> str | None:
         except ImportError:
             found = False
         return None if found else "optimum.onnxruntime is not installed (pip install -e '.[deploy]')"
+    if name == "sentence_transformers":
+        found = importlib.util.find_spec("sentence_transformers") is not None
+        return None if found else "sentence-transformers is not installed (pip install -e '.[deploy]')"
     if shutil.which("node") is None:
         return "node is not on PATH"
     for pkg in ("onnxruntime-node", "onnxruntime-web"):
@@ -78,7 +82,7 @@ def pytest_runtest_setup(item):
     if bool(deploy_needs) != marked_deploy:
         pytest.fail(f"{item.nodeid}: " + (f"needs {', '.join(deploy_needs)} but is not marked deploy; add "
                                           "@pytest.mark.deploy" if deploy_needs else "is marked deploy but requests "
-                                          "neither optimum_ort nor node"), pytrace=False)
+                                          "none of optimum_ort, sentence_transformers, node"), pytrace=False)
     if wants_real and not SHARED.is_dir():
         unavailable(f"{SHARED} is missing")
     for name in deploy_needs:
@@ -134,6 +138,12 @@ def shared_path():
 def optimum_ort():
     """``optimum.onnxruntime`` (the deploy extra); only tests marked ``deploy``."""
     return importlib.import_module("optimum.onnxruntime")
+
+
+@pytest.fixture(scope="session")
+def sentence_transformers():
+    """``sentence_transformers`` (the deploy extra); only tests marked ``deploy``."""
+    return importlib.import_module("sentence_transformers")
 
 
 @pytest.fixture(scope="session")

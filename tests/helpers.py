@@ -92,3 +92,44 @@ def make_tiny_model(path: Path, arch: str = "BertForSequenceClassification", mod
                 p.add_(0.05 * torch.randn_like(p))
     model.to(getattr(torch, dtype)).save_pretrained(path, safe_serialization=True)
     return path
+
+
+def make_st_folder(path: Path, tiny: Path, layout: str = "root", pooling=("mean",), normalize: bool = True,
+                   dense: int | None = None, activation: str = "torch.nn.modules.activation.Tanh",
+                   seed: int = 0) -> Path:
+    """A sentence-transformers folder around the tiny encoder ``tiny`` (a BertModel directory).
+
+    ``layout`` "root": the encoder files at the root of ``path``; "sub": in ``path/0_Transformer``.
+    ``pooling``: the modes (written as ``pooling_mode``); ``dense``: a Dense module to this width
+    (random weights, safetensors); ``normalize``: a Normalize module last.
+    """
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    tdir = path if layout == "root" else path / "0_Transformer"
+    shutil.copytree(tiny, tdir, dirs_exist_ok=True)
+    hidden = json.loads((tdir / "config.json").read_text())["hidden_size"]
+    st = "sentence_transformers.models."
+    modules = [{"idx": 0, "name": "0", "path": "" if layout == "root" else "0_Transformer", "type": st + "Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": st + "Pooling"}]
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"embedding_dimension": hidden, "pooling_mode": list(pooling), "include_prompt": True}))
+    if dense:
+        width = hidden * len(pooling)
+        d = path / "2_Dense"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"in_features": width, "out_features": dense, "bias": True,
+                                                   "activation_function": activation}))
+        g = torch.Generator().manual_seed(seed)
+        save_file({"linear.weight": torch.randn(dense, width, generator=g) / width ** 0.5,
+                   "linear.bias": torch.randn(dense, generator=g) * 0.1}, str(d / "model.safetensors"))
+        modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": st + "Dense"})
+    if normalize:
+        n = len(modules)
+        modules.append({"idx": n, "name": str(n), "path": f"{n}_Normalize", "type": st + "Normalize"})
+    (path / "modules.json").write_text(json.dumps(modules, indent=2))
+    return path

@@ -19,6 +19,7 @@ from edgeq.cli.options import (
     threshold_options,
     thresholds,
 )
+from edgeq.config import POOLING_CHOICES
 from edgeq.errors import UsageError
 from edgeq.saliency import SALIENCY_METHODS
 
@@ -46,6 +47,10 @@ from edgeq.saliency import SALIENCY_METHODS
 @calib_options
 @click.option("--percdamp", type=click.FloatRange(min=0), default=0.01, show_default=True,
               help="Hessian damping of spqr, relative to mean diag(H).")
+@click.option("--pooling", type=click.Choice(POOLING_CHOICES), default="none", show_default=True,
+              help="Bare encoders: add a sentence_embedding output pooled in the graph (sentence-transformers "
+                   "folders use their own 1_Pooling config).")
+@click.option("--normalize", is_flag=True, help="With --pooling: L2-normalise the sentence embedding in the graph.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickle .bin checkpoints (runs their code!).")
 @click.option("--external-data-threshold", type=click.IntRange(min=1), default=None, hidden=True, expose_value=False,
               callback=lambda ctx, p, v: ctx.meta.__setitem__("external_data_threshold", v),
@@ -61,9 +66,9 @@ from edgeq.saliency import SALIENCY_METHODS
 @perf_options
 @threshold_options
 def convert(model_dir, out, k, budget, method, rank, seed, block_size, exclude_salient_from_scale, exclude,
-            accuracy_level, allow_pickle, force, ort_format, quiet, json_out, data, limit, threads,
+            accuracy_level, pooling, normalize, allow_pickle, force, ort_format, quiet, json_out, data, limit, threads,
             calib, calib_samples, data_dir, percdamp,
-            max_plan_diff, min_agreement, max_abs_diff, **qopts):
+            max_plan_diff, min_agreement, max_abs_diff, min_cosine, **qopts):
     """Convert MODEL_DIR (a Hugging Face directory) to a 4-bit ONNX file OUT.
 
     Without MODEL_DIR, converts the bundled all-MiniLM-L6-v2 encoder
@@ -105,14 +110,14 @@ def convert(model_dir, out, k, budget, method, rank, seed, block_size, exclude_s
     config = ConvertConfig(
         method=method, k=k, budget=budget, rank=rank, seed=seed, block_size=block_size,
         exclude_salient_from_scale=exclude_salient_from_scale, exclude=tuple(exclude),
-        accuracy_level=int(accuracy_level), allow_pickle=allow_pickle,
+        accuracy_level=int(accuracy_level), allow_pickle=allow_pickle, pooling=pooling, normalize=normalize,
         calib=calib, calib_samples=calib_samples, data_dir=str(data_dir) if data_dir else None, percdamp=percdamp,
         **quantizer_kwargs(qopts),
         **perf_kwargs(qopts),
         **({"external_data_threshold": t}
            if (t := click.get_current_context().meta.get("external_data_threshold")) else {}),
     )
-    check_model_dir(model_dir, allow_pickle)
+    check_model_dir(model_dir, allow_pickle, pooling, normalize)
     inputs = [model_dir] + ([data] if data else [])
     (check_folder_output if folder else check_output_path)(out, inputs, force)
     if data is not None and not data.is_file():
@@ -122,7 +127,8 @@ def convert(model_dir, out, k, budget, method, rank, seed, block_size, exclude_s
 
         resolve_calib_source(calib, data_dir)  # fail before loading the model
     configure_logging(quiet)
-    report = run_convert(model_dir, out, config, data, limit, thresholds(max_plan_diff, min_agreement, max_abs_diff),
+    gates = thresholds(max_plan_diff, min_agreement, max_abs_diff, min_cosine)
+    report = run_convert(model_dir, out, config, data, limit, gates,
                          threads, progress=not quiet, ort_format=ort_format, overwrite=force)
     if json_out:
         click.echo(json.dumps(report, indent=2))

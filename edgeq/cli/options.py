@@ -137,6 +137,9 @@ def threshold_options(fn):
     """Validation data, threads and the gates of convert and validate."""
     fn = click.option("--max-abs-diff", type=float, default=None,
                       help="Fail if max|Δ| of the first output against FP32 exceeds this.")(fn)
+    fn = click.option("--min-cosine", type=click.FloatRange(-1, 1), default=None,
+                      help="Embedding models: fail if any sentence's embedding has cosine below this to FP32's "
+                           "(default 0.8).")(fn)
     fn = click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
                       help="Fail if top-1 agreement with FP32 is below this (0-1).")(fn)
     fn = click.option("--max-plan-diff", type=float, default=1e-4, show_default=True,
@@ -149,10 +152,10 @@ def threshold_options(fn):
     return fn
 
 
-def thresholds(max_plan_diff, min_agreement, max_abs_diff):
+def thresholds(max_plan_diff, min_agreement, max_abs_diff, min_cosine=None):
     from edgeq.pipeline.convert import Thresholds
 
-    return Thresholds(max_plan_diff, min_agreement, max_abs_diff)
+    return Thresholds(max_plan_diff, min_agreement, max_abs_diff, min_cosine)
 
 
 class _ElapsedFormatter(logging.Formatter):

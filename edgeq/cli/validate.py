@@ -21,7 +21,7 @@ from edgeq.errors import UsageError
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @threshold_options
 def validate(model_dir, model_onnx, allow_pickle, json_out, quiet, data, limit, threads,
-             max_plan_diff, min_agreement, max_abs_diff):
+             max_plan_diff, min_agreement, max_abs_diff, min_cosine):
     """Check MODEL_ONNX (written by edgeq convert) against MODEL_DIR; exit 1 on a failed threshold.
 
     (a) ONNX vs PyTorch carrying exactly the weights decoded from the file (strict);
@@ -48,7 +48,7 @@ def validate(model_dir, model_onnx, allow_pickle, json_out, quiet, data, limit, 
     logging.getLogger("edgeq.cli").info(
         f"checking {model_onnx} against {model_dir} (loads the model, runs PyTorch and ONNX Runtime) ...")
     report = validate_file(model_dir, model_onnx, data, limit,
-                           thresholds(max_plan_diff, min_agreement, max_abs_diff), threads, allow_pickle)
+                           thresholds(max_plan_diff, min_agreement, max_abs_diff, min_cosine), threads, allow_pickle)
     if json_out:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

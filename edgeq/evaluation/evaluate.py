@@ -20,6 +20,7 @@ import numpy as np
 
 from edgeq.errors import EdgeqError, UsageError
 from edgeq.evaluation import metrics
+from edgeq.evaluation.embedding import is_sts, onnx_embedder, score_sts, sentences, torch_embedder
 from edgeq.evaluation.tasks import Examples, TaskSpec, label_ids
 from edgeq.model.texts import BATCH_SIZE, MAX_LENGTH, encode_indexed
 
@@ -131,6 +132,7 @@ def find_assets(onnx_path: Path, tokenizer_dir: Path | None) -> Path:
     def ok(d: Path) -> bool:
         return d.is_dir() and (d / "config.json").is_file() and any((d / f).is_file() for f in TOKENIZER_FILES)
 
+    tokenizer_dir = _hf_dir(tokenizer_dir) if tokenizer_dir is not None else None
     if tokenizer_dir is not None:
         if not ok(tokenizer_dir):
             raise UsageError(f"--tokenizer {tokenizer_dir} must be a directory with the tokenizer files "
@@ -146,11 +148,21 @@ def find_assets(onnx_path: Path, tokenizer_dir: Path | None) -> Path:
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             recorded = None
         if recorded:
-            for cand in (Path(recorded), report.parent / recorded):
+            for cand in (_hf_dir(Path(recorded)), _hf_dir(report.parent / recorded)):
                 if ok(cand):
                     return cand
     raise UsageError(f"no tokenizer found for {onnx_path}; "
                      "pass --tokenizer MODEL_DIR (the model it was converted from)")
+
+
+def _hf_dir(d: Path) -> Path:
+    """A sentence-transformers folder's Transformer directory (``0_Transformer/``), else ``d``."""
+    from edgeq.model.load import transformer_dir
+
+    try:
+        return transformer_dir(d) if (d / "modules.json").is_file() else d
+    except EdgeqError:
+        return d
 
 
 def load_tokenizer(model_dir: Path):
@@ -182,6 +194,34 @@ def evaluate(task: TaskSpec, ex: Examples, predict: Callable[[dict], np.ndarray]
                       round(time.perf_counter() - t0, 3))
 
 
+def _pooling_for(model: Path, task: TaskSpec) -> str:
+    """STS-B on a bare Hugging Face encoder (no modules.json, no head): mean pooling; else none."""
+    from edgeq.model.load import read_config
+
+    if not is_sts(task) or (model / "modules.json").is_file():
+        return "none"
+    archs = read_config(model).get("architectures") or []
+    return "none" if any(a.endswith("ForSequenceClassification") for a in archs) else "mean"
+
+
+def _check_sts(task: TaskSpec, model: Path) -> None:
+    if not is_sts(task):
+        raise EdgeqError(f"{model} is a sentence-embedding model (no classification head); evaluate it on STS-B "
+                         "(cosine similarity) or convert a fine-tuned task model")
+
+
+def evaluate_embeddings(task: TaskSpec, ex: Examples, predict, tokenizer, input_names, max_length: int,
+                        batch_size: int, model_name: str, engine: str, quiet: bool, how: str) -> EvalResult:
+    """STS: each sentence embedded alone, cosine of the pair vs the gold score (edgeq.evaluation.embedding)."""
+    t0 = time.perf_counter()
+    texts = sentences(ex)
+    batches = encode_sorted(tokenizer, texts, input_names, max_length, batch_size)
+    emb = run_batches(predict, batches, len(texts), quiet, desc=f"{task.name} {engine}")
+    values, preds = score_sts(task, ex, emb)
+    return EvalResult(task.name, model_name, engine, len(ex.texts), values, None, preds, ex.source,
+                      round(time.perf_counter() - t0, 3), {"embedding": how})
+
+
 def evaluate_path(model: Path, task: TaskSpec, ex: Examples, threads: int = 1, tokenizer_dir: Path | None = None,
                   max_length: int = MAX_LENGTH, batch_size: int = BATCH_SIZE, quiet: bool = True,
                   allow_pickle: bool = False) -> EvalResult:
@@ -195,11 +235,16 @@ def evaluate_path(model: Path, task: TaskSpec, ex: Examples, threads: int = 1, t
 
         if threads:
             torch.set_num_threads(threads)
-        loaded = load_model(model, allow_pickle)
+        loaded = load_model(model, allow_pickle, _pooling_for(model, task))
+        tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else loaded.tokenizer
+        if loaded.sentence is not None:
+            _check_sts(task, model)
+            how = f"sentence_embedding ({loaded.sentence.source}: {'+'.join(loaded.sentence.pooling)} pooling)"
+            return evaluate_embeddings(task, ex, torch_embedder(loaded.model), tok, loaded.input_names, max_length,
+                                       batch_size, str(model), "pytorch", quiet, how)
         if loaded.head != "sequence-classification":
             raise EdgeqError(f"{model} is a bare encoder (no classification head); evaluate a fine-tuned task model")
         label_ids(task, loaded.id2label, int(loaded.model.config.num_labels))  # refuse before running anything
-        tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else loaded.tokenizer
         batches = encode_sorted(tok, ex.texts, loaded.input_names, max_length, batch_size)
         return evaluate(task, ex, torch_predictor(loaded.model), batches, loaded.id2label, str(model), "pytorch", quiet)
     if not model.is_file():
@@ -211,6 +256,12 @@ def evaluate_path(model: Path, task: TaskSpec, ex: Examples, threads: int = 1, t
 
     session = make_session(str(model), threads)
     predict, inputs = onnx_predictor(session)
+    if "logits" not in {o.name for o in session.get_outputs()} and is_sts(task):
+        embed, how = onnx_embedder(session)
+        result = evaluate_embeddings(task, ex, embed, load_tokenizer(assets), inputs, max_length, batch_size,
+                                     str(model), "onnxruntime", quiet, how)
+        result.extra["tokenizer"] = str(assets)
+        return result
     id2label = read_id2label(assets)
     outs = {o.name: o for o in session.get_outputs()}
     if "logits" not in outs:

@@ -14,6 +14,8 @@ from typing import Any
 
 from edgeq.errors import EdgeqError, UsageError
 from edgeq.model.checkpoint import check_safetensors_header, check_shards
+from edgeq.model.sentence import OUTPUTS as SENTENCE_OUTPUTS
+from edgeq.model.sentence import SentenceSpec, pooling_request, read_sentence_dir, wrap
 
 SUPPORTED_MODEL_TYPES = ("bert", "distilbert", "roberta")
 DEFAULT_INPUT_NAMES = {
@@ -32,6 +34,7 @@ class LoadedModel:
     head: str  # "sequence-classification" or "encoder"
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
+    sentence: SentenceSpec | None = None  # pooling (and Dense/Normalize) in the graph: edgeq.model.sentence
 
     def linear_weights(self) -> dict[str, Any]:
         """Every nn.Linear of the model: module path → float32 numpy ``[out, in]``."""
@@ -71,7 +74,10 @@ def read_config(model_dir: Path) -> dict:
         raise UsageError(f"{model_dir} is a file; pass a Hugging Face model directory (config.json + *.safetensors)")
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
-        raise EdgeqError(f"{model_dir} has no config.json; pass a Hugging Face model directory")
+        hint = next((f" (it looks like a sentence-transformers folder without modules.json: pass {d} or restore "
+                     "modules.json)" for d in sorted(model_dir.glob("*_Transformer")) if (d / "config.json").is_file()),
+                    "; pass a Hugging Face model directory")
+        raise EdgeqError(f"{model_dir} has no config.json{hint}")
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -159,17 +165,45 @@ def _check_paths_inside(model_dir: Path) -> None:
                                  "remove the key or make it a plain file name")
 
 
-def check_model_dir(model_dir: str | Path, allow_pickle: bool = False) -> tuple[dict, bool]:
+def sentence_spec(model_dir: Path, cfg: dict, pooling: str = "none", normalize: bool = False) -> SentenceSpec | None:
+    """The sentence-embedding part: ``modules.json`` of a sentence-transformers folder, or ``--pooling``."""
+    request = pooling_request(pooling, normalize)
+    st = read_sentence_dir(model_dir) if (model_dir / "modules.json").is_file() else None
+    if request is not None and st is not None:
+        raise UsageError(f"--pooling: {model_dir} is a sentence-transformers folder whose modules.json sets the "
+                         "pooling; drop --pooling/--normalize")
+    if request is not None and any(a.endswith("ForSequenceClassification") for a in cfg.get("architectures") or []):
+        raise UsageError(f"--pooling needs a bare encoder; {model_dir} has a classification/regression head "
+                         "(its logits are the output): drop --pooling/--normalize")
+    return st or request
+
+
+def transformer_dir(model_dir: Path) -> Path:
+    """The Hugging Face directory: ``model_dir``, or the Transformer module's folder named in its modules.json."""
+    return read_sentence_dir(model_dir).transformer_dir if (model_dir / "modules.json").is_file() else model_dir
+
+
+def check_model_dir(model_dir: str | Path, allow_pickle: bool = False, pooling: str = "none",
+                    normalize: bool = False) -> tuple[dict, bool]:
     """Cheap checks before any work: (config dict, whether safetensors are used)."""
     model_dir = Path(model_dir)
-    cfg = read_config(model_dir)
-    return cfg, _check_weight_files(model_dir, allow_pickle)
+    hf_dir = transformer_dir(model_dir) if model_dir.is_dir() else model_dir
+    cfg = read_config(hf_dir)
+    sentence_spec(model_dir, cfg, pooling, normalize)
+    return cfg, _check_weight_files(hf_dir, allow_pickle)
 
 
-def load_model(model_dir: str | Path, allow_pickle: bool = False) -> LoadedModel:
-    """Load ``model_dir`` in float32 with its tokenizer, refusing anything unsafe or unsupported."""
-    model_dir = Path(model_dir)
-    cfg, use_safetensors = check_model_dir(model_dir, allow_pickle)
+def load_model(model_dir: str | Path, allow_pickle: bool = False, pooling: str = "none",
+               normalize: bool = False) -> LoadedModel:
+    """Load ``model_dir`` in float32 with its tokenizer, refusing anything unsafe or unsupported.
+
+    A sentence-transformers folder (``modules.json``), or ``pooling`` other than "none", gives the
+    sentence-embedding wrapper of :mod:`edgeq.model.sentence` as ``model``.
+    """
+    root = Path(model_dir)
+    cfg, use_safetensors = check_model_dir(root, allow_pickle, pooling, normalize)
+    spec = sentence_spec(root, cfg, pooling, normalize)
+    model_dir = spec.transformer_dir if spec is not None and spec.folder is not None else root
     model_type = cfg["model_type"]
     archs = cfg.get("architectures") or []
     head = "sequence-classification" if any(a.endswith("ForSequenceClassification") for a in archs) else None
@@ -237,7 +271,10 @@ def load_model(model_dir: str | Path, allow_pickle: bool = False) -> LoadedModel
     outputs = ("logits",) if head != "encoder" else (
         ("last_hidden_state", "pooler_output") if getattr(model, "pooler", None) is not None else ("last_hidden_state",)
     )
-    return LoadedModel(model, tokenizer, model_dir, model_type, head, tuple(names), outputs)
+    if spec is not None:
+        model, head, outputs = wrap(model, spec, allow_pickle), "sentence-embedding", SENTENCE_OUTPUTS
+        _check_finite(model, root)
+    return LoadedModel(model, tokenizer, root, model_type, head, tuple(names), outputs, spec)
 
 
 def _check_finite(model, model_dir: Path) -> None:

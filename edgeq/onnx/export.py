@@ -16,6 +16,8 @@ from pathlib import Path
 
 from edgeq.model.load import LoadedModel
 
+TOKEN_OUTPUTS = ("last_hidden_state", "token_embeddings")  # [batch, sequence, hidden]; the others [batch, ...]
+
 
 def export_fp32(loaded: LoadedModel, opset: int = 17, external_data_threshold: int = 2_000_000_000):
     """Export ``loaded.model`` and return the ``onnx.ModelProto`` (FP32, dynamic axes).
@@ -37,7 +39,12 @@ def export_fp32(loaded: LoadedModel, opset: int = 17, external_data_threshold: i
 
         def forward(self, *args):
             out = self.m(**dict(zip(names, args)), return_dict=True)
-            return tuple(out[o] for o in outputs)
+            seen: set[int] = set()  # one tensor under two output names (token_embeddings, last_hidden_state):
+            res = []                # the second is a copy, so that each graph output has its own node
+            for o in outputs:
+                res.append(out[o] if id(out[o]) not in seen else out[o] * 1.0)
+                seen.add(id(out[o]))
+            return tuple(res)
 
     enc = loaded.tokenizer(
         ["edgeq exports this sentence.", "and this one, which is a little longer than the first."],
@@ -48,7 +55,7 @@ def export_fp32(loaded: LoadedModel, opset: int = 17, external_data_threshold: i
     args = tuple(enc[n] for n in names)
     dynamic_axes = {n: {0: "batch", 1: "sequence"} for n in names}
     for o in outputs:
-        dynamic_axes[o] = {0: "batch", 1: "sequence"} if o == "last_hidden_state" else {0: "batch"}
+        dynamic_axes[o] = {0: "batch", 1: "sequence"} if o in TOKEN_OUTPUTS else {0: "batch"}
     large = sum(p.numel() * 4 for p in loaded.model.parameters()) > external_data_threshold
     tmp = tempfile.TemporaryDirectory(prefix="edgeq-export-") if large else None
     buf = Path(tmp.name) / "fp32.onnx" if tmp else io.BytesIO()

@@ -43,16 +43,19 @@ class Thresholds:
     plan_rel_diff: float = PLAN_TOLERANCE
     min_agreement: float | None = None
     max_abs_diff: float | None = None
+    min_cosine: float | None = None  # sentence_embedding, worst sentence; None: parity.DEFAULT_MIN_COSINE
 
 
 def parity_checks(loaded, session, fp32_out, ref_weights, batches, thresholds: Thresholds, source: str,
-                  plan_session=None) -> ParityReport:
+                  plan_session=None, sts_gold=None) -> ParityReport:
     """(a) ONNX vs PyTorch with ``ref_weights``; (b) ONNX vs the FP32 outputs ``fp32_out``.
 
     ``plan_session``: for (a) when the file's MatMulNBits use accuracy_level ≠ 0 (int8 activations
     are run-time arithmetic, not the weights): the same graph at accuracy_level 0.
+    ``sts_gold``: STS-B scores of the sentence pairs (rows 2i, 2i+1) of an embedding model.
     """
     from edgeq.pipeline.parity import (
+        embedding_checks,
         fidelity,
         reference_model,
         relative_max_diff,
@@ -71,7 +74,12 @@ def parity_checks(loaded, session, fp32_out, ref_weights, batches, thresholds: T
     out = fid["output"]
     report.checks.append(Check(f"vs fp32: {out} max|d|", fid["max_abs_diff"], thresholds.max_abs_diff))
     report.checks.append(Check(f"vs fp32: {out} mean|d|", fid["mean_abs_diff"], None))
-    report.checks.append(Check(f"vs fp32: {out} mean cosine", fid["mean_cosine"], None, True))
+    if fid["regression"] is not None:  # one logit: its cosine is only sign agreement
+        for metric, value in fid["regression"].items():
+            report.checks.append(Check(f"vs fp32: {out} {metric}", value, None, True))
+    else:
+        report.checks.append(Check(f"vs fp32: {out} mean cosine", fid["mean_cosine"], None, True))
+    report.checks += embedding_checks(fid, got, fp32_out, thresholds.min_cosine, sts_gold)
     if fid["top1_agreement"] is not None:
         report.checks.append(Check("vs fp32: top-1 agreement", fid["top1_agreement"], thresholds.min_agreement, True))
     elif thresholds.min_agreement is not None:
@@ -86,13 +94,14 @@ class Reference:
     batches: list
     outputs: dict[str, np.ndarray]
     source: str
+    sts_gold: np.ndarray | None = None  # embedding models on an STS-B TSV: the pairs' gold scores
 
 
-def load_checked(model_dir: Path, allow_pickle: bool):
+def load_checked(model_dir: Path, allow_pickle: bool, pooling: str = "none", normalize: bool = False):
     """Load the model; refuse a single tensor of 2 GB or more (protobuf cannot copy one such message)."""
     from edgeq.model.load import load_model
 
-    loaded = load_model(model_dir, allow_pickle)
+    loaded = load_model(model_dir, allow_pickle, pooling, normalize)
     huge = next(((n, p.numel() * 4) for n, p in loaded.model.named_parameters() if p.numel() * 4 >= 2**31), None)
     if huge:  # protobuf cannot copy one message of 2 GB or more, which the ONNX rewrite needs
         raise EdgeqError(f"weight {huge[0]} alone is {huge[1] / 1e9:.2f} GB; edgeq cannot convert a single tensor "
@@ -113,12 +122,12 @@ def calibrate_if_needed(loaded, config: ConvertConfig, timer: Timer, progress: b
 
 
 def reference_outputs(loaded, data: Path | None, limit: int | None) -> Reference:
-    from edgeq.model.texts import encode_batches, validation_texts
-    from edgeq.pipeline.parity import run_torch
+    from edgeq.model.texts import encode_batches
+    from edgeq.pipeline.parity import run_torch, validation_inputs
 
-    texts, source = validation_texts(data, limit)
+    texts, source, gold = validation_inputs(loaded, data, limit)
     batches = encode_batches(loaded, texts)
-    return Reference(batches, run_torch(loaded.model, loaded, batches), source)
+    return Reference(batches, run_torch(loaded.model, loaded, batches), source, gold)
 
 
 def export_checked(loaded, config: ConvertConfig, ref: Reference, threads: int, timer: Timer):
@@ -177,7 +186,7 @@ def prepare(model_dir: Path, config: ConvertConfig, data, limit, threads: int, p
     """Stages 1–4: load, calibrate, reference outputs, checked export, plan and checked rewrite."""
     from edgeq.onnx.sizes import size_by_component
 
-    loaded = timer.run("load", load_checked, model_dir, config.allow_pickle)
+    loaded = timer.run("load", load_checked, model_dir, config.allow_pickle, config.pooling, config.normalize)
     calibration = calibrate_if_needed(loaded, config, timer, progress)
     ref = timer.run("reference", reference_outputs, loaded, data, limit)  # the PyTorch FP32 pass on --data
     fp32_model, export_diff = export_checked(loaded, config, ref, threads, timer)
@@ -198,6 +207,7 @@ def make_report(c: Converted, out: Path, large: bool, file_bytes: int, parity: P
         "model_dir": str(c.model_dir),
         "model_type": c.loaded.model_type,
         "head": c.loaded.head,
+        "sentence": c.loaded.sentence.describe() if c.loaded.sentence is not None else None,
         "output": str(out),
         "config": c.config.to_dict(),
         "calibration": c.calibration.info() if c.calibration else None,
@@ -238,7 +248,7 @@ def write_validated(c: Converted, out: Path, thresholds: Thresholds, threads: in
         exact = exact_arithmetic_copy(model)
         plan_session = None if exact is None else session_of_model(exact, threads, limit)
         parity = timer.run("validate", parity_checks, c.loaded, session, c.ref.outputs, c.graph.planned,
-                           c.ref.batches, thresholds, c.ref.source, plan_session)
+                           c.ref.batches, thresholds, c.ref.source, plan_session, c.ref.sts_gold)
         file_bytes = tmp_model.stat().st_size + (tmp_data.stat().st_size if tmp_data else 0)
         report = make_report(c, out, large, file_bytes, parity, timer, t_start)
         if not parity.ok:
@@ -247,7 +257,7 @@ def write_validated(c: Converted, out: Path, thresholds: Thresholds, threads: in
             raise ValidationFailed(f"validation failed, no output written ({failed}); relax the threshold or raise --k")
         if layout.folder is not None or ort_format:
             report["deployment"] = timer.run("package", stage_deployment, stage, layout, c.loaded, model, tmp_model,
-                                             session, c.ref.batches, large, ort_format, threads)
+                                             session, c.ref.batches, large, ort_format, threads, c.graph.planned)
             report["timings_s"].update(package=timer.stages["package"], total=round(time.perf_counter() - t_start, 3))
         tmp_report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         stage.commit()
@@ -286,15 +296,20 @@ def validate_file(
 ) -> ParityReport:
     """Check an edgeq ONNX file against its source model: plan parity (decoded from the file) and fidelity."""
     from edgeq.model.load import load_model
-    from edgeq.model.texts import encode_batches, validation_texts
+    from edgeq.model.texts import encode_batches
     from edgeq.onnx.readback import read_back
     from edgeq.onnx.rewrite import exact_arithmetic_copy
     from edgeq.onnx.safe_load import load_onnx
     from edgeq.onnx.session import make_session, session_of_model
-    from edgeq.pipeline.parity import run_torch
+    from edgeq.pipeline.parity import run_torch, validation_inputs
 
     model = load_onnx(onnx_path)  # refuses external data outside the file's directory
-    loaded = load_model(model_dir, allow_pickle)
+    meta = {p.key: p.value for p in model.metadata_props}
+    try:
+        recorded = json.loads(meta.get("edgeq.config", "{}"))
+    except json.JSONDecodeError:
+        recorded = {}
+    loaded = load_model(model_dir, allow_pickle, recorded.get("pooling", "none"), bool(recorded.get("normalize")))
     try:
         decoded = read_back(model)
     except ValueError as e:
@@ -302,10 +317,10 @@ def validate_file(
     missing = [n for n in decoded if n not in dict(loaded.model.named_modules())]
     if missing:
         raise EdgeqError(f"{onnx_path} does not belong to {model_dir}: no Linear named {missing[0]}")
-    texts, source = validation_texts(data, limit)
+    texts, source, gold = validation_inputs(loaded, data, limit)
     batches = encode_batches(loaded, texts)
     fp32_out = run_torch(loaded.model, loaded, batches)
     session = make_session(str(onnx_path), threads or 0)
     exact = exact_arithmetic_copy(model)
     plan_session = None if exact is None else session_of_model(exact, threads or 0)
-    return parity_checks(loaded, session, fp32_out, decoded, batches, thresholds, source, plan_session)
+    return parity_checks(loaded, session, fp32_out, decoded, batches, thresholds, source, plan_session, gold)

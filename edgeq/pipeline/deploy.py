@@ -169,13 +169,97 @@ def graph_ops(model) -> dict[str, list[str]]:
     return {d: sorted(v) for d, v in sorted(ops.items())}
 
 
+def stage_sentence_files(stage, layout: Layout, loaded, planned) -> list[Path]:
+    """The sentence-transformers files of an embedding model's folder (see :func:`sentence_modules`)."""
+    import json
+
+    finals = []
+    for rel, content in sentence_modules(loaded, planned).items():
+        top, *sub = rel.split("/")  # a sub-folder (1_Pooling/...) is staged whole and moved as one
+        if sub and layout.folder / top not in stage.targets.values():
+            stage.path(layout.folder / top).mkdir()
+        staged = stage.path(layout.folder / top) if not sub else stage.dir / rel
+        if isinstance(content, bytes):
+            staged.write_bytes(content)
+        else:
+            staged.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+        finals.append(layout.folder / rel)
+    return finals
+
+
+def sentence_modules(loaded, planned) -> dict[str, dict | bytes]:
+    """``relative path → JSON or bytes`` that make the folder a sentence-transformers model.
+
+    sentence-transformers' ONNX backend runs ``model.onnx`` through Optimum's feature extractor,
+    which returns ``last_hidden_state`` only; its own Pooling, Dense and Normalize modules then run
+    in PyTorch.  So the folder lists them as the source did (no double pooling: the graph's
+    ``sentence_embedding`` is not what it reads), and each Dense carries the planned weights Ŵ
+    that the graph computes with, so both give the same embedding.
+    """
+    import numpy as np
+    from safetensors.numpy import save as save_safetensors
+
+    spec = loaded.sentence
+    src = spec.folder
+    st = "sentence_transformers.models."
+    modules = [{"idx": 0, "name": "0", "path": "", "type": st + "Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": st + "Pooling"}]
+    pooling_src = _module_path(src, "Pooling") if src is not None else None
+    files: dict[str, dict | bytes] = {
+        "1_Pooling/config.json": json_file(pooling_src / "config.json") if pooling_src is not None else
+        {"word_embedding_dimension": int(loaded.model.config.hidden_size),
+         **{k: spec.pooling == (mode,) for k, mode in _LEGACY_POOLING.items()}},
+    }
+    dense = iter(n for n, m in loaded.model.named_modules() if n.startswith("dense.") and n.endswith(".linear"))
+    for i, step in enumerate(spec.steps, start=2):
+        if step == "normalize":
+            modules.append({"idx": i, "name": str(i), "path": f"{i}_Normalize", "type": st + "Normalize"})
+            continue
+        name, path = next(dense), f"{i}_Dense"
+        linear = dict(loaded.model.named_modules())[name]
+        w = planned.get(name, linear.weight.detach().numpy())
+        tensors = {"linear.weight": np.ascontiguousarray(w, dtype=np.float32)}
+        if linear.bias is not None:
+            tensors["linear.bias"] = linear.bias.detach().numpy().astype(np.float32)
+        modules.append({"idx": i, "name": str(i), "path": path, "type": st + "Dense"})
+        files[f"{path}/config.json"] = json_file(step.path / "config.json")
+        files[f"{path}/model.safetensors"] = save_safetensors(tensors)
+    files["modules.json"] = modules
+    for name in ("config_sentence_transformers.json", "sentence_bert_config.json"):
+        for d in (src, spec.transformer_dir if src is not None else None):
+            if d is not None and (d / name).is_file():
+                files[name] = json_file(d / name)
+                break
+    files.setdefault("config_sentence_transformers.json", {"similarity_fn_name": "cosine"})
+    return files
+
+
+_LEGACY_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+                   "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens"}
+
+
+def _module_path(folder: Path, kind: str) -> Path:
+    import json
+
+    entries = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+    return folder / next(e.get("path", "") for e in entries if e["type"].rsplit(".", 1)[-1] == kind)
+
+
+def json_file(path: Path):
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def stage_deployment(stage, layout: Layout, loaded, model, staged_model: Path, session, batches, large: bool,
-                     ort_format: bool, threads: int = 0) -> dict:
+                     ort_format: bool, threads: int = 0, planned=None) -> dict:
     """Stage the folder's Hugging Face files and/or the ``.ort`` file (checked against the ``.onnx``)."""
     files = [layout.model, layout.report] + ([layout.data] if large else [])
     info: dict = {"layout": "folder" if layout.folder is not None else "file", "ops": graph_ops(model)}
     if layout.folder is not None:
         files += stage_hf_files(stage, layout, loaded)
+        if loaded.sentence is not None:
+            files += stage_sentence_files(stage, layout, loaded, planned or {})
     if ort_format:
         if large:
             raise EdgeqError("--ort-format cannot hold a model over 2 GB (FlatBuffers limit); convert without it")

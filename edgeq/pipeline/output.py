@@ -79,24 +79,32 @@ class StagedOutput:
                 # data files first, the .onnx (what users open) last
                 for staged, final in sorted(self.targets.items(), key=lambda kv: kv[1].suffix == ".onnx"):
                     if staged.exists():
-                        old = self._keep(final)
+                        moved.append((final, self._keep(final)))  # before the move: undone if it fails
                         os.replace(staged, final)
-                        moved.append((final, old))
                 if caught:  # Ctrl-C/SIGTERM arrived meanwhile: the run was interrupted
                     raise KeyboardInterrupt("during commit")
             except BaseException:
                 for final, old in reversed(moved):  # all or nothing: the old files come back
+                    if final.is_dir() and not final.is_symlink():
+                        shutil.rmtree(final, ignore_errors=True)
+                    elif old is None:
+                        final.unlink(missing_ok=True)
                     if old is not None:
                         os.replace(old, final)
-                    else:
-                        final.unlink(missing_ok=True)
                 raise
 
     def _keep(self, final: Path) -> Path | None:
-        """A second name, inside the stage, for the file now at ``final`` (None if there is none)."""
+        """A second name, inside the stage, for what is now at ``final`` (None if nothing is).
+
+        A file is hard-linked (it is replaced atomically by the move); a folder output's sub-folder is
+        moved aside whole, since ``os.replace`` cannot replace a non-empty directory.
+        """
+        old = self.dir / f".old-{final.name}"
+        if final.is_dir() and not final.is_symlink():
+            os.replace(final, old)
+            return old
         if not final.is_file():
             return None
-        old = self.dir / f".old-{final.name}"
         try:
             os.link(final, old)
         except OSError:  # no hard links on this filesystem

@@ -381,6 +381,38 @@ def _signal_during(target: str, sig: int):
 
 # ---------------------------------------------------------------- the corpus
 
+def _sentence(edit):
+    """A sentence-transformers folder (tiny bare encoder in 0_Transformer/, mean pooling, Normalize),
+    then ``edit(folder)``."""
+    def build(ctx):
+        from tests.helpers import make_st_folder, make_tiny_model
+
+        bare = make_tiny_model(ctx.dir / "bare-src", "BertModel")
+        folder = make_st_folder(ctx.dir / "st", bare, "sub")
+        edit(folder)
+        return {"model": folder}
+    return build
+
+
+def _modules(edit):
+    def change(folder):
+        p = folder / "modules.json"
+        p.write_text(edit(p.read_text()))
+    return change
+
+
+def _pooling_config(text: str):
+    def change(folder):
+        (folder / "1_Pooling" / "config.json").write_text(text)
+    return change
+
+
+def _lstm(text: str) -> str:
+    modules = json.loads(text)
+    modules.insert(2, {"idx": 2, "name": "2", "path": "2_LSTM", "type": "sentence_transformers.models.LSTM"})
+    return json.dumps(modules)
+
+
 CONVERT = ("convert", "-q", "{model}", "{out}")
 VALIDATE = ("validate", "{model}", "{onnx}")
 EVAL = ("eval", "{onnx}", "-q", "--tokenizer", "{model}", "--data-dir", "{data}")
@@ -450,6 +482,20 @@ CASES = [
     Case("shard index escapes the dir", _shard_index_escape, CONVERT, 1, r"points at '\.\./\.\./\.\./etc/passwd', outside"),
     Case("tokenizer_file escapes the dir", _tokenizer_file_escape, CONVERT, 1, r"tokenizer_file = '/etc/passwd' points outside"),
     Case("ONNX file given as model dir", _onnx_as_model, CONVERT, 2, r"is an ONNX file; this argument takes a Hugging Face"),
+    # sentence-transformers folders
+    Case("modules.json malformed", _sentence(_modules(lambda t: t.replace('"type"', "type", 1))), CONVERT, 1,
+         r"modules\.json is not valid JSON .*; re-save the model with sentence-transformers"),
+    Case("modules.json truncated", _sentence(_modules(lambda t: t[: len(t) // 2])), CONVERT, 1,
+         r"modules\.json is not valid JSON"),
+    Case("pooling config malformed", _sentence(_pooling_config('{"pooling_mode": ')), CONVERT, 1,
+         r"1_Pooling/config\.json is not valid JSON"),
+    Case("pooling mode unsupported", _sentence(_pooling_config('{"pooling_mode": "lasttoken"}')), CONVERT, 1,
+         r"pooling mode 'lasttoken' is not supported; edgeq supports cls, max, mean"),
+    Case("module type unsupported", _sentence(_modules(_lstm)), CONVERT, 1,
+         r"unsupported module type 'sentence_transformers\.models\.LSTM'"),
+    Case("--pooling on a classifier", _plain, CONVERT + ("--pooling", "mean"), 2,
+         r"--pooling needs a bare encoder; .* has a classification/regression head"),
+    Case("--normalize without --pooling", _plain, CONVERT + ("--normalize",), 2, r"--normalize needs --pooling"),
     # options
     Case("--k negative", _plain, CONVERT + ("--k", "-5"), 2, r"--k must be >= 0, got -5"),
     Case("--k not an integer", _plain, CONVERT + ("--k", "abc"), 2, r"'--k': 'abc' is not a valid integer"),
