@@ -78,6 +78,8 @@ def cell_id(task, bits, sel, method, quantizer, grid) -> str:
 def edgeq_cells(args) -> list[dict]:
     """The declared grid as cell dicts (deduplicated: no exact weights → one method, "none")."""
     sels = [("k", int(k)) for k in csv(args.ks)] + [("budget", float(b)) for b in csv(args.budgets)]
+    if not sels:
+        raise SystemExit("no selection: give --ks (0,256) and/or --budgets (0,0.001); --bits '' for peers only")
     cells, seen = [], set()
     for task, bits, (kind, val), method, quantizer, grid in itertools.product(
             csv(args.tasks), [int(b) for b in csv(args.bits)], sels, csv(args.methods), csv(args.quantizers),
