@@ -23,14 +23,17 @@ def _sel(r: dict) -> str:
 
 
 def _family(r: dict) -> str:
-    return f"peer: {r['peer']}" if r["kind"] == "peer" else f"edgeq {r['bits']}-bit {r['quantizer']}"
+    if r["kind"] == "peer":
+        return f"peer: {r['peer']}"
+    storage = "" if r.get("storage", "default") == "default" else f" {r['storage']}"
+    return f"edgeq {r['bits']}-bit {r['quantizer']}{storage}"
 
 
 def _order(r: dict):
     if r["kind"] == "peer":
-        return (1, r["peer"], 0, "", 0, "", "", "")
+        return (1, r["peer"], 0, "", 0, "", "", "", "")
     amount = r["k"] if r["k"] is not None else r["budget"] or 0
-    return (0, "", r["bits"], r["selection"], amount, r["method"], r["quantizer"], r["grid"])
+    return (0, "", r["bits"], r["selection"], amount, r["method"], r["quantizer"], r["grid"], r.get("storage", ""))
 
 
 def _pm(r: dict, key: str) -> str:
@@ -70,7 +73,8 @@ def render(recs: dict[str, dict], out: Path, baseline: str) -> None:
                 lines.append(f"| {r['peer']} | — | — | — | — | {ratio} | {r['linear_bytes']:,} | {r['file_bytes']:,} "
                              f"| {_pm(r, 'accuracy')} | {_pm(r, 'agreement')} |")
             else:
-                lines.append(f"| {r['bits']} | {_sel(r)} | {r['method']} | {r['quantizer']} | {r['grid']} | {ratio} "
+                bits = r["bits"] if r.get("storage", "default") == "default" else f"{r['bits']} {r['storage']}"
+                lines.append(f"| {bits} | {_sel(r)} | {r['method']} | {r['quantizer']} | {r['grid']} | {ratio} "
                              f"| {r['linear_bytes']:,} | {r['file_bytes']:,} | {_pm(r, 'accuracy')} "
                              f"| {_pm(r, 'agreement')} |")
         peers = [r for r in rows if r["kind"] == "peer" and r["status"] == "ok"]

@@ -7,7 +7,7 @@ fraction of dev predictions equal to those of the FP32 PyTorch model (``edgeq ev
 T``, run once per task and kept in ``OUT/fp32_<task>.json``).  Statistics: binomial standard errors
 ``sqrt(p(1-p)/n)·100`` of the accuracy and of the agreement.
 
-The grid is ``bits × selection × method × quantizer × grid`` per task, where a selection is either
+The grid is ``bits × selection × method × quantizer × grid × storage`` per task, where a selection is either
 a per-Linear ``--k N`` (flags that exist today) or a model-wide ``--budget F``; nothing here knows
 which methods, budgets or grids ``edgeq convert`` accepts: a rejected flag makes a failed cell with
 the one-line error.  Budget 0 / k 0 keeps no weight exact, so it is one cell per (bits, quantizer,
@@ -71,8 +71,8 @@ def csv(s: str) -> list[str]:
 # ------------------------------------------------------------------ the grid
 
 
-def cell_id(task, bits, sel, method, quantizer, grid) -> str:
-    return f"{task}/b{bits}-{sel}-{method}-{quantizer}-{grid}"
+def cell_id(task, bits, sel, method, quantizer, grid, storage="default") -> str:
+    return f"{task}/b{bits}-{sel}-{method}-{quantizer}-{grid}" + ("" if storage == "default" else f"-{storage}")
 
 
 def edgeq_cells(args) -> list[dict]:
@@ -81,18 +81,19 @@ def edgeq_cells(args) -> list[dict]:
     if not sels:
         raise SystemExit("no selection: give --ks (0,256) and/or --budgets (0,0.001); --bits '' for peers only")
     cells, seen = [], set()
-    for task, bits, (kind, val), method, quantizer, grid in itertools.product(
+    for task, bits, (kind, val), method, quantizer, grid, storage in itertools.product(
             csv(args.tasks), [int(b) for b in csv(args.bits)], sels, csv(args.methods), csv(args.quantizers),
-            csv(args.grids)):
+            csv(args.grids), csv(args.storages)):
         exact = val != 0
         method = method if exact else "none"
         sel = f"k{val}" if kind == "k" else f"budget{val:g}"
-        cid = cell_id(task, bits, "k0" if not exact else sel, method, quantizer, grid)
+        cid = cell_id(task, bits, "k0" if not exact else sel, method, quantizer, grid, storage)
         if cid in seen:
             continue
         seen.add(cid)
         cells.append(dict(id=cid, kind="edgeq", task=task, bits=bits, selection=kind, k=val if kind == "k" else None,
-                          budget=val if kind == "budget" else None, method=method, quantizer=quantizer, grid=grid))
+                          budget=val if kind == "budget" else None, method=method, quantizer=quantizer, grid=grid,
+                          storage=storage))
     return cells
 
 
@@ -125,6 +126,8 @@ def commands(cell: dict, work: Path) -> tuple[list[list[str]], list[str], Path, 
             conv += ["--quantizer", cell["quantizer"]]
         if cell["grid"] != "default":
             conv += ["--grid", cell["grid"]]
+        if cell.get("storage", "default") != "default":
+            conv += ["--storage", cell["storage"]]
         if model is not None:
             conv += ["--calib", task.lower().replace("-", "")]
         build = [conv + ([str(model)] if model is not None else []) + [str(out)]]
@@ -309,6 +312,7 @@ def main(argv=None) -> int:
     r.add_argument("--methods", default="magnitude", help="saliency methods (--method); unused when k/budget is 0")
     r.add_argument("--quantizers", default="rtn", help="rtn, gptq, ... (--quantizer)")
     r.add_argument("--grids", default="default", help="default (no --grid flag), sym7, sym8, mse, asym, ...")
+    r.add_argument("--storages", default="default", help="default (no --storage flag), compact, plain")
     r.add_argument("--peers", default="", help=f"comma list or 'all': {', '.join(PEERS)}")
     r.add_argument("--out", type=Path, default=REPO / "results" / "lowbit")
     r.add_argument("--work", type=Path, default=REPO / "results" / "lowbit" / "work")

@@ -28,7 +28,7 @@ def _args(tool, argv):
     import argparse
 
     ns = argparse.Namespace(tasks="SST-2", bits="2", ks="", budgets="", methods="magnitude", quantizers="rtn",
-                            grids="default", peers="")
+                            grids="default", storages="default", peers="")
     for k, v in argv.items():
         setattr(ns, k, v)
     return ns
@@ -56,6 +56,10 @@ def test_grid_declaration_and_commands(tool, tmp_path):
     build, ev, _, _ = tool.commands(sts, tmp_path)
     assert "--calib" not in build[0] and "../shared/models" not in " ".join(build[0])  # the bundled model
     assert "--task STS-B" in tool.show(ev) and "--tokenizer" not in ev
+    compact = tool.edgeq_cells(_args(tool, {"bits": "4", "ks": "0", "storages": "default,compact"}))
+    assert [c["id"] for c in compact] == ["SST-2/b4-k0-none-rtn-default", "SST-2/b4-k0-none-rtn-default-compact"]
+    assert "--storage compact" in tool.show(tool.commands(compact[1], tmp_path)[0][0])
+    assert "--storage" not in tool.show(tool.commands(compact[0], tmp_path)[0][0])
     grid = tool.edgeq_cells(_args(tool, {"ks": "256", "grids": "mse,asym"}))
     assert [tool.show(tool.commands(c, tmp_path)[0][0]).split("--grid ")[1].split()[0] for c in grid] == ["mse", "asym"]
 
