@@ -47,14 +47,15 @@ def test_grid_declaration_and_commands(tool, tmp_path):
     build, ev, out, ev_json = tool.commands(by_id["SST-2/b2-budget0.001-error-gptq-default"], tmp_path)
     conv = tool.show(build[0])
     assert conv.startswith("edgeq convert ") and "--bits 2 --budget 0.001 --method error --quantizer gptq" in conv
-    assert "--calib sst2 ../shared/models/minilm-l6-sst2" in conv and "--grid" not in conv
+    models = tool.SHARED / "models"  # only named in the commands, never read here
+    assert f"--calib sst2 {models}/minilm-l6-sst2" in conv and "--grid" not in conv
     k0 = tool.show(tool.commands(by_id["SST-2/b4-k0-none-rtn-default"], tmp_path)[0][0])
     assert "--k 0" in k0 and "--method" not in k0 and "--budget" not in k0
     shown = tool.show(ev)
-    assert shown.startswith(f"edgeq eval {out} --task SST-2") and "--tokenizer ../shared/models" in shown
+    assert shown.startswith(f"edgeq eval {out} --task SST-2") and f"--tokenizer {models}" in shown
     sts = tool.edgeq_cells(_args(tool, {"tasks": "STS-B", "ks": "0"}))[0]
     build, ev, _, _ = tool.commands(sts, tmp_path)
-    assert "--calib" not in build[0] and "../shared/models" not in " ".join(build[0])  # the bundled model
+    assert "--calib" not in build[0] and str(models) not in " ".join(build[0])  # the bundled model
     assert "--task STS-B" in tool.show(ev) and "--tokenizer" not in ev
     compact = tool.edgeq_cells(_args(tool, {"bits": "4", "ks": "0", "storages": "default,compact"}))
     assert [c["id"] for c in compact] == ["SST-2/b4-k0-none-rtn-default", "SST-2/b4-k0-none-rtn-default-compact"]
