@@ -42,7 +42,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SHARED = Path("../shared")  # commands are run from the repository root and recorded with this relative path
+SHARED_REL = Path("../shared")  # commands are run from the repository root and recorded with this relative path
 MODELS = {"RTE": "minilm-l6-rte", "MRPC": "minilm-l6-mrpc", "SST-2": "minilm-l6-sst2", "STS-B": None}
 EDGEQ = [sys.executable, "-m", "edgeq"]
 NNCF_PYTHON = Path("/work/venv-nncf/bin/python")
@@ -111,7 +111,7 @@ def commands(cell: dict, work: Path) -> tuple[list[list[str]], list[str], Path, 
     task = cell["task"]
     stem = cell["id"].replace("/", "_")
     out, ev = work / f"{stem}.onnx", work / f"{stem}.eval.json"
-    model = SHARED / "models" / MODELS[task] if MODELS.get(task) else None
+    model = SHARED_REL / "models" / MODELS[task] if MODELS.get(task) else None
     if cell["kind"] == "edgeq":
         conv = [*EDGEQ, "convert", "-q", "--force", "--threads", "1", "--bits", str(cell["bits"])]
         if cell["method"] == "none":  # k 0 and budget 0 are the same file: nothing kept exact
@@ -138,7 +138,7 @@ def commands(cell: dict, work: Path) -> tuple[list[list[str]], list[str], Path, 
         mode = "awq-se" if cell["peer"].endswith("awq-se") else "data-free"
         build = [[sys.executable, "tools/export_fp32.py", str(model), str(fp32)],
                  [str(NNCF_PYTHON), "tools/nncf_peer.py", str(fp32), str(out), "--mode", mode,
-                  "--tokenizer", str(model), "--calib", str(SHARED / "data" / "glue" / task / "train.tsv")]]
+                  "--tokenizer", str(model), "--calib", str(SHARED_REL / "data" / "glue" / task / "train.tsv")]]
     ev_cmd = [*EDGEQ, "eval", str(out), "--task", task, "--threads", "1", "-q", "--json", str(ev)]
     if model is not None:
         ev_cmd += ["--tokenizer", str(model)]
@@ -169,7 +169,7 @@ def show(cmd: list[str]) -> str:
 def fp32_predictions(task: str, out: Path) -> list:
     path = out / f"fp32_{task}.json"
     if not path.exists():
-        model = SHARED / "models" / MODELS[task]
+        model = SHARED_REL / "models" / MODELS[task]
         tmp = out / f"fp32_{task}.tmp.json"
         cmd = [*EDGEQ, "eval", str(model), "--task", task, "--threads", "1", "-q", "--json", str(tmp)]
         log(f"FP32 reference: {show(cmd)}")

@@ -47,7 +47,7 @@ def test_grid_declaration_and_commands(tool, tmp_path):
     build, ev, out, ev_json = tool.commands(by_id["SST-2/b2-budget0.001-error-gptq-default"], tmp_path)
     conv = tool.show(build[0])
     assert conv.startswith("edgeq convert ") and "--bits 2 --budget 0.001 --method error --quantizer gptq" in conv
-    models = tool.SHARED / "models"  # only named in the commands, never read here
+    models = tool.SHARED_REL / "models"  # only named in the commands, never read here
     assert f"--calib sst2 {models}/minilm-l6-sst2" in conv and "--grid" not in conv
     k0 = tool.show(tool.commands(by_id["SST-2/b4-k0-none-rtn-default"], tmp_path)[0][0])
     assert "--k 0" in k0 and "--method" not in k0 and "--budget" not in k0
