@@ -57,10 +57,30 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def ort_rtn(fp32, bits: int = 4, block_size: int = 32, emb: bool = False):
+    """ONNX Runtime's symmetric RTN (MatMulNBitsQuantizer) at accuracy_level 4: MatMuls (and the word embeddings)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(copy.deepcopy(fp32), bits=bits, block_size=block_size, is_symmetric=True,
+                             accuracy_level=4, op_types_to_quantize=("MatMul", "Gather") if emb else ("MatMul",),
+                             quant_axes=(("MatMul", 0), ("Gather", 1)))
+    q.process()
+    return q.model.model
+
+
+def ort_hqq(fp32, bits: int = 4, block_size: int = 32):
+    """ONNX Runtime's HQQ (half-quadratic, asymmetric with zero points) on the MatMuls."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(copy.deepcopy(fp32), algo_config=HQQWeightOnlyQuantConfig(block_size=block_size,
+                                                                                       bits=bits))
+    q.process()
+    return q.model.model
+
+
 def build_variants(loaded, fp32, outdir: Path, names: list[str]) -> dict[str, Path]:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     from edgeq.config import ConvertConfig
     from edgeq.onnx.embeddings import module_names
@@ -73,19 +93,11 @@ def build_variants(loaded, fp32, outdir: Path, names: list[str]) -> dict[str, Pa
     for name, emb in (("ort-rtn-acc4", False), ("ort-rtn-acc4-emb", True)):
         if name not in names:
             continue
-        q = MatMulNBitsQuantizer(copy.deepcopy(fp32), bits=4, block_size=32, is_symmetric=True, accuracy_level=4,
-                                 op_types_to_quantize=("MatMul", "Gather") if emb else ("MatMul",),
-                                 quant_axes=(("MatMul", 0), ("Gather", 1)))
-        q.process()
         paths[name] = outdir / f"{name}.onnx"
-        onnx.save(q.model.model, str(paths[name]))
+        onnx.save(ort_rtn(fp32, emb=emb), str(paths[name]))
     if "ort-hqq" in names:  # HQQ (half-quadratic, asymmetric with zero points), block 32, int4
-        from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
-
-        q = MatMulNBitsQuantizer(copy.deepcopy(fp32), algo_config=HQQWeightOnlyQuantConfig(block_size=32, bits=4))
-        q.process()
         paths["ort-hqq"] = outdir / "ort-hqq.onnx"
-        onnx.save(q.model.model, str(paths["ort-hqq"]))
+        onnx.save(ort_hqq(fp32), str(paths["ort-hqq"]))
     if "ort-int8-dynamic" in names:
         paths["ort-int8-dynamic"] = outdir / "ort-int8-dynamic.onnx"
         quantize_dynamic(str(paths["fp32"]), str(paths["ort-int8-dynamic"]), weight_type=QuantType.QInt8)

@@ -36,6 +36,9 @@ def size_by_component(model: onnx.ModelProto) -> dict[str, int]:
         if n.op_type == "MatMulNBits":
             for i, role in zip(n.input[1:4], ("int4_codes", "scales", "scales")):
                 nbits[i] = role
+        elif n.op_type == "DequantizeLinear" and n.input[0] not in gather_data:  # DQ-form weights (e.g. NNCF's)
+            for i, role in zip(n.input[:3], ("int4_codes", "scales", "scales")):
+                nbits[i] = role
     linear_weights = {n.input[1] for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1}
     sizes = dict.fromkeys(COMPONENTS, 0)
     for t in model.graph.initializer:

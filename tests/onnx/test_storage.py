@@ -131,6 +131,21 @@ def test_native_2bit_kernel_matches_reference():
     np.testing.assert_allclose(_session(model).run(None, {"x": x})[0], ref, rtol=1e-4, atol=1e-4)
 
 
+@SETTINGS
+@given(problems())
+def test_native_2bit_kernel_any_granularity_and_shape(problem):
+    """ONNX Runtime's own 2-bit kernel carries every --block-size (per-channel/per-tensor as repeated
+    block scales) and any K (padding to the block): the file == the plan == the numpy reference."""
+    w, idx, gran, _, rng = problem
+    q = quantize_rtn(w, idx, gran, bits=2)
+    model = _rewritten(w, q, "plain", kernel="native")
+    np.testing.assert_array_equal(read_back(model)["lin"], q.dequantize())
+    x = rng.standard_normal((3, w.shape[1])).astype(np.float32)
+    xd, wd = x.astype(np.float64), q.dequantize().astype(np.float64)
+    bound = 2 * w.shape[1] * 2.0**-24 * (np.abs(xd) @ np.abs(wd).T) + 1e-6
+    assert np.all(np.abs(_session(model).run(None, {"x": x})[0] - xd @ wd.T) <= bound)
+
+
 def test_refusals():
     w = np.random.default_rng(3).standard_normal((4, 24)).astype(np.float32)
     q3 = quantize_rtn(w, np.empty(0, np.int64), Granularity("block", 16), bits=3, fp16_scales=True)

@@ -281,3 +281,53 @@ def test_rte_onnxruntime_web_wasm_matches_python(node_clients, rte_inputs, tmp_p
     assert got.shape == sub.shape
     assert np.max(np.abs(got - sub)) <= TOL
     np.testing.assert_array_equal(got.argmax(1), sub.argmax(1))
+
+
+# ---------------------------------------------------------------- compact 2/3-bit files in each client
+
+
+@pytest.fixture(scope="module")
+def tiny_compact(tiny_bert, tmp_path_factory):
+    """The tiny BERT (hidden 48: K is not a multiple of the block 32) at --bits 2 and 3 (compact storage),
+    and 3 batches of random token ids with padding."""
+    import onnx
+
+    work = tmp_path_factory.mktemp("compact")
+    files = {}
+    for bits in (2, 3):
+        out = work / f"b{bits}.onnx"
+        res = _convert("--k", "8", "--bits", str(bits), str(tiny_bert), str(out))
+        assert res.exit_code == 0, res.output
+        inits = {t.name: t for t in onnx.load(str(out)).graph.initializer}
+        planes = [t for name, t in inits.items() if name.endswith(".qplanes")]
+        assert planes and all(t.dims[0] == bits for t in planes)  # really the compact b-bit layout
+        assert not any(name.endswith(".qweight") for name in inits)
+        files[bits] = out
+    vocab = json.loads((tiny_bert / "config.json").read_text())["vocab_size"]
+    rng = np.random.default_rng(5)
+    batches = []
+    for b, s in ((4, 9), (2, 17), (3, 5)):
+        mask = np.ones((b, s), np.int64)
+        mask[0, s // 2:] = 0
+        batches.append({"input_ids": rng.integers(0, vocab, (b, s), dtype=np.int64), "attention_mask": mask,
+                        "token_type_ids": np.zeros((b, s), np.int64)})
+    return files, batches
+
+
+@pytest.mark.deploy
+@pytest.mark.parametrize("bits", [2, 3])
+def test_compact_file_in_node_and_wasm_matches_python(tiny_compact, node, tmp_path, bits):
+    """onnxruntime-node and onnxruntime-web (WASM) run the unpacking subgraph (or fold it) to the same
+    logits as Python ONNX Runtime (edgeq's default accuracy_level 0: FP32 activations on every runtime)."""
+    files, batches = tiny_compact
+    runs = {backend: NodeRun(node, tmp_path / backend, files[bits], batches, backend) for backend in ("node", "web")}
+    try:
+        want = _run(_session(files[bits]), batches)
+        for backend, run in runs.items():
+            got = run.result()
+            assert got.shape == want.shape == (9, 2), backend
+            assert np.max(np.abs(got - want)) <= TOL, backend
+            np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
+    finally:
+        for run in runs.values():
+            run.stop()
