@@ -84,7 +84,7 @@ def quantizer_kwargs(params: dict) -> dict:
     return {k: params[k] for k in QUANTIZER_OPTION_NAMES if k in params}
 
 
-PERF_OPTION_NAMES = ("bits", "bits8", "grid", "correction", "quantize_embeddings", "storage", "kernel")
+PERF_OPTION_NAMES = ("bits", "bits8", "grid", "correction", "quantize_embeddings", "storage", "kernel", "fuse_qkv")
 
 
 def perf_options(fn):
@@ -109,6 +109,9 @@ def perf_options(fn):
                           "(MatMul+MatMul+Add), scatter (ScatterElements); auto picks the cheapest per layer."),
         click.option("--quantize-embeddings/--no-quantize-embeddings", default=False, show_default=True,
                      help="Word-embedding table as 4-bit GatherBlockQuantized (block 32)."),
+        click.option("--fuse-qkv/--no-fuse-qkv", default=_default("fuse_qkv"), show_default=True,
+                     help="Fuse the Linears that read one input (attention q, k, v) into one MatMulNBits + one "
+                          "FP32 correction, then Split; groups that cannot be fused are logged with the reason."),
     ]
     return _apply(fn, opts)
 
