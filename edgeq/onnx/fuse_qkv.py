@@ -118,11 +118,11 @@ def check_group(x: str, parts: list[Part], quants: Mapping[str, QuantizedLinear]
     if len(kinds) > 1:
         return f"different storage kinds ({', '.join(sorted(kinds))})"
     for p in parts:
-        if not p.output:
-            return f"{p.layer}: its rewritten nodes do not end in one output"
         external = {i for n in p.nodes for i in n.input if i} - {o for n in p.nodes for o in n.output} - inits
         if external != {x}:
             return f"{p.layer}: its rewritten nodes read {', '.join(sorted(external - {x}))} besides the input"
+        if not p.output:
+            return f"{p.layer}: its rewritten nodes do not end in one output"
         if any(n.name == f"/{p.layer}/BiasAdd" for n in p.nodes):
             return f"{p.layer}: its bias is a separate Add (shared or not a vector), not MatMulNBits' own input"
     return None
