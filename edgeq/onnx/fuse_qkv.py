@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgeq.onnx.corrections import CORRECTIONS, FALLBACK_CORRECTION, choose_correction
+from edgeq.onnx.corrections import CORRECTIONS, FALLBACK_CORRECTION, choose_correction, correction_cost
 from edgeq.onnx.graph import MS_DOMAIN, attr, consumers, set_meta
 from edgeq.onnx.storage import weight_inputs
 from edgeq.quant.int4 import QuantizedLinear
@@ -144,6 +144,44 @@ def _bias(part: Part, arr, n_out: int) -> np.ndarray:
     return np.zeros(n_out, np.float32)  # a Linear without bias: + 0 is exact
 
 
+def _fused_nodes(name, x, parts, q, quants, arr, correction, storage, kernel, result):
+    """(nodes, initializers, merged encoding or None) of the fused layer ``name``.
+
+    The merged correction is built when the cost model (:func:`edgeq.onnx.corrections.correction_cost`)
+    rates it no dearer than the parts' own; otherwise the parts keep their corrections, which then
+    read the Split outputs (named as their MatMulNBits outputs were).
+    """
+    n_out, k_in = q.shape
+    any_bias = any(len(p.node.input) > 5 and p.node.input[5] for p in parts)
+    used, why = choose_correction(q, correction) if q.k else (None, None)
+    if used is not None:
+        alone = sum(correction_cost(quants[p.layer], choose_correction(quants[p.layer], correction)[0])
+                    for p in parts)
+        if correction_cost(q, used) > alone:
+            used, why = None, None
+    y = f"/{name}/output"
+    y_q = f"/{name}/MatMulNBits_output" if used else y
+    b_name, s_name, bits, nodes, tensors = weight_inputs(name, q, storage, kernel)
+    inputs = [x, b_name, s_name] + (["", "", f"{name}.bias"] if any_bias else [])
+    if any_bias:
+        bias = np.concatenate([_bias(p, arr, quants[p.layer].shape[0]) for p in parts])
+        tensors.append(numpy_helper.from_array(bias, f"{name}.bias"))
+    nodes.append(helper.make_node(
+        "MatMulNBits", inputs, [y_q], name=f"/{name}/MatMulNBits", domain=MS_DOMAIN, K=k_in, N=n_out, bits=bits,
+        block_size=q.block_size, accuracy_level=attr(parts[0].node, "accuracy_level", 0)))
+    if used:
+        if why:
+            result.fallbacks.append((name, f"{why}; used {FALLBACK_CORRECTION}"))
+        c_nodes, c_tensors = CORRECTIONS[used].build(name, x, y_q, y, q)
+        nodes += c_nodes
+        tensors += c_tensors
+    sizes = [quants[p.layer].shape[0] for p in parts]
+    tensors.append(numpy_helper.from_array(np.array(sizes, np.int64), f"{name}.split"))
+    outs = [p.output if used else p.node.output[0] for p in parts]  # per part: what its correction reads
+    nodes.append(helper.make_node("Split", [y, f"{name}.split"], outs, name=f"/{name}/Split", axis=-1))
+    return nodes, tensors, used
+
+
 def fuse_shared_inputs(model: onnx.ModelProto, quants: Mapping[str, QuantizedLinear], correction: str,
                        storage: str = "plain", kernel: str = "int4") -> FuseResult:
     """Fuse, in place, every group of rewritten Linears of ``quants`` that read one input."""
@@ -167,35 +205,14 @@ def fuse_shared_inputs(model: onnx.ModelProto, quants: Mapping[str, QuantizedLin
             result.refused.append((layers, reason))
             continue
         q = stack(parts, quants)
-        n_out, k_in = q.shape
-        bias = np.concatenate([_bias(p, arr, quants[p.layer].shape[0]) for p in parts])
-        any_bias = any(len(p.node.input) > 5 and p.node.input[5] for p in parts)
-        y = f"/{name}/output"
-        y_q = f"/{name}/MatMulNBits_output" if q.k else y
-        b_name, s_name, bits, unpack_nodes, tensors = weight_inputs(name, q, storage, kernel)
-        inputs = [x, b_name, s_name] + (["", "", f"{name}.bias"] if any_bias else [])
-        if any_bias:
-            tensors.append(numpy_helper.from_array(bias, f"{name}.bias"))
-        nodes = unpack_nodes + [helper.make_node(
-            "MatMulNBits", inputs, [y_q], name=f"/{name}/MatMulNBits", domain=MS_DOMAIN, K=k_in, N=n_out, bits=bits,
-            block_size=q.block_size, accuracy_level=attr(parts[0].node, "accuracy_level", 0))]
-        used = None
-        if q.k:
-            used, why = choose_correction(q, correction)
-            if why:
-                result.fallbacks.append((name, f"{why}; used {FALLBACK_CORRECTION}"))
-            c_nodes, c_tensors = CORRECTIONS[used].build(name, x, y_q, y, q)
-            nodes += c_nodes
-            tensors += c_tensors
-        sizes = [quants[p.layer].shape[0] for p in parts]
-        tensors.append(numpy_helper.from_array(np.array(sizes, np.int64), f"{name}.split"))
-        nodes.append(helper.make_node("Split", [y, f"{name}.split"], [p.output for p in parts], name=f"/{name}/Split",
-                                      axis=-1))
-        first = next(n.name for n in graph.node if any(n.name == m.name for p in parts for m in p.nodes))
+        nodes, tensors, used = _fused_nodes(name, x, parts, q, quants, arr, correction, storage, kernel, result)
+        kept = [] if used else [n.name for p in parts for n in p.nodes if n.name.startswith(f"/{p.layer}/correction/")]
+        first = next(n.name for n in graph.node if n.name in {m.name for p in parts for m in p.nodes})
         insert[first] = (nodes, tensors)
-        drop_nodes |= {n.name for p in parts for n in p.nodes}
+        drop_nodes |= {n.name for p in parts for n in p.nodes} - set(kept)
         result.fused[name] = layers
-        result.corrections[name] = used
+        result.corrections[name] = used if used or not q.k else "per part: " + ", ".join(
+            str(choose_correction(quants[p.layer], correction)[0] if quants[p.layer].k else None) for p in parts)
     if not result.fused:
         return result
     new_nodes, new_inits = [], []

@@ -41,16 +41,18 @@ def read_back(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     def arr(name: str) -> np.ndarray:
         return numpy_helper.to_array(inits[name])
 
-    def decode(layer: str) -> np.ndarray:
-        node = nodes.get(f"/{layer}/MatMulNBits")
-        if node is None:
-            raise ValueError(f"the edgeq metadata names {layer}, but the graph has no /{layer}/MatMulNBits")
-        w = decode_weight(layer, node, inits, arr)  # plain, compact or native storage (edgeq.onnx.storage)
+    def add_correction(layer: str, w: np.ndarray) -> np.ndarray:
         entries = decode_correction(layer, inits, arr)
         if entries is not None:
             rows, cols, vals = entries
             np.add.at(w, (rows, cols), vals)
         return w.astype(np.float32)
+
+    def decode(layer: str) -> np.ndarray:
+        node = nodes.get(f"/{layer}/MatMulNBits")
+        if node is None:
+            raise ValueError(f"the edgeq metadata names {layer}, but the graph has no /{layer}/MatMulNBits")
+        return add_correction(layer, decode_weight(layer, node, inits, arr))  # plain, compact or native storage
 
     parts = {}  # part layer → (fused layer, first row, N): --fuse-qkv stacked these along N (edgeq.onnx.fuse_qkv)
     for fused, members in json.loads(meta.get(FUSED_KEY, "{}")).items():
@@ -63,7 +65,7 @@ def read_back(model: onnx.ModelProto) -> dict[str, np.ndarray]:
             fused, start, n = parts[layer]
             if fused not in stacked:
                 stacked[fused] = decode(fused)
-            out[layer] = stacked[fused][start:start + n].copy()
+            out[layer] = add_correction(layer, stacked[fused][start:start + n].copy())  # a part's own correction
         else:
             out[layer] = decode(layer)
     out.update(read_embeddings(model))  # 4-bit word/position embeddings, keyed by module name

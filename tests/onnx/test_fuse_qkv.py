@@ -67,12 +67,20 @@ def test_structure_and_numerics(qkv, k, correction):
     onnx.checker.check_model(qg.model)
     name = "attn.query+key+value"
     assert qg.fusion.fused == {name: list(SIZES)} and not qg.fusion.refused
-    assert (qg.fusion.corrections[name] is None) == (k == 0)
+    used = qg.fusion.corrections[name]
+    assert (used is None) == (k == 0)
+    merged = used in ("dense", "rows", "scatter")  # else "per part: e1, e2, e3": the parts keep their own
+    if correction == "scatter" and k:
+        assert merged  # the same cost merged or not: merged saves nodes
+    encodings = [used] if merged else used.split(": ")[1].split(", ") if used else []
     counts = ops(qg.model)
-    assert counts["MatMulNBits"] == 1 and counts["Split"] == 1 and counts["MatMul"] == (k > 0) * (
-        {"dense": 1, "rows": 2, "scatter": 0}.get(qg.fusion.corrections[name], 0))
-    assert not any(n.name.startswith(f"/{layer}/") for layer in SIZES for n in qg.model.graph.node)
-    assert not any(t.name.startswith(tuple(f"{layer}." for layer in SIZES)) for t in qg.model.graph.initializer)
+    assert counts["MatMulNBits"] == 1 and counts["Split"] == 1
+    assert counts["MatMul"] == sum({"dense": 1, "rows": 2, "scatter": 0}[e] for e in encodings)
+    assert counts["Add"] == len(encodings) - (encodings.count("scatter"))  # biases: MatMulNBits' own input
+    left = [n.name for n in qg.model.graph.node if n.name.startswith(tuple(f"/{layer}/" for layer in SIZES))]
+    assert all("/correction/" in n for n in left) and bool(left) == (k > 0 and not merged)
+    assert not any(t.name.startswith(tuple(f"{layer}." for layer in SIZES)) and ".corr_" not in t.name
+                   for t in qg.model.graph.initializer)
     node = next(n for n in qg.model.graph.node if n.op_type == "MatMulNBits")
     assert node.name == f"/{name}/MatMulNBits" and {a.name: a.i for a in node.attribute}["N"] == sum(SIZES.values())
     assert metadata(qg.model)[FUSED_KEY] == f'{{"{name}": [["attn.query", 24], ["attn.key", 24], ["attn.value", 16]]}}'
