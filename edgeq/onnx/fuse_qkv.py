@@ -1,5 +1,5 @@
 """Fuse the rewritten Linears that read one input (q, k, v of an attention block) into one
-MatMulNBits + one FP32 correction, then ``Split`` (``--fuse-qkv``).
+MatMulNBits (+ one merged FP32 correction when it is no dearer), then ``Split`` (``--fuse-qkv``).
 
 For the parts ``Ŵ_1 … Ŵ_m`` (``[N_l, K]``) of one input x, each written by
 :func:`edgeq.onnx.rewrite.rewrite_linears` as MatMulNBits + bias + correction::
@@ -9,12 +9,16 @@ For the parts ``Ŵ_1 … Ŵ_m`` (``[N_l, K]``) of one input x, each written by
     y   = MatMulNBits(x, B, s, bias) + Σ_{t ∈ S} x[..., j_t] v_t e_{i_t}
     y_1, …, y_m = Split(y, [N_1, …, N_m], axis=−1)
 
-i.e. the ordinary rewrite of one Linear, so its correction is chosen and built by
+i.e. the ordinary rewrite of one Linear, so its merged correction is chosen and built by
 :mod:`edgeq.onnx.corrections` as for any layer: ``dense`` gathers the union C of the parts'
 columns and multiplies by a block-structured ``D [|C|, ΣN]`` (v_t at (position of j_t, i_t + o_l),
-exact zeros elsewhere), ``rows`` and ``scatter`` concatenate.  Every output element sums the same
-products x_j · v_t as before, plus exact zeros, so the fused graph computes the same numbers up to
-float summation order.  Codes are packed per row, so the fused ``B``/planes hold the parts' bytes.
+exact zeros elsewhere), ``rows`` and ``scatter`` concatenate.  The merged branch is built only when
+the ``auto`` cost model rates it no dearer than the parts' own branches together (scatter: equal;
+dense: when the parts share columns; rows: never, the one-hot spread grows to ΣN); otherwise the
+MatMulNBits is fused and each part keeps its own correction, which reads its slice of the Split
+(``y_l = Split(y_q)_l + correction_l(x)``).  Either way every output element sums the same products
+x_j · v_t as before, plus exact zeros, so the fused graph computes the same numbers up to float
+summation order.  Codes are packed per row, so the fused ``B``/planes hold the parts' bytes.
 
 Pattern → check → rewrite, as the other rewrites:
 
@@ -23,10 +27,11 @@ Pattern → check → rewrite, as the other rewrites:
   accuracy_level, stored bits and storage kind (plain, compact planes, native 2-bit), biases that
   are MatMulNBits' own input, each part's nodes one subgraph from x to one output, and no FP32
   (excluded) Linear reading the same input;
-* **rewrite**: the parts' nodes (named ``/{layer}/…``) and their initializers go; the fused layer
-  is named ``common prefix + "+".join(suffixes)`` (``…attention.self.query+key+value``) and its
+* **rewrite**: the parts' nodes (named ``/{layer}/…``; their corrections stay when not merged) and
+  their initializers go; the fused layer is named ``common prefix + "+".join(suffixes)`` (``…attention.self.query+key+value``) and its
   parts, with N_l, are recorded in the ``edgeq.fused`` metadata, from which
-  :func:`edgeq.onnx.readback.read_back` decodes the fused Ŵ and splits it back by rows.
+  :func:`edgeq.onnx.readback.read_back` decodes the fused Ŵ, splits it back by rows and adds each
+  part's own correction, if any.
 """
 
 from __future__ import annotations
