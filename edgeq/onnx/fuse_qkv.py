@@ -28,8 +28,9 @@ Pattern → check → rewrite, as the other rewrites:
   are MatMulNBits' own input, each part's nodes one subgraph from x to one output, and no FP32
   (excluded) Linear reading the same input;
 * **rewrite**: the parts' nodes (named ``/{layer}/…``; their corrections stay when not merged) and
-  their initializers go; the fused layer is named ``common prefix + "+".join(suffixes)`` (``…attention.self.query+key+value``) and its
-  parts, with N_l, are recorded in the ``edgeq.fused`` metadata, from which
+  their initializers go; the fused layer is named ``common prefix + "+".join(suffixes)``
+  (``…attention.self.query+key+value``) and its parts, with N_l, are recorded in the
+  ``edgeq.fused`` metadata, from which
   :func:`edgeq.onnx.readback.read_back` decodes the fused Ŵ, splits it back by rows and adds each
   part's own correction, if any.
 """

@@ -81,6 +81,10 @@ def test_structure_and_numerics(qkv, k, correction):
     assert all("/correction/" in n for n in left) and bool(left) == (k > 0 and not merged)
     assert not any(t.name.startswith(tuple(f"{layer}." for layer in SIZES)) and ".corr_" not in t.name
                    for t in qg.model.graph.initializer)
+    if used == "dense":  # one Gather of the union of the parts' columns
+        cols = next(numpy_helper.to_array(t) for t in qg.model.graph.initializer if t.name == f"{name}.corr_cols")
+        union = np.unique(np.concatenate([q.salient_index % K for q in qg.plan.quants.values()]))
+        np.testing.assert_array_equal(cols, union)
     node = next(n for n in qg.model.graph.node if n.op_type == "MatMulNBits")
     assert node.name == f"/{name}/MatMulNBits" and {a.name: a.i for a in node.attribute}["N"] == sum(SIZES.values())
     assert metadata(qg.model)[FUSED_KEY] == f'{{"{name}": [["attn.query", 24], ["attn.key", 24], ["attn.value", 16]]}}'
