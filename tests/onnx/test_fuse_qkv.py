@@ -254,3 +254,24 @@ def test_convert_and_validate_fused(tmp_path, tiny_model):
     res = CliRunner().invoke(main, ["validate", str(model_dir), str(out)])
     assert res.exit_code == 0, res.output
     assert ConvertConfig().fuse_qkv is False  # the default: see docs/performance.md for the measurement
+
+
+def test_refusals_are_logged_and_kept(qkv, caplog):
+    """quantize_graph: a refused group stays unfused, still decodes to the plan, and the reason is logged."""
+    ws, bs = qkv
+    with caplog.at_level("WARNING", logger="edgeq.pipeline.core"):
+        qg = quantize_graph(qkv_graph(ws, bs), ws, ConvertConfig(k=4, exclude=("value",), fuse_qkv=True))
+    assert not qg.fusion.fused and qg.fusion.refused[0][0] == ["attn.query", "attn.key"]
+    assert ops(qg.model)["MatMulNBits"] == 2 and ops(qg.model)["Split"] == 0
+    assert any("not fused" in r.message and "FP32 Linear" in r.message for r in caplog.records)
+
+
+def test_native_two_bit_kernel_is_fused(qkv):
+    ws, bs = qkv
+    qg = quantize_graph(qkv_graph(ws, bs), ws, ConvertConfig(k=4, bits=2, kernel="native", fuse_qkv=True))
+    node = next(n for n in qg.model.graph.node if n.op_type == "MatMulNBits")
+    assert qg.fusion.fused and {a.name: a.i for a in node.attribute}["bits"] == 2
+    x = np.random.default_rng(4).normal(size=(2, 3, K)).astype(np.float32)
+    got = run(qg.model, x)
+    for layer in SIZES:  # the decoded plan (checked bit for bit inside quantize_graph) is what ORT computes
+        np.testing.assert_allclose(got[f"{layer}.y"], x @ qg.planned[layer].T + bs[layer], rtol=1e-4, atol=1e-4)
