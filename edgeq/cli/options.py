@@ -110,8 +110,9 @@ def perf_options(fn):
         click.option("--quantize-embeddings/--no-quantize-embeddings", default=False, show_default=True,
                      help="Word-embedding table as 4-bit GatherBlockQuantized (block 32)."),
         click.option("--fuse-qkv/--no-fuse-qkv", default=_default("fuse_qkv"), show_default=True,
-                     help="Fuse the Linears that read one input (attention q, k, v) into one MatMulNBits + one "
-                          "FP32 correction, then Split; groups that cannot be fused are logged with the reason."),
+                     help="Fuse the Linears that read one input (attention q, k, v) into one MatMulNBits, then "
+                          "Split; their FP32 corrections are merged when that is no dearer (cost model of auto). "
+                          "Groups that cannot be fused are logged with the reason."),
     ]
     return _apply(fn, opts)
 
