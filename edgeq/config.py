@@ -31,6 +31,7 @@ class ConvertConfig:
     storage: str = "auto"  # plain (MatMulNBits inputs) or compact (b-bit planes + fp16 scales);
                            # auto: compact below 4 bits
     kernel: str = "int4"  # int4 (every width runs the 4-bit kernel) or native (ONNX Runtime's own 2-bit kernel)
+    fuse_qkv: bool = False  # Linears reading one input (q, k, v) → one MatMulNBits + Split (edgeq.onnx.fuse_qkv)
     opset: int = 17
     allow_pickle: bool = False
     external_data_threshold: int = 2_000_000_000  # bytes; larger models use external data

@@ -93,7 +93,7 @@ def quantizer_kwargs(params: dict) -> dict:
     return {k: params[k] for k in QUANTIZER_OPTION_NAMES if k in params}
 
 
-PERF_OPTION_NAMES = ("bits", "bits8", "grid", "correction", "quantize_embeddings", "storage", "kernel")
+PERF_OPTION_NAMES = ("bits", "bits8", "grid", "correction", "quantize_embeddings", "storage", "kernel", "fuse_qkv")
 
 
 def perf_options(fn):
@@ -119,6 +119,10 @@ def perf_options(fn):
         click.option("--quantize-embeddings/--no-quantize-embeddings", default=False, show_default=True,
                      help="Embedding tables as 4-bit GatherBlockQuantized (block 32): the word table and every "
                           "other nn.Embedding table with >= 64 rows (position); token-type tables stay FP32."),
+        click.option("--fuse-qkv/--no-fuse-qkv", default=_default("fuse_qkv"), show_default=True,
+                     help="Fuse the Linears that read one input (attention q, k, v) into one MatMulNBits, then "
+                          "Split; their FP32 corrections are merged when that is no dearer (cost model of auto). "
+                          "Groups that cannot be fused are logged with the reason."),
     ]
     return _apply(fn, opts)
 

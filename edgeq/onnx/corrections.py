@@ -216,3 +216,8 @@ def decode_correction(layer: str, names, arr) -> tuple[np.ndarray, np.ndarray, n
     """
     found = [c for c in CORRECTIONS.values() if f"{layer}.{c.marker}" in names]
     return found[0].decode(layer, arr) if found else None
+
+
+def correction_cost(q: QuantizedLinear, encoding: str) -> float:
+    """Multiply-add equivalents per token of ``encoding`` for ``q`` by the ``auto`` cost model (0 when k = 0)."""
+    return float(_cost(q, encoding)) if q.k else 0.0

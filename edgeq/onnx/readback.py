@@ -7,7 +7,9 @@ For each rewritten Linear (listed in the ``edgeq.layers`` metadata)::
 with the codes and scales decoded from however they are stored (``edgeq.onnx.storage``: plain
 MatMulNBits inputs, compact bit planes + float16 scales, or the native 2-bit layout), and
 the FP32 entries (i_t, j_t, v_t) decoded by whichever correction encoding the layer uses
-(:func:`edgeq.onnx.corrections.decode_correction`).  4-bit embedding tables are decoded by
+(:func:`edgeq.onnx.corrections.decode_correction`).  Linears fused by ``--fuse-qkv`` (listed in the
+``edgeq.fused`` metadata, :mod:`edgeq.onnx.fuse_qkv`) are decoded as the one stacked Linear and
+split back by rows.  4-bit embedding tables are decoded by
 :func:`edgeq.onnx.embeddings.read_embeddings`.  The decode knows nothing of the plan that wrote the
 file, which is what makes "the file equals the plan" a real check.
 """
@@ -22,6 +24,7 @@ from onnx import numpy_helper
 
 from edgeq.onnx.corrections import decode_correction
 from edgeq.onnx.embeddings import read_embeddings
+from edgeq.onnx.fuse_qkv import FUSED_KEY
 from edgeq.onnx.graph import metadata
 from edgeq.onnx.rewrite import LAYERS_KEY
 from edgeq.onnx.storage import decode_weight
@@ -38,16 +41,32 @@ def read_back(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     def arr(name: str) -> np.ndarray:
         return numpy_helper.to_array(inits[name])
 
-    out = {}
-    for layer in json.loads(meta[LAYERS_KEY]):
-        node = nodes.get(f"/{layer}/MatMulNBits")
-        if node is None:
-            raise ValueError(f"the edgeq.layers metadata names {layer}, but the graph has no /{layer}/MatMulNBits")
-        w = decode_weight(layer, node, inits, arr)  # plain, compact or native storage (edgeq.onnx.storage)
+    def add_correction(layer: str, w: np.ndarray) -> np.ndarray:
         entries = decode_correction(layer, inits, arr)
         if entries is not None:
             rows, cols, vals = entries
             np.add.at(w, (rows, cols), vals)
-        out[layer] = w.astype(np.float32)
+        return w.astype(np.float32)
+
+    def decode(layer: str) -> np.ndarray:
+        node = nodes.get(f"/{layer}/MatMulNBits")
+        if node is None:
+            raise ValueError(f"the edgeq metadata names {layer}, but the graph has no /{layer}/MatMulNBits")
+        return add_correction(layer, decode_weight(layer, node, inits, arr))  # plain, compact or native storage
+
+    parts = {}  # part layer → (fused layer, first row, N): --fuse-qkv stacked these along N (edgeq.onnx.fuse_qkv)
+    for fused, members in json.loads(meta.get(FUSED_KEY, "{}")).items():
+        for (layer, n), start in zip(members, np.cumsum([0] + [n for _, n in members])):
+            parts[layer] = (fused, int(start), int(n))
+    stacked: dict[str, np.ndarray] = {}
+    out = {}
+    for layer in json.loads(meta[LAYERS_KEY]):
+        if layer in parts:
+            fused, start, n = parts[layer]
+            if fused not in stacked:
+                stacked[fused] = decode(fused)
+            out[layer] = add_correction(layer, stacked[fused][start:start + n].copy())  # a part's own correction
+        else:
+            out[layer] = decode(layer)
     out.update(read_embeddings(model))  # 4-bit word/position embeddings, keyed by module name
     return out

@@ -216,6 +216,9 @@ def make_report(c: Converted, out: Path, large: bool, file_bytes: int, parity: P
         "linears_quantized": c.graph.rewrite.count,
         "linears_excluded": list(plan.excluded),
         "embeddings": c.graph.embeddings,
+        "fused_qkv": None if c.graph.fusion is None else {  # --fuse-qkv (edgeq.onnx.fuse_qkv)
+            "fused": c.graph.fusion.fused, "corrections": c.graph.fusion.corrections,
+            "refused": [{"layers": layers, "reason": r} for layers, r in c.graph.fusion.refused]},
         "external_data": large,
         "export_max_abs_diff": c.export_diff,
         "recon_error_total": plan.total_recon_error,

@@ -10,7 +10,9 @@ For a planned Linear ``W [N, K]`` (codes C, scales s, salient set S with its exa
 
 ``quantize_graph`` copies the FP32 ModelProto (the caller's is never modified), replaces every
 planned Linear by ``MatMulNBits`` + its sparse FP32 correction (:func:`edgeq.onnx.rewrite.rewrite_linears`),
-optionally replaces the word/position-embedding Gathers by 4-bit ``GatherBlockQuantized``
+optionally fuses the Linears that read one input (q, k, v) into one MatMulNBits + correction + Split
+(``--fuse-qkv``, :func:`edgeq.onnx.fuse_qkv.fuse_shared_inputs`), optionally replaces the
+word/position-embedding Gathers by 4-bit ``GatherBlockQuantized``
 (``Ê`` = Q4-sym-7 of the table, blocks of 32 along the hidden axis), then requires
 
 * **count**: the rewrite replaced exactly as many Linears as the plan holds;
@@ -34,6 +36,7 @@ import numpy as np
 from edgeq.config import ConvertConfig
 from edgeq.errors import EdgeqError, UsageError
 from edgeq.onnx.embeddings import quantize_embeddings
+from edgeq.onnx.fuse_qkv import FuseResult, fuse_shared_inputs
 from edgeq.onnx.readback import read_back
 from edgeq.onnx.rewrite import RewriteResult, rewrite_linears
 from edgeq.quant.plan import QuantPlan, build_plan
@@ -69,7 +72,8 @@ class QuantizedGraph:
     rewrite: RewriteResult
     planned: Mapping[str, np.ndarray]  # Ŵ per Linear and Ê per embedding module = read_back(model)
     embeddings: dict | None  # the report's "embeddings" section (None without --quantize-embeddings)
-    timings_s: dict[str, float] = field(default_factory=dict)  # "rewrite" (and "embeddings")
+    timings_s: dict[str, float] = field(default_factory=dict)  # "rewrite" (and "fuse_qkv", "embeddings")
+    fusion: FuseResult | None = None  # --fuse-qkv: the fused groups and the refused ones with their reasons
 
 
 def needs_calibration_pass(config: ConvertConfig) -> bool:
@@ -119,6 +123,13 @@ def quantize_graph(fp32_model, weights: Mapping[str, np.ndarray], config: Conver
         raise EdgeqError(f"{e}; exclude them with --exclude REGEX or report this model") from None
     if result.count != len(plan.layers):
         raise EdgeqError(f"rewrote {result.count} Linears but the plan has {len(plan.layers)}; please report this")
+    fusion = None
+    if config.fuse_qkv:  # Linears reading one input → one MatMulNBits + one correction + Split
+        fusion = timer.run("fuse_qkv", fuse_shared_inputs, model, plan.quants, config.correction,
+                           config.storage, config.kernel)
+        for layers, reason in fusion.refused:
+            logger.warning(f"--fuse-qkv: {', '.join(layers)} not fused: {reason}")
+        logger.info(f"--fuse-qkv: {len(fusion.fused)} group(s) fused, {len(fusion.refused)} refused")
     planned = {name: lp.quant.dequantize() for name, lp in plan.layers.items()}
     embeddings = None
     if config.quantize_embeddings:  # word/position tables → GatherBlockQuantized (edgeq.onnx.embeddings)
@@ -135,5 +146,5 @@ def quantize_graph(fp32_model, weights: Mapping[str, np.ndarray], config: Conver
     bad = [n for n in planned if n not in decoded or not np.array_equal(planned[n], decoded[n])]
     if bad:
         raise EdgeqError(f"the written graph does not encode the plan for {', '.join(bad[:3])}; please report this")
-    stages = {k: timer.stages[k] for k in ("rewrite", "embeddings") if k in timer.stages}
-    return QuantizedGraph(model, plan, result, planned, embeddings, stages)
+    stages = {k: timer.stages[k] for k in ("rewrite", "fuse_qkv", "embeddings") if k in timer.stages}
+    return QuantizedGraph(model, plan, result, planned, embeddings, stages, fusion)
