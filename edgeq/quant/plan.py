@@ -71,27 +71,39 @@ def selection_order(name: str, weight: np.ndarray, config: ConvertConfig, stats=
     return descending_order(get_method(config.method).score(torch.from_numpy(w), ctx), limit)
 
 
+def activation_weights(stats) -> np.ndarray | None:
+    """``a_j = E[x_j²]`` of a Linear's input statistics (``edgeq.model.calib.InputStats``), or None.
+
+    The mse grids weight each weight's squared error by it (``edgeq.quant.grid``); None without
+    statistics (or without XᵀX) gives the plain weight error.
+    """
+    xtx = getattr(stats, "xtx", None)
+    if xtx is None or not getattr(stats, "count", 0):
+        return None
+    return np.asarray(np.diagonal(np.asarray(xtx)), dtype=np.float64) / float(stats.count)
+
+
 def plan_layer_from_order(name: str, weight: np.ndarray, order: np.ndarray, config: ConvertConfig,
-                          quantize: Callable[[np.ndarray, np.ndarray], QuantizedLinear] | None = None) -> LayerPlan:
+                          quantize: Callable[[np.ndarray, np.ndarray], QuantizedLinear] | None = None,
+                          act: np.ndarray | None = None) -> LayerPlan:
     """Plan one Linear whose salient set is ``sort(order[:k])``, k = ``config.k`` clipped to N·K.
 
     ``order``: a descending selection order of at least k entries (:func:`selection_order`), so one
-    order serves every k.  ``quantize(w, idx)`` defaults to RTN (see edgeq.quant.registry).
+    order serves every k.  ``quantize(w, idx)`` defaults to RTN (see edgeq.quant.registry) on the
+    layer's grid (``ConvertConfig.layer_grid``); ``act``: the mse grids' activation weights.
     """
     w = np.ascontiguousarray(weight, dtype=np.float32)
     k = min(config.k, w.size)
     if len(order) < k:
         raise ValueError(f"{name}: the selection order holds {len(order)} entries, fewer than k = {k}")
     idx = topk_from_order(np.asarray(order, dtype=np.int64), k)
-    grid = config.grid if config.layer_bits(name) == 4 else "sym7"
+    bits, grid, fp16 = config.layer_grid(name)
     if quantize is None:
         quant = quantize_rtn(w, idx, config.granularity, config.exclude_salient_from_scale,
-                             bits=config.layer_bits(name), grid=grid,
-                             fp16_scales=config.fp16_scales and config.layer_bits(name) != 8)
+                             bits=bits, grid=grid, fp16_scales=fp16, act=act)
     else:
         quant = quantize(w, idx)
-    base = quantize_rtn(w, idx[:0], config.granularity, bits=quant.stored_bits,
-                        grid=config.grid if quant.stored_bits == 4 else "sym7", fp16_scales=quant.fp16_scales)
+    base = quantize_rtn(w, idx[:0], config.granularity, bits=bits, grid=grid, fp16_scales=fp16, act=act)
     k_in = w.shape[1]
     return LayerPlan(
         name=name,
@@ -114,7 +126,7 @@ def plan_layer(name: str, weight: np.ndarray, config: ConvertConfig, stats=None,
         order = np.arange(k, dtype=np.int64)
     else:
         order = selection_order(name, weight, config, stats, limit=k)
-    return plan_layer_from_order(name, weight, order, config, quantize)
+    return plan_layer_from_order(name, weight, order, config, quantize, activation_weights(stats))
 
 
 def build_plan(
