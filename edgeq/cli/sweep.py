@@ -56,7 +56,8 @@ def _choices(allowed):
 @click.option("--bits", "bits_list", default="4", show_default=True, callback=_choices(["4", "8"]),
               help="Comma-separated MatMulNBits bits (4, 8); 8-bit cells get the suffix -bits8.")
 @click.option("--grid", "grids", default="sym7", show_default=True, callback=_choices(list(GRIDS)),
-              help="Comma-separated 4-bit grids (sym7, sym8: rtn only); sym8 cells get the suffix -sym8.")
+              help="Comma-separated grids (sym7, sym8, mse, asym, asym-mse; not lsi/sarqc-gs); "
+                   "cell ids get the suffix -GRID.")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Output directory (cells/, table1.md/.csv/.json, figure1.png); rerun to resume.")
 @click.option("--rank", type=int, default=8, show_default=True, help="SVD rank r of the svd method.")

@@ -144,3 +144,25 @@ def test_grid_refusals_for_the_other_quantizers(tmp_path, tiny):
         r = CliRunner().invoke(main, ["convert", *args, "--calib", str(calib), str(model), str(tmp_path / "x.onnx")])
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, (args, r.output)
         assert not (tmp_path / "x.onnx").exists()
+
+
+def test_rtn_mse_grid_uses_calibration_and_composes_with_exclude_and_embeddings(tmp_path, tiny, tiny_model):
+    """--grid mse weights the search by E[x²] when --calib is given (other scales than without data)."""
+    import onnx
+    from onnx import numpy_helper
+
+    _, calib = tiny
+    model = tiny_model(hidden=64)  # 4-bit embeddings need a hidden size that is a multiple of 32
+    scales = {}
+    for name, extra in (("plain", []), ("act", ["--calib", str(calib), "--calib-samples", "12"])):
+        out = tmp_path / f"{name}.onnx"
+        res = convert(["--k", "8", "--bits", "3", "--grid", "mse", "--exclude", "classifier",
+                       "--quantize-embeddings", *extra, str(model), str(out)])
+        assert res.exit_code == 0, res.output
+        rep = json.loads(out.with_suffix(".json").read_text())
+        assert rep["parity"]["ok"] and rep["embeddings"]["int4"]
+        assert not any("classifier" in n for n in rep["layers"])
+        m = onnx.load(str(out))
+        scales[name] = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer if t.name.endswith(".scales16")}
+    assert scales["plain"].keys() == scales["act"].keys()
+    assert any(not np.array_equal(scales["plain"][n], scales["act"][n]) for n in scales["plain"])
