@@ -133,6 +133,9 @@ def test_calibrated_quantizers_at_2_and_3_bits_with_every_grid(tmp_path, tiny, q
     for n in zps:  # b-bit zero points carried at 4 bits: multiples of 2^(4-b)
         z = np.concatenate([inits[n] & 15, inits[n] >> 4], axis=1)
         assert np.all(z % step == 0)
+    if zps:  # edgeq validate decodes the zero points from the file alone
+        r = CliRunner().invoke(main, ["validate", "-q", str(model), str(out)], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
 
 
 def test_grid_refusals_for_the_other_quantizers(tmp_path, tiny):
