@@ -202,7 +202,7 @@ class _Context:
 
 
 def usable_variants(settings: SweepSettings, grid: Sequence[Variant]) -> list[Variant]:
-    """``grid`` without the combinations the config refuses (a calibrated quantizer at 8 bits or on sym8)."""
+    """``grid`` without the combinations the config refuses (e.g. sarqc-gs or lsi at 8 bits or on another grid)."""
     from edgeq.config import ConvertConfig
 
     out = []
