@@ -24,7 +24,7 @@ class ConvertConfig:
     exclude: tuple[str, ...] = ()  # regexes of Linear names kept FP32
     accuracy_level: int = 0  # MatMulNBits accuracy_level; 0 = FP32 activations, same numbers on every runtime
     bits: int = 4  # bits per Linear weight: 4 (Q4-sym-7), 8 (Q8-sym-127), or 2/3 (stored compact, run at 4)
-    grid: str = "sym7"  # 4-bit grid: sym7 (max/7, the paper's) or sym8 (ONNX Runtime's signed max/8; rtn only)
+    grid: str = "sym7"  # sym7 (max/7, the paper's), sym8 (ORT's signed max/8), mse, asym, asym-mse (edgeq.quant.grid)
     bits8: tuple[str, ...] = ()  # regexes of Linear names quantized to 8 bits whatever --bits says
     correction: str = "auto"  # graph encoding of the FP32 correction (edgeq.onnx.corrections.CORRECTION_CHOICES)
     quantize_embeddings: bool = False  # word + nn.Embedding tables of >= 64 rows as 4-bit GatherBlockQuantized
@@ -85,9 +85,11 @@ class ConvertConfig:
         self._check_storage()
         if self.grid not in GRIDS:
             raise ValueError(f"--grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
-        if self.grid != "sym7" and self.quantizer != "rtn":
-            raise ValueError(f"--grid {self.grid} is implemented for --quantizer rtn only; use --grid sym7 "
-                             f"with --quantizer {self.quantizer}")
+        if self.bits == 8 and self.grid != "sym7":
+            raise ValueError(f"--grid {self.grid} is for 2-4 bits; 8-bit codes use sym7 (drop --grid or use --bits 4)")
+        if self.grid.startswith("asym") and self.kernel == "native":
+            raise ValueError(f"--grid {self.grid} needs zero points, which the native 2-bit layout is written "
+                             "without here; use --kernel int4")
         from edgeq.onnx.corrections import CORRECTION_CHOICES
 
         if self.correction not in CORRECTION_CHOICES:
@@ -127,9 +129,11 @@ class ConvertConfig:
         if self.bits in COMPACT_BITS and self.kernel == "int4" and self.storage != "compact":
             raise ValueError(f"--bits {self.bits} is stored compact and run by the 4-bit kernel; "
                              "use --storage compact (or auto), or --kernel native for 2 bits")
-        if self.storage == "compact" and self.quantizer != "rtn":
-            raise ValueError(f"--storage compact (and --bits 2/3) is implemented for --quantizer rtn only; the "
-                             f"calibrated quantizers do not plan float16 scales yet (got --quantizer {self.quantizer})")
+        from edgeq.quant.registry import GRID_QUANTIZERS
+
+        if self.storage == "compact" and self.quantizer not in GRID_QUANTIZERS:
+            raise ValueError(f"--storage compact (and --bits 2/3) needs float16 scales, which --quantizer "
+                             f"{self.quantizer} does not plan; use --quantizer {'/'.join(GRID_QUANTIZERS)}")
         if self.storage == "compact" and self.bits == 8:
             raise ValueError("--storage compact holds 2, 3 or 4 bits per weight; use --bits 2, 3 or 4 "
                              "(--bits8 layers stay plain)")
@@ -138,6 +142,11 @@ class ConvertConfig:
     def fp16_scales(self) -> bool:
         """Plans use float16 scales when the file stores them (compact storage)."""
         return self.storage == "compact"
+
+    def layer_grid(self, layer: str) -> tuple[int, str, bool]:
+        """(bits, grid, float16 scales) of ``layer``: --bits8 layers are Q8-sym-127 with float32 scales."""
+        bits = self.layer_bits(layer)
+        return (8, "sym7", False) if bits == 8 else (bits, self.grid, self.fp16_scales)
 
     def layer_bits(self, layer: str) -> int:
         """8 when ``--bits8`` matches ``layer``, else ``--bits``."""

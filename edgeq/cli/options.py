@@ -111,8 +111,10 @@ def perf_options(fn):
         click.option("--bits8", multiple=True, metavar="REGEX",
                      help="Quantize Linears whose name matches REGEX to 8 bits (repeatable)."),
         click.option("--grid", type=click.Choice(GRIDS), default="sym7", show_default=True,
-                     help="4-bit grid: sym7 (scale max|w|/7, levels -7..7, the paper's) or sym8 (ONNX Runtime's "
-                          "own RTN grid: signed scale max/8, levels -8..7, finer; --quantizer rtn only)."),
+                     help="Grid: sym7 (scale max|w|/7, levels -7..7, the paper's; 2/3 bits: signed max), sym8 "
+                          "(ONNX Runtime's signed max/8, levels -8..7), mse (signed max, scale shrink searched per "
+                          "group on the E[x^2]-weighted error with --calib), asym / asym-mse (min-max with "
+                          "per-group zero points). 2-4 bits; rtn, gptq, sarqc-gbs (docs/lowbit.md)."),
         click.option("--correction", type=click.Choice(CORRECTION_CHOICES), default="auto", show_default=True,
                      help="Graph encoding of the k FP32 entries: dense (Gather+MatMul+Add), rows "
                           "(MatMul+MatMul+Add), scatter (ScatterElements); auto picks the cheapest per layer."),

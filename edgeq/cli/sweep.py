@@ -57,7 +57,8 @@ def _choices(allowed):
               help="Comma-separated bits per Linear weight (2, 3: stored compact and run by the 4-bit kernel; 4; "
                    "8); cells at other than 4 get a suffix, e.g. -bits2.")
 @click.option("--grid", "grids", default="sym7", show_default=True, callback=_choices(list(GRIDS)),
-              help="Comma-separated 4-bit grids (sym7, sym8: rtn only); sym8 cells get the suffix -sym8.")
+              help="Comma-separated grids (sym7, sym8, mse, asym, asym-mse; not lsi/sarqc-gs); "
+                   "cell ids get the suffix -GRID.")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Output directory (cells/, table1.md/.csv/.json, figure1.png); rerun to resume.")
 @click.option("--rank", type=int, default=8, show_default=True, help="SVD rank r of the svd method.")

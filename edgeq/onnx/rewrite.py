@@ -49,7 +49,7 @@ from edgeq.onnx.corrections import (
     choose_correction,
 )
 from edgeq.onnx.graph import MS_DOMAIN, attr, consumers, ensure_opset, set_meta, unique_names
-from edgeq.onnx.storage import weight_inputs
+from edgeq.onnx.storage import weight_inputs, zero_point_input
 from edgeq.quant.int4 import QuantizedLinear
 
 LAYERS_KEY = "edgeq.layers"
@@ -206,11 +206,15 @@ def rewrite_linears(
         y_q = f"/{layer}/MatMulNBits_output" if q.k else y
         b_name, s_name, bits, unpack_nodes, weight_inits = weight_inputs(layer, q, storage, kernel)
         inputs = [x, b_name, s_name]
+        zp = zero_point_input(layer, q)  # asymmetric grids: MatMulNBits' zero_points input
+        if zp is not None:
+            inputs.append(zp[0])
+            weight_inits = [*weight_inits, zp[1]]
         bias_add = None
         if bias_name:  # MatMulNBits' own bias input when it is a private vector, else an Add
             c = inits.get(bias_name)
             if c is not None and len(uses[bias_name]) == 1 and list(c.dims) in ([n_out], [1, n_out]):
-                inputs += ["", "", f"{layer}.bias"]
+                inputs += [""] * (5 - len(inputs)) + [f"{layer}.bias"]
                 new_inits.append(_tensor(numpy_helper.to_array(c).reshape(-1).astype(np.float32), f"{layer}.bias"))
                 drop_inits.add(bias_name)
             else:

@@ -18,6 +18,11 @@
 * ``native``: ONNX Runtime's own ``bits=2`` kernel, ``B = pack_native2(codes)`` (four 2-bit codes a
   byte, zero point 2) and float32 scales ``s · 4`` — for comparison; slow on x86 CPUs.
 
+Asymmetric grids (``--grid asym``) add MatMulNBits' ``zero_points`` input, stored plain in every
+storage (``{layer}.zero_points``, ``edgeq.quant.pack.pack_zero_points``: uint8, two 4-bit zero points a
+byte, i.e. 0.5 byte per group next to the 2-byte float16 scale); at 2/3 bits they are ``z · 2^(4−b)``
+like the codes.  The native kernel is written without them (refused by the config).
+
 :func:`decode_weight` reads the quantized part of Ŵ back from any of the three.
 """
 
@@ -35,9 +40,11 @@ from edgeq.quant.pack import (
     pack_codes,
     pack_native2,
     pack_planes,
+    pack_zero_points,
     unpack_codes,
     unpack_native2,
     unpack_planes,
+    unpack_zero_points,
 )
 
 STORAGES = ("plain", "compact")
@@ -50,6 +57,8 @@ _tensor = numpy_helper.from_array
 def check_storage(q: QuantizedLinear, storage: str, kernel: str) -> str | None:
     """Why ``q`` cannot be stored this way, or None."""
     if kernel == "native":
+        if q.zero_points is not None:
+            return "ONNX Runtime's native 2-bit layout is written here without zero points (asymmetric grid)"
         if q.stored_bits != 2:
             return f"ONNX Runtime's native MatMulNBits kernel is used here for 2 bits only, not {q.stored_bits}"
         return None
@@ -124,6 +133,13 @@ def _compact(layer: str, q: QuantizedLinear):
     return f"{p}/B", f"{p}/scales", 4, nodes, inits
 
 
+def zero_point_input(layer: str, q: QuantizedLinear) -> tuple[str, onnx.TensorProto] | None:
+    """(name, initializer) of ``layer``'s MatMulNBits ``zero_points`` input, or None (symmetric codes)."""
+    if q.zero_points is None:
+        return None
+    return f"{layer}.zero_points", _tensor(pack_zero_points(q.zero_points, q.bits), f"{layer}.zero_points")
+
+
 def decode_weight(layer: str, node: onnx.NodeProto, names, arr: Callable[[str], np.ndarray]) -> np.ndarray:
     """The quantized part ``(code − zero point) · scale`` ``[N, K]`` of ``layer``'s MatMulNBits ``node``.
 
@@ -139,5 +155,10 @@ def decode_weight(layer: str, node: onnx.NodeProto, names, arr: Callable[[str], 
         bits = 4
     else:
         codes, scales = unpack_codes(arr(node.input[1]), k_in, bits), arr(node.input[2])
-    scales = np.repeat(scales.reshape(n, -1), bs, axis=1)[:, :k_in]
-    return ((codes.astype(np.float32) - float(zero_point(bits))) * scales).astype(np.float32)
+    scales = scales.reshape(n, -1)
+    zp = np.float32(zero_point(bits))
+    if len(node.input) > 3 and node.input[3]:  # per-group zero points (asymmetric grids)
+        z = unpack_zero_points(arr(node.input[3]), n, scales.shape[1], bits)
+        zp = np.repeat(z, bs, axis=1)[:, :k_in].astype(np.float32)
+    scales = np.repeat(scales, bs, axis=1)[:, :k_in]
+    return ((codes.astype(np.float32) - zp) * scales).astype(np.float32)

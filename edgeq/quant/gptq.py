@@ -8,14 +8,17 @@ Hessian ``H = (2/T) XᵀX`` (ALGORITHMS.md §5; IST-DASLab/gptq ``fasterquant``)
     H'   = H + reg_diag + percdamp · md · I              reg_diag = 0 for GPTQ
     U    = chol(H'^{-1}, upper)
     for each column c (lazy batches of ``blocksize`` columns):
-        q_c = s_c ⊙ clamp(rint(w_c / s_c), −7, 7)        Q4-sym-7, scales s of the configured granularity
+        q_c = s_c ⊙ clamp(rint(w_c / s_c), lo, hi)       the grid's levels (Q4-sym-7: −7..7), scales s
         q_c[M_c] = w_c[M_c]                              salient entries: exact, zero error (SpQR)
         e_c = (w_c − q_c) / U[c, c]
         W[:, c+1:] −= e_c ⊗ U[c, c+1:]                   error compensation of the later columns
 
-Scales are fitted exactly as ``quantize_rtn`` fits them (same max|·|/7 formula, same salient
-inclusion rule): per-tensor and per-channel once on the original W before the loop, a block of
-``b`` inputs when the loop reaches the block's first column, on the *updated* W (GPTQ's groups).
+Scales (and zero points) are fitted by the very function ``quantize_rtn`` uses,
+``edgeq.quant.grid.fit`` (any ``--grid`` and bits 2/3/4/8, fp16 rounding, the salient inclusion
+rule, the mse search weighted by ``a_j = H_jj``), and the codes are built by
+``edgeq.quant.int4.assemble``: per-tensor and per-channel once on the original W before the loop,
+a block of ``b`` inputs when the loop reaches the block's first column, on the *updated* W (GPTQ's
+groups).  Asymmetric grids: ``q_c = (clamp(rint(w_c/s_c) + z_c, 0, 2^b − 1) − z_c) ⊙ s_c``.
 The FP32 value stored for a salient weight is its **error-compensated** value (SpQR stores the
 same), not the original weight.  With ``H ∝ I``, U is diagonal, nothing is propagated and the
 result is RTN exactly.
@@ -35,28 +38,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeq.quant.int4 import QMAX, ZERO_POINT, Granularity, QuantizedLinear, _group_amax
+from edgeq.quant.grid import Granularity, GridSpec, fit
+from edgeq.quant.int4 import QuantizedLinear, assemble, salient_mask
 
 PERCDAMP = 0.01
 BLOCKSIZE = 128
 
 
 def fit_scales(w: np.ndarray, mask: np.ndarray, granularity: Granularity, exclude_salient: bool) -> np.ndarray:
-    """The RTN scales of ``w`` (``[N, n_blocks]`` float32, MatMulNBits layout), as ``quantize_rtn``."""
-    absw = np.abs(w)
-    if exclude_salient:
-        absw = np.where(mask, np.float32(0), absw)
-    return (_group_amax(absw, granularity) / np.float32(QMAX)).astype(np.float32)
+    """The Q4-sym-7 RTN scales of ``w`` (``[N, n_blocks]`` float32, MatMulNBits layout), as ``quantize_rtn``."""
+    return fit(w, mask, granularity, GridSpec.make(4, "sym7"), exclude_salient)[0]
 
 
 def _mask_of(shape: tuple[int, int], salient_index) -> tuple[np.ndarray, np.ndarray]:
-    n, k_in = shape
-    idx = np.unique(np.asarray(salient_index, dtype=np.int64))
-    if idx.size and (idx[0] < 0 or idx[-1] >= n * k_in):
-        raise ValueError(f"salient index out of range for a {n}x{k_in} weight")
-    mask = np.zeros(n * k_in, dtype=bool)
-    mask[idx] = True
-    return idx, mask.reshape(n, k_in)
+    return salient_mask(shape, salient_index)
 
 
 @dataclass(frozen=True)
@@ -74,18 +69,24 @@ def gptq_quantize(
     percdamp: float = PERCDAMP,
     reg_diag=None,
     blocksize: int = BLOCKSIZE,
+    grid: GridSpec | None = None,
+    fp16_scales: bool = False,
 ) -> GPTQResult:
-    """GPTQ of ``weight [N, K]`` on ``hessian [K, K]`` keeping ``salient_index`` exact (compensated)."""
+    """GPTQ of ``weight [N, K]`` on ``hessian [K, K]`` keeping ``salient_index`` exact (compensated);
+    ``grid``: the bits/grid of the codes (default Q4-sym-7), ``fp16_scales``: float16 scales."""
     import torch
 
+    spec = grid or GridSpec.make(4, "sym7")
+    lo, hi = spec.levels
     w_np = np.ascontiguousarray(weight, dtype=np.float32)
     if w_np.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {w_np.shape}")
     n, k_in = w_np.shape
-    idx, mask_np = _mask_of(w_np.shape, salient_index)
+    idx, mask_np = salient_mask(w_np.shape, salient_index)
     H = torch.as_tensor(np.asarray(hessian), dtype=torch.float64).clone()
     if H.shape != (k_in, k_in):
         raise ValueError(f"Hessian of shape {tuple(H.shape)} does not match a weight with {k_in} inputs")
+    act = torch.diagonal(H).numpy().copy()  # a_j = H_jj ∝ E[x_j²]: the mse grids' error weights
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
     md = torch.diagonal(H).mean()
@@ -95,18 +96,24 @@ def gptq_quantize(
     L = torch.linalg.cholesky(H)
     U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(torch.float32)
 
+    def fit_on(w, m, gran, a):
+        s, z = fit(w, m, gran, spec, exclude_salient_from_scale, fp16_scales, a)
+        return s, (z if z is not None else np.zeros_like(s))
+
     b = granularity.export_block(k_in)
+    n_blocks = -(-k_in // b)
     if granularity.kind == "block":
         blocksize = max(blocksize, b) // b * b  # a scale group never straddles a lazy batch
-        scales = np.zeros((n, -(-k_in // b)), dtype=np.float32)
+        scales, zeros = np.zeros((n, n_blocks), dtype=np.float32), np.zeros((n, n_blocks), dtype=np.float32)
     else:
-        scales = fit_scales(w_np, mask_np, granularity, exclude_salient_from_scale)
+        scales, zeros = fit_on(w_np, mask_np, granularity, act)
     s_full = torch.from_numpy(np.repeat(scales, b, axis=1)[:, :k_in].copy())
+    z_full = torch.from_numpy(np.repeat(zeros, b, axis=1)[:, :k_in].copy())
 
     W = torch.from_numpy(w_np.copy())
     M = torch.from_numpy(mask_np)
-    Qv = torch.zeros_like(W)  # dequantized int4 value, or the compensated weight at salient entries
-    codes = torch.full((n, k_in), ZERO_POINT, dtype=torch.int64)
+    Qv = torch.zeros_like(W)  # dequantized value, or the compensated weight at salient entries
+    levels = torch.zeros_like(W)  # the grid levels q
     for i1 in range(0, k_in, blocksize):
         i2 = min(i1 + blocksize, k_in)
         W1 = W[:, i1:i2].clone()
@@ -114,19 +121,17 @@ def gptq_quantize(
         for j in range(i2 - i1):
             c = i1 + j
             if granularity.kind == "block" and c % b == 0:
-                g = c // b
-                blk = W1[:, j : j + b].numpy()
-                sg = fit_scales(blk, mask_np[:, c : c + b], Granularity("block", b), exclude_salient_from_scale)
-                scales[:, g] = sg[:, 0]
-                s_full[:, c : c + b] = torch.from_numpy(sg[:, :1]).expand(-1, min(b, k_in - c))
+                g, width = c // b, min(b, k_in - c)
+                sg, zg = fit_on(W1[:, j : j + b].numpy(), mask_np[:, c : c + b], granularity, act[c : c + b])
+                scales[:, g], zeros[:, g] = sg[:, 0], zg[:, 0]
+                s_full[:, c : c + b] = torch.from_numpy(sg[:, :1]).expand(-1, width)
+                z_full[:, c : c + b] = torch.from_numpy(zg[:, :1]).expand(-1, width)
             w = W1[:, j]
-            s = s_full[:, c]
-            q = torch.where(s > 0, torch.round(w / s), torch.zeros_like(w)).clamp(-QMAX, QMAX)
-            qv = q * s
-            m = M[:, c]
-            qv = torch.where(m, w, qv)
+            s, z = s_full[:, c], z_full[:, c]
+            q = (torch.where(s != 0, torch.round(w / s), torch.zeros_like(w)) + z).clamp(lo, hi)
+            qv = torch.where(M[:, c], w, (q - z) * s)
             Qv[:, c] = qv
-            codes[:, c] = torch.where(m, torch.full_like(q, ZERO_POINT), q + ZERO_POINT).to(torch.int64)
+            levels[:, c] = q
             e = (w - qv) / U[c, c]
             W1[:, j:] -= e[:, None] * U[c, c:i2][None, :]
             E1[:, j] = e
@@ -134,13 +139,8 @@ def gptq_quantize(
 
     values = Qv.numpy().reshape(-1)[idx].astype(np.float32)
     shift = float(np.max(np.abs(values - w_np.reshape(-1)[idx]))) if idx.size else 0.0
-    quant = QuantizedLinear(
-        codes=codes.numpy().astype(np.uint8),
-        scales=scales,
-        block_size=b,
-        salient_index=idx,
-        salient_values=values,
-    )
+    quant = assemble(levels.numpy(), scales, zeros if spec.asym else None, mask_np, b, spec, idx, values,
+                     fp16_scales)
     return GPTQResult(quant, shift)
 
 
@@ -153,6 +153,8 @@ def sarqc_gbs(
     col_saliency=None,
     exclude_salient_from_scale: bool = False,
     percdamp: float = PERCDAMP,
+    grid: GridSpec | None = None,
+    fp16_scales: bool = False,
 ) -> GPTQResult:
     """SARQC-GBS: GPTQ on ``H + 2λ·mean(diag H)·diag(d)`` (d: column saliency, mean 1; None = uniform)."""
     H = np.asarray(hessian, dtype=np.float64)
@@ -162,4 +164,5 @@ def sarqc_gbs(
     md = float(diag.mean())
     d = np.ones(k_in) if col_saliency is None else np.asarray(col_saliency, dtype=np.float64)
     reg = 2.0 * float(lam) * md * d if lam > 0 else None
-    return gptq_quantize(weight, H, salient_index, granularity, exclude_salient_from_scale, percdamp, reg)
+    return gptq_quantize(weight, H, salient_index, granularity, exclude_salient_from_scale, percdamp, reg,
+                         grid=grid, fp16_scales=fp16_scales)

@@ -45,6 +45,11 @@ compact file stores (``edgeq.quant.pack.pack_planes``).  Both divisions by power
 ``fp16_scales=True`` rounds each scale to float16 *before* the codes are computed, so the plan
 holds exactly the scales a file storing float16 scales will use (and the codes that go with them).
 
+The grid math (scales, the ``mse`` scale search, the asymmetric ``asym`` grids with per-group zero
+points, the 2/3-bit carrying) lives in :mod:`edgeq.quant.grid`; :func:`quantize_rtn` and GPTQ both
+call its ``fit``/``quantize_values`` and this module's :func:`assemble`.  With a zero point ``z_G`` per
+group (``QuantizedLinear.zero_points``), ``Ŵ_ij = (code_ij − z_G) · s_G`` and salient codes are ``z_G``.
+
 Every granularity is represented exactly by MatMulNBits, whose scales are per (row, block of
 ``export_block`` inputs): a per-row or per-tensor scale is repeated in every block of the row.
 Pure numpy; no I/O.
@@ -56,12 +61,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeq.quant.grid import BITS, BLOCK_SIZES, COMPACT_BITS, GRIDS, Granularity, GridSpec, fit, quantize_values
+
+__all__ = ["BITS", "BLOCK_SIZES", "COMPACT_BITS", "GRIDS", "Granularity", "GridSpec", "QuantizedLinear",
+           "assemble", "quantize_rtn", "qmax", "zero_point"]
+
 QMAX = 7
 ZERO_POINT = 8
-BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits CPU fast path (MLAS)
-BITS = (2, 3, 4, 8)
-COMPACT_BITS = (2, 3)  # stored in b bits, computed by the 4-bit kernel (codes u·2^(4−b))
-GRIDS = ("sym7", "sym8")  # 4-bit grids: Q4-sym-7 (default, the paper's) and ONNX Runtime's signed /8
 
 
 def qmax(bits: int) -> int:
@@ -72,42 +78,6 @@ def qmax(bits: int) -> int:
 def zero_point(bits: int) -> int:
     """MatMulNBits' default zero point ``2^(bits-1)``: 8 (int4) or 128 (int8)."""
     return 2 ** (bits - 1)
-
-
-@dataclass(frozen=True)
-class Granularity:
-    """Scale granularity: ``block`` (block_size inputs of one row), ``channel`` or ``tensor``."""
-
-    kind: str
-    block_size: int | None = None
-
-    @staticmethod
-    def parse(text: str | int) -> Granularity:
-        s = str(text).strip().lower()
-        if s in ("per-channel", "channel", "per-row"):
-            return Granularity("channel")
-        if s in ("per-tensor", "tensor"):
-            return Granularity("tensor")
-        if s.isdigit() and int(s) in BLOCK_SIZES:
-            return Granularity("block", int(s))
-        raise ValueError(
-            f"invalid block size {text!r}: use one of {', '.join(map(str, BLOCK_SIZES))}, "
-            "per-channel or per-tensor"
-        )
-
-    def __str__(self) -> str:
-        return str(self.block_size) if self.kind == "block" else f"per-{self.kind}"
-
-    def export_block(self, k_in: int) -> int:
-        """The MatMulNBits ``block_size`` that carries this granularity for K = ``k_in``."""
-        if self.kind == "block":
-            return int(self.block_size)
-        # one scale repeated per block: the largest fast-path block that divides K (fewest
-        # repeated scales, no padding); 32 when none does
-        for b in reversed(BLOCK_SIZES):
-            if k_in % b == 0:
-                return b
-        return 32
 
 
 @dataclass(frozen=True)
@@ -122,6 +92,7 @@ class QuantizedLinear:
     bits: int = 4  # MatMulNBits bits of these codes: 4 or 8
     storage_bits: int | None = None  # b when the codes lie on a b-bit grid (2, 3), else None (= bits)
     fp16_scales: bool = False  # scales are float16 values (exactly representable)
+    zero_points: np.ndarray | None = None  # uint8 [N, n_blocks] per-group zero points (asym grids), else 2^(bits−1)
 
     @property
     def stored_bits(self) -> int:
@@ -136,11 +107,19 @@ class QuantizedLinear:
     def k(self) -> int:
         return int(self.salient_index.size)
 
+    def zero_point_full(self) -> np.ndarray | int:
+        """The zero point of every entry ``[N, K]`` (per group), or the scalar default."""
+        if self.zero_points is None:
+            return zero_point(self.bits)
+        return np.repeat(self.zero_points, self.block_size, axis=1)[:, : self.codes.shape[1]]
+
     def dequantize_int4(self) -> np.ndarray:
         """The quantized part alone, ``(code - zero point) * scale`` (salient entries contribute 0)."""
         n, k_in = self.codes.shape
         scale = np.repeat(self.scales, self.block_size, axis=1)[:, :k_in]
-        return ((self.codes.astype(np.float32) - zero_point(self.bits)) * scale).astype(np.float32)
+        zp = self.zero_point_full()
+        zp = zp.astype(np.float32) if isinstance(zp, np.ndarray) else np.float32(zp)
+        return ((self.codes.astype(np.float32) - zp) * scale).astype(np.float32)
 
     def dequantize(self) -> np.ndarray:
         """Ŵ: the int4 part with the salient entries replaced by their exact FP32 values."""
@@ -149,26 +128,36 @@ class QuantizedLinear:
         return w
 
 
-def _group_signed_max(a: np.ndarray, gran: Granularity) -> np.ndarray:
-    """The signed entry of largest |a| per scale group (first on ties), in the ``[N, n_blocks]`` layout."""
-    n, k_in = a.shape
-    b = gran.export_block(k_in)
-    n_blocks = -(-k_in // b)
-    if gran.kind == "tensor":
-        flat = a.reshape(-1)
-        return np.full((n, n_blocks), flat[np.argmax(np.abs(flat))] if flat.size else 0.0, dtype=np.float32)
-    if gran.kind == "channel":
-        picked = a[np.arange(n), np.argmax(np.abs(a), axis=1)]
-        return np.repeat(picked[:, None], n_blocks, axis=1).astype(np.float32)
-    padded = np.zeros((n, n_blocks * b), dtype=np.float32)
-    padded[:, :k_in] = a
-    groups = padded.reshape(n, n_blocks, b)
-    return np.take_along_axis(groups, np.argmax(np.abs(groups), axis=2)[..., None], axis=2)[..., 0]
+def salient_mask(shape: tuple[int, int], salient_index) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted unique flat indices, boolean mask ``[N, K]``); ValueError when an index is out of range."""
+    n, k_in = shape
+    idx = np.unique(np.asarray(salient_index, dtype=np.int64))
+    if idx.size and (idx[0] < 0 or idx[-1] >= n * k_in):
+        raise ValueError(f"salient index out of range for a {n}x{k_in} weight")
+    mask = np.zeros(n * k_in, dtype=bool)
+    mask[idx] = True
+    return idx, mask.reshape(n, k_in)
 
 
-def _group_amax(a: np.ndarray, gran: Granularity) -> np.ndarray:
-    """max|a| per scale group, broadcast back to ``[N, n_blocks]`` of the export layout."""
-    return np.abs(_group_signed_max(a, gran))
+def assemble(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, mask: np.ndarray, block: int,
+             spec: GridSpec, idx: np.ndarray, values: np.ndarray, fp16: bool) -> QuantizedLinear:
+    """The MatMulNBits form of grid levels ``q [N, K]`` at ``scales`` / ``zeros`` ``[N, n_blocks]`` (grid units).
+
+    Codes ``q·t + zp`` (symmetric) or ``q·t`` with zero points ``z·t`` (asymmetric), scales ``s/t``,
+    t = ``spec.step``; salient entries get their group's zero point.  Shared by every quantizer.
+    """
+    t = spec.step
+    if zeros is None:
+        codes = (q * t + spec.zero_point).astype(np.uint8)
+        codes[mask] = spec.zero_point
+        zp = None
+    else:
+        zp = (zeros * t).astype(np.uint8)
+        codes = (q * t).astype(np.uint8)
+        codes[mask] = np.repeat(zp, block, axis=1)[:, : q.shape[1]][mask]
+    return QuantizedLinear(codes=codes, scales=(scales / np.float32(t)).astype(np.float32), block_size=block,
+                           salient_index=idx, salient_values=np.asarray(values, dtype=np.float32),
+                           bits=spec.kernel_bits, storage_bits=spec.storage, fp16_scales=fp16, zero_points=zp)
 
 
 def quantize_rtn(
@@ -179,59 +168,19 @@ def quantize_rtn(
     bits: int = 4,
     grid: str = "sym7",
     fp16_scales: bool = False,
+    act: np.ndarray | None = None,
 ) -> QuantizedLinear:
-    """Round-to-nearest Q4-sym-7 (Q8-sym-127 with ``bits=8``; ``grid="sym8"``: ORT's signed /8 grid;
-    ``bits=2|3``: the signed-max b-bit grid carried by 4-bit codes) of ``weight [N, K]`` keeping
-    ``salient_index`` exact."""
-    if bits not in BITS:
-        raise ValueError(f"bits must be one of {BITS}, got {bits}")
-    if grid not in GRIDS or (grid == "sym8" and bits != 4):
-        raise ValueError(f"grid must be one of {GRIDS} (sym8 only at 4 bits), got {grid!r} at {bits} bits")
-    storage = bits if bits in COMPACT_BITS else None
-    if storage:  # the b-bit signed-max grid, then the same codes at 4 bits (module docstring)
-        bits, grid = 4, "sym8"
-    qm, zp = qmax(bits), zero_point(bits)
+    """Round-to-nearest of ``weight [N, K]`` on the ``bits``/``grid`` grid (``edgeq.quant.grid``) keeping
+    ``salient_index`` exact; ``act [K]``: the activation weights of the mse grids' error (None: 1)."""
+    spec = GridSpec.make(bits, grid)
     w = np.ascontiguousarray(weight, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
     n, k_in = w.shape
-    idx = np.unique(np.asarray(salient_index, dtype=np.int64))
-    if idx.size and (idx[0] < 0 or idx[-1] >= w.size):
-        raise ValueError(f"salient index out of range for a {n}x{k_in} weight")
-    mask = np.zeros(w.size, dtype=bool)
-    mask[idx] = True
-    mask = mask.reshape(n, k_in)
-
-    absw = np.abs(w)
-    if exclude_salient_from_scale:
-        absw = np.where(mask, np.float32(0), absw)
+    idx, mask = salient_mask(w.shape, salient_index)
     b = granularity.export_block(k_in)
-    step = 2 ** (4 - storage) if storage else 1  # 4-bit levels per b-bit level
-    if grid == "sym8":
-        signed = np.where(mask, np.float32(0), w) if exclude_salient_from_scale else w
-        levels = 2 ** (storage - 1) if storage else 8
-        scales = (_group_signed_max(signed, granularity) / np.float32(-levels)).astype(np.float32)
-        q_lo, q_hi = -levels, levels - 1
-    else:
-        scales = (_group_amax(absw, granularity) / np.float32(qm)).astype(np.float32)
-        q_lo, q_hi = -qm, qm
-    if fp16_scales:
-        scales = scales.astype(np.float16).astype(np.float32)
-
+    scales, zeros = fit(w, mask, granularity, spec, exclude_salient_from_scale, fp16_scales, act)
     s_full = np.repeat(scales, b, axis=1)[:, :k_in]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(s_full != 0, np.rint(w / s_full), 0.0)
-    q = np.clip(q, q_lo, q_hi)
-    codes = (q * step + zp).astype(np.uint8)
-    scales = (scales / np.float32(step)).astype(np.float32)
-    codes[mask] = zp
-    return QuantizedLinear(
-        codes=codes,
-        scales=scales,
-        block_size=b,
-        salient_index=idx,
-        salient_values=w.reshape(-1)[idx].copy(),
-        bits=bits,
-        storage_bits=storage,
-        fp16_scales=fp16_scales,
-    )
+    z_full = np.repeat(zeros, b, axis=1)[:, :k_in] if zeros is not None else None
+    q = quantize_values(w, s_full, z_full, spec)
+    return assemble(q, scales, zeros, mask, b, spec, idx, w.reshape(-1)[idx].copy(), fp16_scales)

@@ -18,6 +18,12 @@ lowest bit::
 exactly b bits per weight for any b (3 bits included).  ONNX Runtime's own 2-bit MatMulNBits
 (``pack_codes(..., bits=2)``) instead packs four 2-bit codes per byte, the even k first:
 ``byte = u[4t] | u[4t+1] << 2 | u[4t+2] << 4 | u[4t+3] << 6`` with zero point 2.
+
+Per-group zero points (MatMulNBits input ``zero_points``, asymmetric grids), uint8
+``[N, ⌈n_blocks · bits / 8⌉]``: at 4 bits two per byte along the blocks of a row, the even block in
+the low nibble (a padding nibble, when n_blocks is odd, holds 0); at 8 bits one per byte::
+
+    zp_byte[n, t] = z[n, 2t] | (z[n, 2t + 1] << 4)
 """
 
 from __future__ import annotations
@@ -124,3 +130,29 @@ def unpack_native2(packed: np.ndarray, k_in: int) -> np.ndarray:
     for i in range(4):
         u[:, i::4] = (flat >> (2 * i)) & 3
     return (u[:, :k_in] << 2).astype(np.uint8)
+
+
+def pack_zero_points(zp: np.ndarray, bits: int = 4) -> np.ndarray:
+    """MatMulNBits ``zero_points`` for per-group zero points ``zp`` (uint8 ``[N, n_blocks]``, module docstring)."""
+    zp = np.asarray(zp, dtype=np.uint8)
+    if bits == 8:
+        return zp.copy()
+    if bits != 4:
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if zp.size and int(zp.max()) > 15:
+        raise ValueError("4-bit zero points must lie in 0..15")
+    n, nb = zp.shape
+    padded = np.zeros((n, nb + nb % 2), dtype=np.uint8)
+    padded[:, :nb] = zp
+    return (padded[:, 0::2] | (padded[:, 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_zero_points(packed: np.ndarray, n: int, n_blocks: int, bits: int = 4) -> np.ndarray:
+    """Inverse of :func:`pack_zero_points`: uint8 ``[N, n_blocks]`` (a flat ``packed`` is accepted too)."""
+    flat = np.asarray(packed, dtype=np.uint8).reshape(n, -1)
+    if bits == 8:
+        return flat[:, :n_blocks].copy()
+    out = np.empty((n, flat.shape[1] * 2), dtype=np.uint8)
+    out[:, 0::2] = flat & 0x0F
+    out[:, 1::2] = flat >> 4
+    return out[:, :n_blocks]

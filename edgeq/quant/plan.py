@@ -90,6 +90,18 @@ def selection_order(name: str, weight: np.ndarray, config: ConvertConfig, stats=
     return descending_order(get_method(config.method).score(torch.from_numpy(w), ctx), limit)
 
 
+def activation_weights(stats) -> np.ndarray | None:
+    """``a_j = E[x_j²]`` of a Linear's input statistics (``edgeq.model.calib.InputStats``), or None.
+
+    The mse grids weight each weight's squared error by it (``edgeq.quant.grid``); None without
+    statistics (or without XᵀX) gives the plain weight error.
+    """
+    xtx = getattr(stats, "xtx", None)
+    if xtx is None or not getattr(stats, "count", 0):
+        return None
+    return np.asarray(np.diagonal(np.asarray(xtx)), dtype=np.float64) / float(stats.count)
+
+
 @dataclass(frozen=True)
 class Allocation:
     """``--budget``: k per layer, the orders it was computed from, and the report section."""
@@ -113,7 +125,7 @@ def budget_allocation(weights: Mapping[str, np.ndarray], config: ConvertConfig,
         orders[name] = selection_order(name, w, config, st, limit=min(w.size, total)) if total else \
             np.empty(0, np.int64)
         t1 = time.perf_counter()
-        a = np.diagonal(np.asarray(st.hessian(), dtype=np.float64)) / 2.0 if st is not None else None
+        a = activation_weights(st) if st is not None else None
         gains[name] = order_gains(w, orders[name], grid_spec(name, config), config.exclude_salient_from_scale, a)
         t_score, t_gain = t_score + t1 - t0, t_gain + time.perf_counter() - t1
     t0 = time.perf_counter()
@@ -129,27 +141,26 @@ def budget_allocation(weights: Mapping[str, np.ndarray], config: ConvertConfig,
 
 def plan_layer_from_order(name: str, weight: np.ndarray, order: np.ndarray, config: ConvertConfig,
                           quantize: Callable[[np.ndarray, np.ndarray], QuantizedLinear] | None = None,
-                          k: int | None = None) -> LayerPlan:
+                          k: int | None = None, act: np.ndarray | None = None) -> LayerPlan:
     """Plan one Linear whose salient set is ``sort(order[:k])``, k (default ``config.k``) clipped to N·K.
 
     ``order``: a descending selection order of at least k entries (:func:`selection_order`), so one
-    order serves every k.  ``quantize(w, idx)`` defaults to RTN (see edgeq.quant.registry).
-    ``k``: this layer's own k (``--budget``: :func:`budget_allocation`).
+    order serves every k.  ``quantize(w, idx)`` defaults to RTN (see edgeq.quant.registry) on the
+    layer's grid (``ConvertConfig.layer_grid``).  ``k``: this layer's own k (``--budget``:
+    :func:`budget_allocation`); ``act``: the mse grids' activation weights.
     """
     w = np.ascontiguousarray(weight, dtype=np.float32)
     k = min(config.k if k is None else k, w.size)
     if len(order) < k:
         raise ValueError(f"{name}: the selection order holds {len(order)} entries, fewer than k = {k}")
     idx = topk_from_order(np.asarray(order, dtype=np.int64), k)
-    grid = config.grid if config.layer_bits(name) == 4 else "sym7"
+    bits, grid, fp16 = config.layer_grid(name)
     if quantize is None:
         quant = quantize_rtn(w, idx, config.granularity, config.exclude_salient_from_scale,
-                             bits=config.layer_bits(name), grid=grid,
-                             fp16_scales=config.fp16_scales and config.layer_bits(name) != 8)
+                             bits=bits, grid=grid, fp16_scales=fp16, act=act)
     else:
         quant = quantize(w, idx)
-    base = quantize_rtn(w, idx[:0], config.granularity, bits=quant.stored_bits,
-                        grid=config.grid if quant.stored_bits == 4 else "sym7", fp16_scales=quant.fp16_scales)
+    base = quantize_rtn(w, idx[:0], config.granularity, bits=bits, grid=grid, fp16_scales=fp16, act=act)
     k_in = w.shape[1]
     return LayerPlan(
         name=name,
@@ -175,7 +186,7 @@ def plan_layer(name: str, weight: np.ndarray, config: ConvertConfig, stats=None,
         order = np.arange(k, dtype=np.int64)
     else:
         order = selection_order(name, weight, config, stats, limit=k)
-    return plan_layer_from_order(name, weight, order, config, quantize, k)
+    return plan_layer_from_order(name, weight, order, config, quantize, k, activation_weights(stats))
 
 
 def build_plan(
@@ -201,10 +212,11 @@ def build_plan(
         if config.is_excluded(name):
             excluded.append(name)
             continue
+        act = activation_weights((stats or {}).get(name))
         if alloc is not None:
-            layers[name] = plan_layer_from_order(name, w, alloc.orders[name], config, k=alloc.ks[name])
+            layers[name] = plan_layer_from_order(name, w, alloc.orders[name], config, k=alloc.ks[name], act=act)
         elif orders is not None:
-            layers[name] = plan_layer_from_order(name, w, orders[name], config)
+            layers[name] = plan_layer_from_order(name, w, orders[name], config, act=act)
         else:
             layers[name] = plan_layer(name, w, config, (stats or {}).get(name))
         if progress:

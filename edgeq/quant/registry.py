@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 LAMBDA_GRID = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)  # --sarqc-lambda auto (ALGORITHMS.md §10.2)
+GRID_QUANTIZERS = ("rtn", "gptq", "sarqc-gbs")  # take any --bits/--grid and float16 scales (edgeq.quant.grid)
 SARQC_SALIENCY = ("svd", "magnitude", "hessian", "uniform")
 
 
@@ -92,11 +93,25 @@ def hyperparameters(config) -> dict:
 # --------------------------------------------------------------------------- the quantizers
 
 
-@register("rtn", "round-to-nearest Q4-sym-7 (data-free; the default)", needs_calibration=False)
-def _rtn(w, idx, config, ctx=None):
+def _grid_kwargs(config, ctx) -> dict:
+    """``grid``/``fp16_scales`` of the layer of ``ctx`` under ``config`` (``ConvertConfig.layer_grid``)."""
+    from edgeq.quant.grid import GridSpec
+
+    bits, grid, fp16 = config.layer_grid(ctx.layer if ctx is not None else "")
+    return {"grid": GridSpec.make(bits, grid), "fp16_scales": fp16}
+
+
+def _rtn_of(w, idx, config, ctx):
     from edgeq.quant.int4 import quantize_rtn
 
-    return quantize_rtn(w, idx, config.granularity, config.exclude_salient_from_scale), {}
+    bits, grid, fp16 = config.layer_grid(ctx.layer if ctx is not None else "")
+    return quantize_rtn(w, idx, config.granularity, config.exclude_salient_from_scale, bits=bits, grid=grid,
+                        fp16_scales=fp16)
+
+
+@register("rtn", "round-to-nearest Q4-sym-7 (data-free; the default)", needs_calibration=False)
+def _rtn(w, idx, config, ctx=None):
+    return _rtn_of(w, idx, config, ctx), {}
 
 
 @register("gptq", "GPTQ error compensation, salient mask inside the loop (calibration)",
@@ -105,7 +120,7 @@ def _gptq(w, idx, config, ctx):
     from edgeq.quant.gptq import gptq_quantize
 
     res = gptq_quantize(w, ctx.hessian, idx, config.granularity, config.exclude_salient_from_scale,
-                        config.percdamp)
+                        config.percdamp, **_grid_kwargs(config, ctx))
     return res.quant, {"salient_compensation_max_abs": res.compensated_max_shift}
 
 
@@ -140,9 +155,7 @@ def _sarqc(w, idx, config, ctx, run) -> tuple:
             errs[cand] = _relative_output_error(w, q, ctx.hessian_holdout)
         lam = min(LAMBDA_GRID, key=lambda c: (errs[c], -c))  # ties: the stronger regularisation
         info["lambda_held_out_rel_error"] = {str(c): errs[c] for c in LAMBDA_GRID}
-        from edgeq.quant.int4 import quantize_rtn
-
-        rtn = quantize_rtn(w, idx, config.granularity, config.exclude_salient_from_scale)
+        rtn = _rtn_of(w, idx, config, ctx)
         info["rtn_held_out_rel_error"] = _relative_output_error(w, rtn, ctx.hessian_holdout)
         info["lambda_auto"] = True
     quant, extra = run(w, ctx.hessian, idx, lam, sal, mask)
@@ -159,7 +172,7 @@ def _sarqc_gbs(w, idx, config, ctx):
 
     def run(w, h, idx, lam, sal, mask):
         res = sarqc_gbs(w, h, idx, config.granularity, lam, column_saliency(sal, mask),
-                        config.exclude_salient_from_scale, config.percdamp)
+                        config.exclude_salient_from_scale, config.percdamp, **_grid_kwargs(config, ctx))
         return res.quant, {"salient_compensation_max_abs": res.compensated_max_shift}
 
     return _sarqc(w, idx, config, ctx, run)
@@ -201,5 +214,10 @@ def check_options(config) -> None:
         v = getattr(config, opt)
         if not (isinstance(v, (int, float)) and 0 <= v < float("inf")):
             raise ValueError(f"--{opt.replace('_', '-')} must be a finite number >= 0, got {v!r}")
-    if getattr(config, "bits", 4) != 4 and q.name != "rtn":
-        raise ValueError(f"--quantizer {q.name} produces int4 codes only; use --bits 4 or --quantizer rtn")
+    if q.name not in GRID_QUANTIZERS:
+        if getattr(config, "bits", 4) != 4:
+            raise ValueError(f"--quantizer {q.name} produces int4 codes only; use --bits 4 or --quantizer "
+                             f"{'/'.join(GRID_QUANTIZERS)}")
+        if getattr(config, "grid", "sym7") != "sym7":
+            raise ValueError(f"--grid {config.grid} is not implemented for --quantizer {q.name}; use --grid sym7 "
+                             f"or --quantizer {'/'.join(GRID_QUANTIZERS)}")

@@ -202,14 +202,15 @@ class _Context:
 
 
 def usable_variants(settings: SweepSettings, grid: Sequence[Variant]) -> list[Variant]:
-    """``grid`` without the combinations the config refuses (a calibrated quantizer at 8 bits or on sym8) and the
-    4-bit grid option at other widths (2/3 bits always use the signed-max grid, 8 bits Q8-sym-127)."""
+    """``grid`` without the combinations the config refuses (e.g. sarqc-gs or lsi at 8 bits or on another grid)
+    and the duplicates: any grid but sym7 at 8 bits (Q8-sym-127), sym8 at 2/3 bits (every symmetric grid there is
+    the signed-max one, the same cells as sym7)."""
     from edgeq.config import ConvertConfig
 
     out = []
     for v in grid:
-        if v.bits != 4 and v.grid != "sym7":
-            logger.warning(f"skipping grid {v.grid} at {v.bits} bits: the grid is a 4-bit option (same cells as sym7)")
+        if (v.bits == 8 and v.grid != "sym7") or (v.bits in (2, 3) and v.grid == "sym8"):
+            logger.warning(f"skipping grid {v.grid} at {v.bits} bits: the same cells as sym7")
             continue
         try:
             ConvertConfig(block_size=v.block_size, bits=v.bits, grid=v.grid, quantizer=v.quantizer,

@@ -106,3 +106,66 @@ def test_fixed_lambda_and_bad_options(tmp_path, tiny):
     r = CliRunner().invoke(main, ["convert", "--quantizer", "sarqc-gs", "--sarqc-lambda", "lots", "--calib",
                                   str(calib), str(model), str(tmp_path / "y.onnx")])
     assert r.exit_code == 2 and "--sarqc-lambda" in r.output
+
+
+@pytest.mark.parametrize("quantizer,bits,grid", [("gptq", "2", "sym7"), ("gptq", "3", "mse"), ("gptq", "2", "asym"),
+                                                 ("sarqc-gbs", "3", "asym-mse")])
+def test_calibrated_quantizers_at_2_and_3_bits_with_every_grid(tmp_path, tiny, quantizer, bits, grid):
+    """GPTQ (and SARQC-GBS) plan b-bit codes with float16 scales: compact storage, read-back and parity hold."""
+    import onnx
+    from onnx import numpy_helper
+
+    model, calib = tiny
+    out = tmp_path / "out.onnx"
+    res = convert(["--k", "8", "--bits", bits, "--grid", grid, "--quantizer", quantizer, "--sarqc-lambda", "0.1",
+                   "--calib", str(calib), "--calib-samples", "12", str(model), str(out)])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(out.with_suffix(".json").read_text())
+    assert rep["parity"]["ok"] and rep["config"]["storage"] == "compact"
+    m = onnx.load(str(out))
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    planes = [v for n, v in inits.items() if n.endswith(".qplanes")]
+    assert planes and all(p.shape[0] == int(bits) for p in planes)
+    assert all(v.dtype == np.float16 for n, v in inits.items() if n.endswith(".scales16"))
+    zps = [n for n in inits if n.endswith(".zero_points")]
+    assert bool(zps) == grid.startswith("asym") and len(zps) in (0, len(planes))
+    step = 2 ** (4 - int(bits))
+    for n in zps:  # b-bit zero points carried at 4 bits: multiples of 2^(4-b)
+        z = np.concatenate([inits[n] & 15, inits[n] >> 4], axis=1)
+        assert np.all(z % step == 0)
+    if zps:  # edgeq validate decodes the zero points from the file alone
+        r = CliRunner().invoke(main, ["validate", "-q", str(model), str(out)], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+
+
+def test_grid_refusals_for_the_other_quantizers(tmp_path, tiny):
+    model, calib = tiny
+    for args, msg in ((["--quantizer", "lsi", "--grid", "mse"], "--grid mse is not implemented for --quantizer lsi"),
+                      (["--quantizer", "sarqc-gs", "--bits", "2"], "int4 codes only"),
+                      (["--grid", "asym", "--bits", "2", "--kernel", "native"], "zero points"),
+                      (["--grid", "mse", "--bits", "8"], "8-bit codes use sym7")):
+        r = CliRunner().invoke(main, ["convert", *args, "--calib", str(calib), str(model), str(tmp_path / "x.onnx")])
+        assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, (args, r.output)
+        assert not (tmp_path / "x.onnx").exists()
+
+
+def test_rtn_mse_grid_uses_calibration_and_composes_with_exclude_and_embeddings(tmp_path, tiny, tiny_model):
+    """--grid mse weights the search by E[x²] when --calib is given (other scales than without data)."""
+    import onnx
+    from onnx import numpy_helper
+
+    _, calib = tiny
+    model = tiny_model(hidden=64)  # 4-bit embeddings need a hidden size that is a multiple of 32
+    scales = {}
+    for name, extra in (("plain", []), ("act", ["--calib", str(calib), "--calib-samples", "12"])):
+        out = tmp_path / f"{name}.onnx"
+        res = convert(["--k", "8", "--bits", "3", "--grid", "mse", "--exclude", "classifier",
+                       "--quantize-embeddings", *extra, str(model), str(out)])
+        assert res.exit_code == 0, res.output
+        rep = json.loads(out.with_suffix(".json").read_text())
+        assert rep["parity"]["ok"] and rep["embeddings"]["int4"]
+        assert not any("classifier" in n for n in rep["layers"])
+        m = onnx.load(str(out))
+        scales[name] = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer if t.name.endswith(".scales16")}
+    assert scales["plain"].keys() == scales["act"].keys()
+    assert any(not np.array_equal(scales["plain"][n], scales["act"][n]) for n in scales["plain"])

@@ -162,10 +162,12 @@ def test_refusals():
         ({"bits": 4, "kernel": "native"}, "needs --bits 2"),
         ({"bits": 2, "storage": "plain"}, "use --storage compact"),
         ({"bits": 8, "storage": "compact"}, "holds 2, 3 or 4 bits"),
-        ({"bits": 2, "quantizer": "gptq", "calib": "rte"}, "--quantizer gptq produces int4 codes only"),
-        ({"storage": "compact", "quantizer": "gptq", "calib": "rte"}, "--quantizer rtn only"),
+        ({"bits": 2, "quantizer": "lsi", "calib": "rte"}, "--quantizer lsi produces int4 codes only"),
+        ({"storage": "compact", "quantizer": "sarqc-gs", "calib": "rte"}, "does not plan; use --quantizer rtn/gptq"),
+        ({"bits": 2, "kernel": "native", "grid": "asym"}, "--grid asym needs zero points"),
     ]:
         with pytest.raises(ValueError, match=message):
             ConvertConfig(**kwargs)
     assert ConvertConfig(bits=2).storage == "compact" and ConvertConfig().storage == "plain"
     assert ConvertConfig(bits=2, kernel="native").storage == "plain"
+    assert ConvertConfig(bits=2, quantizer="gptq", calib="rte", grid="asym").fp16_scales  # no longer refused

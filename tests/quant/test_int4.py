@@ -123,11 +123,11 @@ def test_grid_sym8_invariants(gran):
 
 def test_grid_sym8_refusals():
     w = np.ones((2, 32), np.float32)
-    with pytest.raises(ValueError, match="sym8 only at 4 bits"):
+    with pytest.raises(ValueError, match="8-bit codes use sym7"):
         quantize_rtn(w, np.empty(0, np.int64), Granularity("block", 32), bits=8, grid="sym8")
     from edgeq.config import ConvertConfig
 
     with pytest.raises(ValueError, match="--grid"):
         ConvertConfig(grid="sym9")
-    with pytest.raises(ValueError, match="--quantizer rtn only"):
-        ConvertConfig(grid="sym8", quantizer="gptq", calib="rte")
+    with pytest.raises(ValueError, match="--grid sym8 is not implemented for --quantizer lsi"):
+        ConvertConfig(grid="sym8", quantizer="lsi", calib="rte")

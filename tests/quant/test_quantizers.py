@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from edgeq.quant.gptq import gptq_quantize, sarqc_gbs
+from edgeq.quant.grid import GridSpec
 from edgeq.quant.int4 import Granularity, quantize_rtn
 from edgeq.quant.lsi import LSIWeight, masked_mse, reconstruct
 from edgeq.quant.sarqc import column_saliency, element_saliency, sarqc_gs
@@ -39,6 +40,38 @@ def test_gptq_identity_hessian_is_rtn(gran, exclude):
     ref = quantize_rtn(w, idx, gran, exclude)
     _same(got, ref)
     np.testing.assert_array_equal(got.salient_values, ref.salient_values)  # nothing propagated
+
+
+@pytest.mark.parametrize("gran", GRANS, ids=str)
+@pytest.mark.parametrize("bits,grid", [(2, "sym7"), (3, "sym7"), (2, "mse"), (3, "asym"), (2, "asym-mse"),
+                                       (4, "mse"), (4, "asym"), (8, "sym7")])
+def test_gptq_identity_hessian_is_rtn_on_every_grid(gran, bits, grid):
+    """H ∝ I: GPTQ equals RTN at 2/3/4/8 bits on every grid, float16 scales included (the same grid code)."""
+    w, _, _ = _layer()
+    idx = np.array([3 * 64 + 5, 7, 100, 1000])
+    fp16 = bits != 8
+    got = gptq_quantize(w, 3.7 * np.eye(64), idx, gran, True, grid=GridSpec.make(bits, grid), fp16_scales=fp16).quant
+    ref = quantize_rtn(w, idx, gran, True, bits=bits, grid=grid, fp16_scales=fp16, act=np.full(64, 3.7))
+    _same(got, ref)
+    assert (got.bits, got.storage_bits, got.fp16_scales) == (ref.bits, ref.storage_bits, fp16)
+    assert (got.zero_points is None) == (ref.zero_points is None) == (not grid.startswith("asym"))
+    if ref.zero_points is not None:
+        np.testing.assert_array_equal(got.zero_points, ref.zero_points)
+    np.testing.assert_array_equal(got.salient_values, ref.salient_values)
+
+
+def test_gptq_at_2_bits_beats_rtn_on_its_calibration_data():
+    w, x, h = _layer()
+    gran = Granularity("block", 16)
+
+    def out_err(q):
+        return float(np.sum((x @ (w - q.dequantize()).T) ** 2))
+
+    for grid in ("sym7", "mse", "asym"):
+        spec = GridSpec.make(2, grid)
+        g = gptq_quantize(w, h, [], gran, grid=spec, fp16_scales=True).quant
+        assert g.storage_bits == 2 and np.all(g.codes % 4 == 0)  # on the 2-bit grid (codes u·4)
+        assert out_err(g) < out_err(quantize_rtn(w, [], gran, bits=2, grid=grid, fp16_scales=True))
 
 
 @pytest.mark.parametrize("gran", [Granularity("channel"), Granularity("tensor")], ids=str)

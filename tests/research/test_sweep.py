@@ -177,7 +177,7 @@ def test_calibrated_quantizer_cells(tiny, tmp_path):
                   1, True, [Variant("16", "gptq")])
     settings = SweepSettings(str(model), "RTE", block_size="16", calib=calib, calib_samples=12)
     run = run_sweep(settings, ["svd"], [0, 4], tmp_path / "q", root / "glue", 1, True,
-                    [Variant("16"), Variant("16", "gptq"), Variant("16", "gptq", bits=8)])  # gptq × 8 bits: skipped
+                    [Variant("16"), Variant("16", "gptq"), Variant("16", "sarqc-gs", bits=8)])  # sarqc-gs × 8: skipped
     assert [v.quantizer for v in run.variants] == ["rtn", "gptq"]
     c = run.cells["svd-k4-gptq"]
     assert c["quantizer"]["name"] == "gptq" and c["calib"] == settings.calib_key()
