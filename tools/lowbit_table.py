@@ -128,8 +128,9 @@ def commands(cell: dict, work: Path) -> tuple[list[list[str]], list[str], Path, 
             conv += ["--grid", cell["grid"]]
         if cell.get("storage", "default") != "default":
             conv += ["--storage", cell["storage"]]
-        if model is not None:
-            conv += ["--calib", task.lower().replace("-", "")]
+        conv += ["--calib", task.lower().replace("-", "")]  # used only by calibrated methods/quantizers/grids
+        if model is None:  # the bundled embedding model: measure, don't gate (the default --min-cosine refuses 2 bits)
+            conv += ["--min-cosine", "0"]
         build = [conv + ([str(model)] if model is not None else []) + [str(out)]]
     elif PEERS[cell["peer"]][0] == "ort":
         build = [[sys.executable, "tools/lowbit_table.py", "peer", cell["peer"], str(model), str(out)]]
@@ -204,6 +205,27 @@ def sizes_of(onnx_path: Path) -> dict:
     return {"linear_bytes": linear, "file_bytes": file_bytes, "size_bytes": s}
 
 
+def embedding_fidelity(onnx_path: Path) -> dict:
+    """Mean and min per-sentence cosine to the FP32 embeddings, from the convert report (embedding models)."""
+    report = onnx_path.with_suffix(".json")
+    found = {}
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key in ("mean_cosine", "min_cosine"):
+                if key in node and key not in found and "sentence_embedding" in json.dumps(node.get("output", "")):
+                    found[key] = node[key]
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    if report.exists():
+        walk(json.loads(report.read_text()).get("parity", {}))
+    return found
+
+
 def score(pred: list, gold_correct: int, n: int, ref: list) -> dict:
     p = gold_correct / n
     agree = sum(a == b for a, b in zip(pred, ref)) / len(ref)
@@ -222,6 +244,7 @@ def run_cell(cell: dict, work: Path, out: Path) -> dict:
             return {**rec, "status": "failed", "stage": "convert", "error": msg}
     rec["convert_seconds"] = round(t_build, 1)
     rec.update(sizes_of(onnx_out))
+    rec.update(embedding_fidelity(onnx_out))
     ok, msg, dt = run_cmd(ev_cmd)
     if not ok:
         return {**rec, "status": "failed", "stage": "eval", "error": msg}

@@ -55,7 +55,9 @@ def test_grid_declaration_and_commands(tool, tmp_path):
     assert shown.startswith(f"edgeq eval {out} --task SST-2") and f"--tokenizer {models}" in shown
     sts = tool.edgeq_cells(_args(tool, {"tasks": "STS-B", "ks": "0"}))[0]
     build, ev, _, _ = tool.commands(sts, tmp_path)
-    assert "--calib" not in build[0] and str(models) not in " ".join(build[0])  # the bundled model
+    sts_conv = tool.show(build[0])
+    assert str(models) not in sts_conv and "--calib stsb" in sts_conv  # the bundled model, STS-B train as calibration
+    assert "--min-cosine 0" in sts_conv  # low-bit cells are measured, not refused by the default cosine gate
     assert "--task STS-B" in tool.show(ev) and "--tokenizer" not in ev
     compact = tool.edgeq_cells(_args(tool, {"bits": "4", "ks": "0", "storages": "default,compact"}))
     assert [c["id"] for c in compact] == ["SST-2/b4-k0-none-rtn-default", "SST-2/b4-k0-none-rtn-default-compact"]
