@@ -28,7 +28,8 @@ class ConvertConfig:
     quantize_embeddings: bool = False  # word-embedding table as 4-bit GatherBlockQuantized
     storage: str = "auto"  # plain (MatMulNBits inputs) or compact (b-bit planes + fp16 scales);
                            # auto: compact below 4 bits
-    kernel: str = "int4"  # int4 (every width runs the 4-bit kernel) or native (ONNX Runtime's own 2-bit kernel)
+    kernel: str = "int4"  # int4 (every width runs the 4-bit kernel), native (ONNX Runtime's own 2-bit kernel)
+                          # or integer (uint8 dynamic activations x int8 weights: DynamicQuantizeMatMul)
     opset: int = 17
     allow_pickle: bool = False
     external_data_threshold: int = 2_000_000_000  # bytes; larger models use external data
@@ -43,6 +44,7 @@ class ConvertConfig:
     lsi_rank: int = 64  # singular values with a learnable increment (0: LWC only)
     lsi_lr: float = 1e-3  # AdamW lr of the increments δ (docs/quantizers.md: measured choice)
     lwc_lr: float = 1e-1  # AdamW lr of the clipping logits γ, β (OmniQuant's 1e-2 barely moves in ~20 steps)
+    act_outliers: int = 0  # --kernel integer: input columns of largest calibration max|x| per Linear kept FP32
     granularity: Granularity = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -110,9 +112,32 @@ class ConvertConfig:
         if self.storage == "compact" and self.quantizer != "rtn":
             raise ValueError(f"--storage compact (and --bits 2/3) is implemented for --quantizer rtn only; the "
                              f"calibrated quantizers do not plan float16 scales yet (got --quantizer {self.quantizer})")
+        if self.kernel == "integer" or self.act_outliers:
+            self._check_integer()
         if self.storage == "compact" and self.bits == 8:
             raise ValueError("--storage compact holds 2, 3 or 4 bits per weight; use --bits 2, 3 or 4 "
                              "(--bits8 layers stay plain)")
+
+    def _check_integer(self) -> None:
+        """--kernel integer: 8-bit per-channel RTN weights, activations quantized by the kernel itself."""
+        if isinstance(self.act_outliers, bool) or not isinstance(self.act_outliers, int) or self.act_outliers < 0:
+            raise ValueError(f"--act-outliers must be a non-negative integer, got {self.act_outliers!r}")
+        if self.kernel != "integer":
+            raise ValueError("--act-outliers keeps activation columns out of the integer kernel; "
+                             "use it with --kernel integer --bits 8")
+        if self.act_outliers and not self.calib:
+            raise ValueError("--act-outliers picks columns by calibration max|x|; pass --calib TASK_OR_FILE")
+        if self.bits != 8:
+            raise ValueError(f"--kernel integer runs int8 weights (DynamicQuantizeMatMul); use --bits 8, "
+                             f"not --bits {self.bits}")
+        if self.granularity.kind == "block":
+            raise ValueError("--kernel integer has one weight scale per output channel; "
+                             "use --block-size per-channel (or per-tensor)")
+        if self.quantizer != "rtn":
+            raise ValueError(f"--kernel integer is implemented for --quantizer rtn only, not {self.quantizer}")
+        if self.accuracy_level != 0:
+            raise ValueError("--accuracy-level is a MatMulNBits setting; --kernel integer always quantizes "
+                             "activations to uint8, so drop --accuracy-level")
 
     @property
     def fp16_scales(self) -> bool:

@@ -84,7 +84,7 @@ def quantizer_kwargs(params: dict) -> dict:
     return {k: params[k] for k in QUANTIZER_OPTION_NAMES if k in params}
 
 
-PERF_OPTION_NAMES = ("bits", "bits8", "grid", "correction", "quantize_embeddings", "storage", "kernel")
+PERF_OPTION_NAMES = ("bits", "bits8", "grid", "correction", "quantize_embeddings", "storage", "kernel", "act_outliers")
 
 
 def perf_options(fn):
@@ -98,7 +98,12 @@ def perf_options(fn):
                           "load). auto: compact for 2 and 3 bits. --bits8 layers stay plain."),
         click.option("--kernel", type=click.Choice(KERNELS), default="int4", show_default=True,
                      help="int4: every width runs the 4-bit MatMulNBits kernel; native: ONNX Runtime's own "
-                          "2-bit kernel (--bits 2 only; slow on x86, for comparison)."),
+                          "2-bit kernel (--bits 2 only; slow on x86, for comparison); integer: uint8 dynamic "
+                          "activations x int8 weights, DynamicQuantizeMatMul (--bits 8 --block-size per-channel)."),
+        click.option("--act-outliers", type=click.IntRange(min=0), default=_default("act_outliers"),
+                     show_default=True, metavar="N",
+                     help="--kernel integer: per Linear, the N input columns of largest calibration max|x| "
+                          "bypass the int8 path and run exactly in FP32 (needs --calib)."),
         click.option("--bits8", multiple=True, metavar="REGEX",
                      help="Quantize Linears whose name matches REGEX to 8 bits (repeatable)."),
         click.option("--grid", type=click.Choice(GRIDS), default="sym7", show_default=True,

@@ -4,6 +4,9 @@ For each rewritten Linear (listed in the ``edgeq.layers`` metadata)::
 
     Ŵ[i, j] = (code_ij − 2^(bits−1)) · s_{i, ⌊j / block⌋}  +  Σ_t [i = i_t, j = j_t] v_t
 
+(``--kernel integer`` files: ``q_ij · s_i`` from DynamicQuantizeMatMul's int8 ``qᵀ`` and scales,
+``edgeq.onnx.integer``, plus the same FP32 entries)
+
 with the codes and scales decoded from however they are stored (``edgeq.onnx.storage``: plain
 MatMulNBits inputs, compact bit planes + float16 scales, or the native 2-bit layout), and
 the FP32 entries (i_t, j_t, v_t) decoded by whichever correction encoding the layer uses
@@ -23,6 +26,8 @@ from onnx import numpy_helper
 from edgeq.onnx.corrections import decode_correction
 from edgeq.onnx.embeddings import read_embeddings
 from edgeq.onnx.graph import metadata
+from edgeq.onnx.integer import OP as INTEGER_OP
+from edgeq.onnx.integer import decode_integer, dequantize_integer
 from edgeq.onnx.rewrite import LAYERS_KEY
 from edgeq.onnx.storage import decode_weight
 
@@ -41,9 +46,14 @@ def read_back(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     out = {}
     for layer in json.loads(meta[LAYERS_KEY]):
         node = nodes.get(f"/{layer}/MatMulNBits")
-        if node is None:
+        integer = nodes.get(f"/{layer}/{INTEGER_OP}")
+        if integer is not None:  # --kernel integer: int8 qᵀ and per-channel scales (edgeq.onnx.integer)
+            q, scales, _ = decode_integer(layer, integer, inits, arr)
+            w = dequantize_integer(q, scales)
+        elif node is None:
             raise ValueError(f"the edgeq.layers metadata names {layer}, but the graph has no /{layer}/MatMulNBits")
-        w = decode_weight(layer, node, inits, arr)  # plain, compact or native storage (edgeq.onnx.storage)
+        else:
+            w = decode_weight(layer, node, inits, arr)  # plain, compact or native storage (edgeq.onnx.storage)
         entries = decode_correction(layer, inits, arr)
         if entries is not None:
             rows, cols, vals = entries

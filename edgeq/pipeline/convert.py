@@ -46,14 +46,17 @@ class Thresholds:
 
 
 def parity_checks(loaded, session, fp32_out, ref_weights, batches, thresholds: Thresholds, source: str,
-                  plan_session=None) -> ParityReport:
+                  plan_session=None, integer=None) -> ParityReport:
     """(a) ONNX vs PyTorch with ``ref_weights``; (b) ONNX vs the FP32 outputs ``fp32_out``.
 
     ``plan_session``: for (a) when the file's MatMulNBits use accuracy_level ≠ 0 (int8 activations
     are run-time arithmetic, not the weights): the same graph at accuracy_level 0.
+    ``integer``: the file's DynamicQuantizeMatMul layers (:func:`edgeq.onnx.integer.integer_layers`);
+    the PyTorch reference then quantizes their inputs as the kernel does.
     """
     from edgeq.pipeline.parity import (
         fidelity,
+        integer_reference,
         reference_model,
         relative_max_diff,
         run_onnx,
@@ -62,7 +65,10 @@ def parity_checks(loaded, session, fp32_out, ref_weights, batches, thresholds: T
 
     got = run_onnx(session, batches)
     got_plan = run_onnx(plan_session, batches) if plan_session is not None else got
-    ref = run_torch(reference_model(loaded, ref_weights), loaded, batches)
+    reference = reference_model(loaded, ref_weights)
+    if integer:
+        reference = integer_reference(reference, integer)
+    ref = run_torch(reference, loaded, batches)
     report = ParityReport(examples=len(next(iter(fp32_out.values()))) if batches else 0, source=source)
     report.examples = int(sum(len(b["input_ids"]) for b in batches))
     for name, rel in relative_max_diff(got_plan, ref).items():
@@ -221,6 +227,7 @@ def make_report(c: Converted, out: Path, large: bool, file_bytes: int, parity: P
 def write_validated(c: Converted, out: Path, thresholds: Thresholds, threads: int, ort_format: bool,
                     timer: Timer, t_start: float) -> dict:
     """Stages 5–6: save to a staging directory, validate the file, commit it with its report (or nothing)."""
+    from edgeq.onnx.integer import integer_layers
     from edgeq.onnx.rewrite import exact_arithmetic_copy
     from edgeq.onnx.safe_load import save_onnx, weight_bytes
     from edgeq.onnx.session import make_session, session_of_model
@@ -237,7 +244,7 @@ def write_validated(c: Converted, out: Path, thresholds: Thresholds, threads: in
         exact = exact_arithmetic_copy(model)
         plan_session = None if exact is None else session_of_model(exact, threads, limit)
         parity = timer.run("validate", parity_checks, c.loaded, session, c.ref.outputs, c.graph.planned,
-                           c.ref.batches, thresholds, c.ref.source, plan_session)
+                           c.ref.batches, thresholds, c.ref.source, plan_session, integer_layers(model))
         file_bytes = tmp_model.stat().st_size + (tmp_data.stat().st_size if tmp_data else 0)
         report = make_report(c, out, large, file_bytes, parity, timer, t_start)
         if not parity.ok:
@@ -282,6 +289,7 @@ def validate_file(
     """Check an edgeq ONNX file against its source model: plan parity (decoded from the file) and fidelity."""
     from edgeq.model.load import load_model
     from edgeq.model.texts import encode_batches, validation_texts
+    from edgeq.onnx.integer import integer_layers
     from edgeq.onnx.readback import read_back
     from edgeq.onnx.rewrite import exact_arithmetic_copy
     from edgeq.onnx.safe_load import load_onnx
@@ -303,4 +311,5 @@ def validate_file(
     session = make_session(str(onnx_path), threads or 0)
     exact = exact_arithmetic_copy(model)
     plan_session = None if exact is None else session_of_model(exact, threads or 0)
-    return parity_checks(loaded, session, fp32_out, decoded, batches, thresholds, source, plan_session)
+    return parity_checks(loaded, session, fp32_out, decoded, batches, thresholds, source, plan_session,
+                         integer_layers(model))

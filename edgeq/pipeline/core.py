@@ -34,6 +34,7 @@ import numpy as np
 from edgeq.config import ConvertConfig
 from edgeq.errors import EdgeqError, UsageError
 from edgeq.onnx.embeddings import quantize_embeddings
+from edgeq.onnx.integer import rewrite_integer
 from edgeq.onnx.readback import read_back
 from edgeq.onnx.rewrite import RewriteResult, rewrite_linears
 from edgeq.quant.plan import QuantPlan, build_plan
@@ -112,8 +113,11 @@ def quantize_graph(fp32_model, weights: Mapping[str, np.ndarray], config: Conver
     model = onnx.ModelProto()
     model.CopyFrom(fp32_model)
     try:
-        result = timer.run("rewrite", rewrite_linears, model, plan.quants, dict(weights), config.accuracy_level,
-                           correction=config.correction, storage=config.storage, kernel=config.kernel)
+        if config.kernel == "integer":  # DynamicQuantizeMatMul (edgeq.onnx.integer)
+            result = timer.run("rewrite", rewrite_integer, model, plan.quants, dict(weights), config.correction)
+        else:
+            result = timer.run("rewrite", rewrite_linears, model, plan.quants, dict(weights), config.accuracy_level,
+                               correction=config.correction, storage=config.storage, kernel=config.kernel)
     except ValueError as e:
         raise EdgeqError(f"{e}; exclude them with --exclude REGEX or report this model") from None
     if result.count != len(plan.layers):

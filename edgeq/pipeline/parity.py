@@ -3,6 +3,9 @@
 (a) *plan parity*: ONNX Runtime vs a PyTorch model whose Linear weights are exactly the planned
     Ŵ (same codes, scales and FP32 entries): ``max|Δ| ≤ tol · max|y_ref|`` per output.  This proves
     the graph computes the plan.
+    For ``--kernel integer`` files the reference also quantizes each Linear's input the way the
+    kernel does (:func:`integer_reference`, :mod:`edgeq.quant.integer`): same weights, same uint8
+    activations, exact integer products.
 (b) *fidelity*: ONNX Runtime vs the original FP32 model: max and mean |Δ|, mean cosine per
     example, and top-1 agreement for classification logits.
 
@@ -57,6 +60,26 @@ def reference_model(loaded: LoadedModel, weights: dict[str, np.ndarray]):
         for name, w in weights.items():
             modules[name].weight.copy_(torch.from_numpy(w))
     return model.eval()
+
+
+def integer_reference(model, layers):
+    """``model`` (a reference copy) with the Linears of ``layers`` (name → :class:`edgeq.onnx.integer.IntegerLayer`)
+    computing :func:`edgeq.quant.integer.integer_linear`: dynamic uint8 x, int8 q, exact FP32 entries."""
+    import torch
+
+    from edgeq.quant.integer import integer_linear
+
+    modules = dict(model.named_modules())
+    for name, lay in layers.items():
+        mod = modules[name]
+        q, scales = torch.from_numpy(lay.q.astype(np.float64)), torch.from_numpy(lay.scales)
+        exact, cols = torch.from_numpy(lay.exact), torch.from_numpy(lay.act_cols)
+
+        def forward(x, mod=mod, q=q, scales=scales, exact=exact, cols=cols):
+            return integer_linear(x, q, scales, mod.bias, exact, cols)
+
+        mod.forward = forward
+    return model
 
 
 @dataclass(frozen=True)

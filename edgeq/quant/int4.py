@@ -30,7 +30,10 @@ entry of the opposite sign and |W| > 7.5·|s| is clipped to q = 7.  Codes and sc
 
 8-bit (``bits=8``, Q8-sym-127): the same with ``QMAX = 127`` and zero point 128, codes in
 [1, 255] (``q + 128``), salient entries = 128; MatMulNBits ``bits=8`` stores one code per byte.
-The 4-bit path is unchanged by this option.
+The 4-bit path is unchanged by this option.  ``reduce_range=True`` (8-bit only, the integer
+kernel ``--kernel integer``) narrows the grid to |q| ≤ 63 (``QMAX_REDUCED``, s = max|W|/63; codes
+in [65, 191]), ONNX Runtime's ``reduce_range``: uint8 activations × int8 weights accumulate pairs
+in int16 on x86 without VNNI (``vpmaddubsw``), and 2·255·63 < 2^15 cannot saturate there.
 
 2 and 3 bits (``bits=2|3``, b bits of storage, run by the 4-bit kernel): the signed-max grid with
 ``2^b`` levels, then carried exactly by 4-bit codes at a ``2^(4−b)`` times finer scale::
@@ -57,6 +60,7 @@ from dataclasses import dataclass
 import numpy as np
 
 QMAX = 7
+QMAX_REDUCED = 63  # 8-bit weights of the integer kernel: no int16 saturation on AVX2 (module docstring)
 ZERO_POINT = 8
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits CPU fast path (MLAS)
 BITS = (2, 3, 4, 8)
@@ -122,6 +126,8 @@ class QuantizedLinear:
     bits: int = 4  # MatMulNBits bits of these codes: 4 or 8
     storage_bits: int | None = None  # b when the codes lie on a b-bit grid (2, 3), else None (= bits)
     fp16_scales: bool = False  # scales are float16 values (exactly representable)
+    act_cols: np.ndarray | None = None  # int64 sorted input columns kept exact in activation too (integer kernel):
+                                        # every entry of them is salient, and x there is zeroed before the int8 path
 
     @property
     def stored_bits(self) -> int:
@@ -179,6 +185,7 @@ def quantize_rtn(
     bits: int = 4,
     grid: str = "sym7",
     fp16_scales: bool = False,
+    reduce_range: bool = False,
 ) -> QuantizedLinear:
     """Round-to-nearest Q4-sym-7 (Q8-sym-127 with ``bits=8``; ``grid="sym8"``: ORT's signed /8 grid;
     ``bits=2|3``: the signed-max b-bit grid carried by 4-bit codes) of ``weight [N, K]`` keeping
@@ -190,7 +197,9 @@ def quantize_rtn(
     storage = bits if bits in COMPACT_BITS else None
     if storage:  # the b-bit signed-max grid, then the same codes at 4 bits (module docstring)
         bits, grid = 4, "sym8"
-    qm, zp = qmax(bits), zero_point(bits)
+    if reduce_range and bits != 8:
+        raise ValueError(f"reduce_range is an 8-bit grid (|q| <= {QMAX_REDUCED}), not {bits} bits")
+    qm, zp = (QMAX_REDUCED if reduce_range else qmax(bits)), zero_point(bits)
     w = np.ascontiguousarray(weight, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {w.shape}")

@@ -7,6 +7,11 @@ One path, ``plan_layer_from_order``: ``plan_layer`` scores and calls it; a sweep
 one order per layer for every k.  The plan is pure data: numpy/torch in, dataclasses out; the ONNX rewrite
 and the PyTorch reference both consume it, which is what makes their comparison meaningful.
 
+``--kernel integer`` plans 8-bit codes on the reduced grid |q| ≤ 63 (``edgeq.quant.int4``,
+``reduce_range``); with ``--act-outliers c`` the c input columns of largest calibration max|x_j|
+(:func:`edgeq.quant.integer.outlier_columns`) join S whole (S ∪ {(i, j): j ∈ C}) and are recorded
+as ``act_cols``: the graph zeroes them before quantizing x and carries them in the FP32 correction.
+
 Per-layer statistics recorded: k, the reconstruction error ``‖W − Ŵ‖²_F`` and that of plain
 int4 (k = 0) on the same quantizer, and the number of distinct rows/columns the selection
 touches (how concentrated it is).
@@ -15,12 +20,13 @@ touches (how concentrated it is).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from edgeq.config import ConvertConfig
 from edgeq.quant.int4 import QuantizedLinear, quantize_rtn
+from edgeq.quant.integer import column_entries, outlier_columns
 from edgeq.saliency import ScoreContext, descending_order, get_method, topk_from_order
 
 
@@ -71,27 +77,48 @@ def selection_order(name: str, weight: np.ndarray, config: ConvertConfig, stats=
     return descending_order(get_method(config.method).score(torch.from_numpy(w), ctx), limit)
 
 
+def activation_outliers(name: str, n_in: int, config: ConvertConfig, stats=None) -> np.ndarray | None:
+    """``--act-outliers`` columns of one Linear from its calibration ``stats`` (None without the option)."""
+    if not config.act_outliers:
+        return None
+    abs_max = getattr(stats, "abs_max", None)
+    if abs_max is None:
+        raise ValueError(f"{name}: --act-outliers needs calibration statistics with max|x| (--calib)")
+    cols = outlier_columns(np.asarray(abs_max, dtype=np.float64), config.act_outliers)
+    if cols.size and cols[-1] >= n_in:
+        raise ValueError(f"{name}: calibration statistics have {len(abs_max)} columns, the weight {n_in}")
+    return cols
+
+
 def plan_layer_from_order(name: str, weight: np.ndarray, order: np.ndarray, config: ConvertConfig,
-                          quantize: Callable[[np.ndarray, np.ndarray], QuantizedLinear] | None = None) -> LayerPlan:
+                          quantize: Callable[[np.ndarray, np.ndarray], QuantizedLinear] | None = None,
+                          act_cols: np.ndarray | None = None) -> LayerPlan:
     """Plan one Linear whose salient set is ``sort(order[:k])``, k = ``config.k`` clipped to N·K.
 
     ``order``: a descending selection order of at least k entries (:func:`selection_order`), so one
     order serves every k.  ``quantize(w, idx)`` defaults to RTN (see edgeq.quant.registry).
+    ``act_cols`` (:func:`activation_outliers`): input columns kept exact whole (integer kernel).
     """
     w = np.ascontiguousarray(weight, dtype=np.float32)
     k = min(config.k, w.size)
     if len(order) < k:
         raise ValueError(f"{name}: the selection order holds {len(order)} entries, fewer than k = {k}")
     idx = topk_from_order(np.asarray(order, dtype=np.int64), k)
+    if act_cols is not None:
+        idx = np.union1d(idx, column_entries(act_cols, *w.shape)).astype(np.int64)
     grid = config.grid if config.layer_bits(name) == 4 else "sym7"
+    integer = config.kernel == "integer"
     if quantize is None:
         quant = quantize_rtn(w, idx, config.granularity, config.exclude_salient_from_scale,
                              bits=config.layer_bits(name), grid=grid,
-                             fp16_scales=config.fp16_scales and config.layer_bits(name) != 8)
+                             fp16_scales=config.fp16_scales and config.layer_bits(name) != 8, reduce_range=integer)
     else:
         quant = quantize(w, idx)
+    if act_cols is not None:
+        quant = replace(quant, act_cols=np.asarray(act_cols, dtype=np.int64))
     base = quantize_rtn(w, idx[:0], config.granularity, bits=quant.stored_bits,
-                        grid=config.grid if quant.stored_bits == 4 else "sym7", fp16_scales=quant.fp16_scales)
+                        grid=config.grid if quant.stored_bits == 4 else "sym7", fp16_scales=quant.fp16_scales,
+                        reduce_range=integer)
     k_in = w.shape[1]
     return LayerPlan(
         name=name,
@@ -107,6 +134,7 @@ def plan_layer(name: str, weight: np.ndarray, config: ConvertConfig, stats=None,
                quantize: Callable[[np.ndarray, np.ndarray], QuantizedLinear] | None = None) -> LayerPlan:
     """Select the salient entries (scored only when 0 < k < N·K), then :func:`plan_layer_from_order`."""
     size = int(np.prod(np.shape(weight)))
+    act_cols = activation_outliers(name, int(np.shape(weight)[1]), config, stats)
     k = min(config.k, size)
     if k == 0:
         order = np.empty(0, dtype=np.int64)
@@ -114,7 +142,7 @@ def plan_layer(name: str, weight: np.ndarray, config: ConvertConfig, stats=None,
         order = np.arange(k, dtype=np.int64)
     else:
         order = selection_order(name, weight, config, stats, limit=k)
-    return plan_layer_from_order(name, weight, order, config, quantize)
+    return plan_layer_from_order(name, weight, order, config, quantize, act_cols)
 
 
 def build_plan(
@@ -139,7 +167,8 @@ def build_plan(
             excluded.append(name)
             continue
         if orders is not None:
-            layers[name] = plan_layer_from_order(name, w, orders[name], config)
+            act_cols = activation_outliers(name, int(np.shape(w)[1]), config, (stats or {}).get(name))
+            layers[name] = plan_layer_from_order(name, w, orders[name], config, act_cols=act_cols)
         else:
             layers[name] = plan_layer(name, w, config, (stats or {}).get(name))
         if progress:
