@@ -45,6 +45,7 @@ class ConvertConfig:
     lsi_lr: float = 1e-3  # AdamW lr of the increments δ (docs/quantizers.md: measured choice)
     lwc_lr: float = 1e-1  # AdamW lr of the clipping logits γ, β (OmniQuant's 1e-2 barely moves in ~20 steps)
     act_outliers: int = 0  # --kernel integer: input columns of largest calibration max|x| per Linear kept FP32
+    act_outlier_ratio: float = 0.0  # ... only those with max|x_j| >= this x the median column's (0: all N)
     granularity: Granularity = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -112,7 +113,7 @@ class ConvertConfig:
         if self.storage == "compact" and self.quantizer != "rtn":
             raise ValueError(f"--storage compact (and --bits 2/3) is implemented for --quantizer rtn only; the "
                              f"calibrated quantizers do not plan float16 scales yet (got --quantizer {self.quantizer})")
-        if self.kernel == "integer" or self.act_outliers:
+        if self.kernel == "integer" or self.act_outliers or self.act_outlier_ratio:
             self._check_integer()
         if self.storage == "compact" and self.bits == 8:
             raise ValueError("--storage compact holds 2, 3 or 4 bits per weight; use --bits 2, 3 or 4 "
@@ -122,6 +123,8 @@ class ConvertConfig:
         """--kernel integer: 8-bit per-channel RTN weights, activations quantized by the kernel itself."""
         if isinstance(self.act_outliers, bool) or not isinstance(self.act_outliers, int) or self.act_outliers < 0:
             raise ValueError(f"--act-outliers must be a non-negative integer, got {self.act_outliers!r}")
+        if not self.act_outlier_ratio >= 0:
+            raise ValueError(f"--act-outlier-ratio must be >= 0, got {self.act_outlier_ratio!r}")
         if self.kernel != "integer":
             raise ValueError("--act-outliers keeps activation columns out of the integer kernel; "
                              "use it with --kernel integer --bits 8")

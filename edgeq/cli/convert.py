@@ -129,7 +129,8 @@ def _print_summary(report: dict) -> None:
     mib = lambda b: f"{b / 2**20:.2f} MiB"  # noqa: E731
     click.echo(f"wrote {report['output']} ({mib(report['file_bytes'])}; "
                f"FP32 initializers {mib(f['total_initializers'])})")
-    click.echo(f"  Linears: {report['linears_quantized']} of {report['linears_total']} as MatMulNBits, "
+    op = "DynamicQuantizeMatMul" if report["config"].get("kernel") == "integer" else "MatMulNBits"
+    click.echo(f"  Linears: {report['linears_quantized']} of {report['linears_total']} as {op}, "
                f"k={report['config']['k']} FP32 entries each ({report['config']['method']}, "
                f"block {report['config']['block_size']})")
     click.echo("  size: " + ", ".join(f"{c} {mib(s[c])}"

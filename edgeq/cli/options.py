@@ -84,7 +84,8 @@ def quantizer_kwargs(params: dict) -> dict:
     return {k: params[k] for k in QUANTIZER_OPTION_NAMES if k in params}
 
 
-PERF_OPTION_NAMES = ("bits", "bits8", "grid", "correction", "quantize_embeddings", "storage", "kernel", "act_outliers")
+PERF_OPTION_NAMES = ("bits", "bits8", "grid", "correction", "quantize_embeddings", "storage", "kernel", "act_outliers",
+                     "act_outlier_ratio")
 
 
 def perf_options(fn):
@@ -104,6 +105,10 @@ def perf_options(fn):
                      show_default=True, metavar="N",
                      help="--kernel integer: per Linear, the N input columns of largest calibration max|x| "
                           "bypass the int8 path and run exactly in FP32 (needs --calib)."),
+        click.option("--act-outlier-ratio", type=click.FloatRange(min=0), default=_default("act_outlier_ratio"),
+                     show_default=True, metavar="R",
+                     help="With --act-outliers: only columns whose calibration max|x| is at least R times the "
+                          "median column's (0: always N); Linears without one keep the plain int8 path."),
         click.option("--bits8", multiple=True, metavar="REGEX",
                      help="Quantize Linears whose name matches REGEX to 8 bits (repeatable)."),
         click.option("--grid", type=click.Choice(GRIDS), default="sym7", show_default=True,

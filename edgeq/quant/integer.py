@@ -18,7 +18,8 @@ exact integer product.  The per-tensor scale ``a`` follows the largest |x'_j|: o
 the others makes every other column 10× coarser, which is why the columns of largest calibration
 range are taken out (LLM.int8()'s decomposition): their products are exact FP32 instead.
 
-:func:`outlier_columns` picks C from the calibration statistics (max |x_j| per input column);
+:func:`outlier_columns` picks C from the calibration statistics (max |x_j| per input column; the
+c largest, optionally only those ≥ ratio × the median column's);
 :func:`dynamic_quantize` is the activation step in torch (the PyTorch reference of plan parity);
 :func:`integer_linear` the whole layer.  Pure: arrays in, arrays out.
 """
@@ -31,14 +32,19 @@ ACT_LEVELS = 255  # uint8 activations, asymmetric per tensor
 WEIGHT_ZERO_POINT = 128  # codes c = q + 128 (edgeq.quant.int4, bits = 8)
 
 
-def outlier_columns(abs_max: np.ndarray, n: int) -> np.ndarray:
-    """The ``n`` input columns of largest max|x_j| (ties → lower index), sorted; all of them if n ≥ K."""
+def outlier_columns(abs_max: np.ndarray, n: int, ratio: float = 0.0) -> np.ndarray:
+    """The ``n`` input columns of largest max|x_j| (ties → lower index), sorted; all of them if n ≥ K.
+
+    ``ratio`` > 0 keeps only those whose max|x_j| ≥ ratio · median_j max|x_j| (a Linear without
+    such a column keeps its plain int8 path and pays no FP32 branch)."""
     a = np.asarray(abs_max, dtype=np.float64).reshape(-1)
     n = min(int(n), a.size)
     if n <= 0:
         return np.empty(0, np.int64)
-    order = np.argsort(-a, kind="stable")
-    return np.sort(order[:n]).astype(np.int64)
+    order = np.argsort(-a, kind="stable")[:n]
+    if ratio > 0:
+        order = order[a[order] >= ratio * np.median(a)]
+    return np.sort(order).astype(np.int64)
 
 
 def column_entries(cols: np.ndarray, n_out: int, k_in: int) -> np.ndarray:

@@ -84,7 +84,7 @@ def activation_outliers(name: str, n_in: int, config: ConvertConfig, stats=None)
     abs_max = getattr(stats, "abs_max", None)
     if abs_max is None:
         raise ValueError(f"{name}: --act-outliers needs calibration statistics with max|x| (--calib)")
-    cols = outlier_columns(np.asarray(abs_max, dtype=np.float64), config.act_outliers)
+    cols = outlier_columns(np.asarray(abs_max, dtype=np.float64), config.act_outliers, config.act_outlier_ratio)
     if cols.size and cols[-1] >= n_in:
         raise ValueError(f"{name}: calibration statistics have {len(abs_max)} columns, the weight {n_in}")
     return cols

@@ -195,3 +195,12 @@ def test_config_refusals(kw, match):
 def test_integer_kernel_keeps_defaults():
     assert ConvertConfig().kernel == "int4" and ConvertConfig().act_outliers == 0
     assert ConvertConfig(**INTEGER).storage == "plain"
+
+
+def test_outlier_columns_ratio_and_ties():
+    a = np.array([1.0, 9.0, 1.2, 0.8, 9.0, 3.0])
+    assert outlier_columns(a, 2).tolist() == [1, 4]  # tie: both, sorted
+    assert outlier_columns(a, 3).tolist() == [1, 4, 5]
+    assert outlier_columns(a, 3, ratio=4.0).tolist() == [1, 4]  # median 2.1: 3.0 is not 4x it
+    assert outlier_columns(a, 3, ratio=10.0).size == 0
+    assert outlier_columns(a, 0).size == 0 and outlier_columns(a, 99).size == a.size
