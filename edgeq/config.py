@@ -26,6 +26,7 @@ class ConvertConfig:
     bits8: tuple[str, ...] = ()  # regexes of Linear names quantized to 8 bits whatever --bits says
     correction: str = "auto"  # graph encoding of the FP32 correction (edgeq.onnx.corrections.CORRECTION_CHOICES)
     quantize_embeddings: bool = False  # word-embedding table as 4-bit GatherBlockQuantized
+    embedding_bits: int = 4  # bits of the quantized embedding tables: 4 (Q4-sym-7) or 8 (Q8-sym-127)
     storage: str = "auto"  # plain (MatMulNBits inputs) or compact (b-bit planes + fp16 scales);
                            # auto: compact below 4 bits
     kernel: str = "int4"  # int4 (every width runs the 4-bit kernel), native (ONNX Runtime's own 2-bit kernel)
@@ -76,6 +77,8 @@ class ConvertConfig:
         if self.bits not in BITS:
             raise ValueError(f"--bits must be one of {', '.join(map(str, BITS))}, got {self.bits!r}")
         self._check_storage()
+        if self.embedding_bits not in (4, 8):
+            raise ValueError(f"--embedding-bits must be 4 or 8, got {self.embedding_bits!r}")
         if self.grid not in GRIDS:
             raise ValueError(f"--grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
         if self.grid != "sym7" and self.quantizer != "rtn":

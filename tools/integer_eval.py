@@ -26,14 +26,25 @@ sys.path.insert(0, str(REPO / "tools"))
 
 from bench_peers import SHARED, TASKS, evaluate, log  # noqa: E402
 
-# name → (k, act_outliers, quantize embeddings)
+# name → (k, act_outliers, act_outlier_ratio, embedding bits or 0: FP32 tables)
 VARIANTS = {
-    "edgeq-int-k0": (0, 0, False),
-    "edgeq-int-k0-a1": (0, 1, False),
-    "edgeq-int-k0-a2": (0, 2, False),
-    "edgeq-int-k0-a4": (0, 4, False),
-    "edgeq-int-k256-a2": (256, 2, False),
-    "edgeq-int-k0-a2-emb": (0, 2, True),
+    "edgeq-int-k0": (0, 0, 0.0, 0),
+    "edgeq-int-k0-a1": (0, 1, 0.0, 0),
+    "edgeq-int-k0-a2": (0, 2, 0.0, 0),
+    "edgeq-int-k0-a2-r6": (0, 2, 6.0, 0),
+    "edgeq-int-k0-a4-r6": (0, 4, 6.0, 0),
+    "edgeq-int-k0-a2-r6-emb": (0, 2, 6.0, 4),
+    "edgeq-int-k0-emb": (0, 0, 0.0, 4),
+    "edgeq-int-k0-a2-emb": (0, 2, 0.0, 4),
+    "edgeq-int-k0-a4": (0, 4, 0.0, 0),
+    "edgeq-int-k0-a8": (0, 8, 0.0, 0),
+    "edgeq-int-k0-a4-r3": (0, 4, 3.0, 0),
+    "edgeq-int-k0-a4-emb": (0, 4, 0.0, 4),
+    "edgeq-int-k0-a4-emb8": (0, 4, 0.0, 8),
+    "edgeq-int-k0-a4-r3-emb8": (0, 4, 3.0, 8),
+    "edgeq-int-k0-a2-emb8": (0, 2, 0.0, 8),
+    "edgeq-int-k0-emb8": (0, 0, 0.0, 8),
+    "edgeq-int-k256-a2-r6": (256, 2, 6.0, 0),
 }
 
 
@@ -47,17 +58,18 @@ def build(loaded, fp32, outdir: Path, task: str, names: list[str]) -> dict[str, 
     from edgeq.pipeline.core import quantize_graph
     from edgeq.quant.plan import build_plan
 
-    outdir.mkdir(parents=True, exist_ok=True)
+    outdir.mkdir(parents=True, exist_ok=4)
     paths = {"fp32": outdir / "fp32.onnx", "ort-int8-dynamic": outdir / "ort-int8-dynamic.onnx"}
     onnx.save(fp32, str(paths["fp32"]))
     quantize_dynamic(str(paths["fp32"]), str(paths["ort-int8-dynamic"]), weight_type=QuantType.QInt8)
     weights = loaded.linear_weights()
-    calib = calibrate(loaded, task, 128, 0, str(SHARED / "data" / "glue"), xtx=False)
+    calib = calibrate(loaded, task, 128, 0, str(SHARED / "data" / "glue"), xtx=0)
     modules = module_names(fp32, loaded.model)
     for name in names:
-        k, act, emb = VARIANTS[name]
+        k, act, ratio, emb = VARIANTS[name]
         config = ConvertConfig(k=k, bits=8, kernel="integer", block_size="per-channel", act_outliers=act,
-                               calib=task if act else None, quantize_embeddings=emb)
+                               act_outlier_ratio=ratio, calib=task if act else None, quantize_embeddings=bool(emb),
+                               embedding_bits=emb or 4)
         plan = build_plan(weights, config, calib.stats)
         qg = quantize_graph(fp32, weights, config, plan, modules)
         paths[name] = outdir / f"{name}.onnx"
@@ -70,7 +82,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "results" / "int8")
     ap.add_argument("--tasks", default="rte,mrpc,sst2")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(v for v in VARIANTS if "k256" not in v))
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
@@ -79,7 +91,7 @@ def main() -> None:
     from edgeq.onnx.export import export_fp32
 
     names = args.variants.split(",")
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=4)
     acc_path, size_path = args.out / "accuracy.json", args.out / "sizes.json"
     accuracy = json.loads(acc_path.read_text()) if acc_path.exists() else {}
     sizes = json.loads(size_path.read_text()) if size_path.exists() else {}

@@ -85,7 +85,7 @@ def quantizer_kwargs(params: dict) -> dict:
 
 
 PERF_OPTION_NAMES = ("bits", "bits8", "grid", "correction", "quantize_embeddings", "storage", "kernel", "act_outliers",
-                     "act_outlier_ratio")
+                     "act_outlier_ratio", "embedding_bits")
 
 
 def perf_options(fn):
@@ -119,6 +119,9 @@ def perf_options(fn):
                           "(MatMul+MatMul+Add), scatter (ScatterElements); auto picks the cheapest per layer."),
         click.option("--quantize-embeddings/--no-quantize-embeddings", default=False, show_default=True,
                      help="Word-embedding table as 4-bit GatherBlockQuantized (block 32)."),
+        click.option("--embedding-bits", type=click.Choice(["4", "8"]), default="4", show_default=True,
+                     callback=lambda ctx, p, v: int(v),
+                     help="Bits of the quantized embedding tables (with --quantize-embeddings): 4 or 8."),
     ]
     return _apply(fn, opts)
 

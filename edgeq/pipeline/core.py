@@ -126,7 +126,7 @@ def quantize_graph(fp32_model, weights: Mapping[str, np.ndarray], config: Conver
     embeddings = None
     if config.quantize_embeddings:  # word/position tables → GatherBlockQuantized (edgeq.onnx.embeddings)
         emb = timer.run("embeddings", quantize_embeddings, model, EMBEDDING_BLOCK,
-                        dict(embedding_modules) if embedding_modules is not None else None)
+                        dict(embedding_modules) if embedding_modules is not None else None, config.embedding_bits)
         if not emb.rewritten:
             raise EdgeqError("--quantize-embeddings found no word-embedding Gather to rewrite ("
                              + ("; ".join(f"{n}: {r}" for n, r in emb.refused[:2]) or "no Gather on input_ids")

@@ -21,10 +21,11 @@ def converted(tiny_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("integer")
     calib = d / "calib.txt"
     calib.write_text("\n".join(f"sentence number {i} about the weather and {i % 7} cats" for i in range(40)))
-    cfg = ConvertConfig(k=8, bits=8, kernel="integer", block_size="per-channel", act_outliers=2, calib=str(calib))
+    cfg = ConvertConfig(k=8, bits=8, kernel="integer", block_size="per-channel", act_outliers=2, calib=str(calib),
+                        quantize_embeddings=True, embedding_bits=8)
     out = d / "out.onnx"
-    report = convert(tiny_model(), out, cfg)
-    return tiny_model(), out, report
+    report = convert(tiny_model(hidden=64), out, cfg)  # H a multiple of the embedding block (32)
+    return tiny_model(hidden=64), out, report
 
 
 def test_convert_writes_a_validated_integer_file(converted):
@@ -39,6 +40,8 @@ def test_convert_writes_a_validated_integer_file(converted):
     layer_check = checks["plan parity: every Linear on ORT inputs max|d|/max|ref|"]
     assert layer_check["ok"] and layer_check["limit"] == 1e-4
     assert report["parity"]["ok"] and all(lp["k"] >= 2 * lp["shape"][0] for lp in report["layers"].values())
+    gbq = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]  # 8-bit tables, read back exactly
+    assert gbq and all(a.i == 8 for n in gbq for a in n.attribute if a.name == "bits")
     again = validate_file(model_dir, out)  # decoded from the file alone
     assert again.ok and again.checks[0].value <= 1e-4
 
