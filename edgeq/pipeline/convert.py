@@ -123,9 +123,12 @@ def calibrate_if_needed(loaded, config: ConvertConfig, timer: Timer, progress: b
     if not needs_calibration_pass(config):
         return None
     from edgeq.model.calib import calibrate
+    from edgeq.saliency import get_method
 
+    # --act-outliers alone reads max|x|: skip the n x n XᵀX (the slow part on FFN inputs)
+    xtx = not (config.act_outliers and config.quantizer == "rtn" and not get_method(config.method).needs_calibration)
     return timer.run("calibrate", calibrate, loaded, config.calib, config.calib_samples, config.seed,
-                     config.data_dir, progress=progress)
+                     config.data_dir, xtx=xtx, progress=progress)
 
 
 def reference_outputs(loaded, data: Path | None, limit: int | None) -> Reference:
