@@ -30,7 +30,9 @@ class ConvertConfig:
     quantize_embeddings: bool = False  # word + nn.Embedding tables of >= 64 rows as 4-bit GatherBlockQuantized
     storage: str = "auto"  # plain (MatMulNBits inputs) or compact (b-bit planes + fp16 scales);
                            # auto: compact below 4 bits
-    kernel: str = "int4"  # int4 (every width runs the 4-bit kernel) or native (ONNX Runtime's own 2-bit kernel)
+    embedding_bits: int = 4  # bits of the quantized embedding tables: 4 (Q4-sym-7) or 8 (Q8-sym-127)
+    kernel: str = "int4"  # int4 (every width runs the 4-bit kernel), native (ONNX Runtime's own 2-bit kernel)
+                          # or integer (uint8 dynamic activations x int8 weights: DynamicQuantizeMatMul)
     fuse_qkv: bool = False  # Linears reading one input (q, k, v) → one MatMulNBits + Split (edgeq.onnx.fuse_qkv)
     opset: int = 17
     allow_pickle: bool = False
@@ -48,6 +50,8 @@ class ConvertConfig:
     lwc_lr: float = 1e-1  # AdamW lr of the clipping logits γ, β (OmniQuant's 1e-2 barely moves in ~20 steps)
     pooling: str = "none"  # plain encoders: sentence_embedding in the graph (none, mean, cls, max)
     normalize: bool = False  # plain encoders with --pooling: L2-normalise the sentence embedding
+    act_outliers: int = 0  # --kernel integer: input columns of largest calibration max|x| per Linear kept FP32
+    act_outlier_ratio: float = 0.0  # ... only those with max|x_j| >= this x the median column's (0: all N)
     granularity: Granularity = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -83,6 +87,8 @@ class ConvertConfig:
         if self.bits not in BITS:
             raise ValueError(f"--bits must be one of {', '.join(map(str, BITS))}, got {self.bits!r}")
         self._check_storage()
+        if self.embedding_bits not in (4, 8):
+            raise ValueError(f"--embedding-bits must be 4 or 8, got {self.embedding_bits!r}")
         if self.grid not in GRIDS:
             raise ValueError(f"--grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
         if self.bits == 8 and self.grid != "sym7":
@@ -134,9 +140,34 @@ class ConvertConfig:
         if self.storage == "compact" and self.quantizer not in GRID_QUANTIZERS:
             raise ValueError(f"--storage compact (and --bits 2/3) needs float16 scales, which --quantizer "
                              f"{self.quantizer} does not plan; use --quantizer {'/'.join(GRID_QUANTIZERS)}")
+        if self.kernel == "integer" or self.act_outliers or self.act_outlier_ratio:
+            self._check_integer()
         if self.storage == "compact" and self.bits == 8:
             raise ValueError("--storage compact holds 2, 3 or 4 bits per weight; use --bits 2, 3 or 4 "
                              "(--bits8 layers stay plain)")
+
+    def _check_integer(self) -> None:
+        """--kernel integer: 8-bit per-channel RTN weights, activations quantized by the kernel itself."""
+        if isinstance(self.act_outliers, bool) or not isinstance(self.act_outliers, int) or self.act_outliers < 0:
+            raise ValueError(f"--act-outliers must be a non-negative integer, got {self.act_outliers!r}")
+        if not self.act_outlier_ratio >= 0:
+            raise ValueError(f"--act-outlier-ratio must be >= 0, got {self.act_outlier_ratio!r}")
+        if self.kernel != "integer":
+            raise ValueError("--act-outliers keeps activation columns out of the integer kernel; "
+                             "use it with --kernel integer --bits 8")
+        if self.act_outliers and not self.calib:
+            raise ValueError("--act-outliers picks columns by calibration max|x|; pass --calib TASK_OR_FILE")
+        if self.bits != 8:
+            raise ValueError(f"--kernel integer runs int8 weights (DynamicQuantizeMatMul); use --bits 8, "
+                             f"not --bits {self.bits}")
+        if self.granularity.kind == "block":
+            raise ValueError("--kernel integer has one weight scale per output channel; "
+                             "use --block-size per-channel (or per-tensor)")
+        if self.quantizer != "rtn":
+            raise ValueError(f"--kernel integer is implemented for --quantizer rtn only, not {self.quantizer}")
+        if self.accuracy_level != 0:
+            raise ValueError("--accuracy-level is a MatMulNBits setting; --kernel integer always quantizes "
+                             "activations to uint8, so drop --accuracy-level")
 
     @property
     def fp16_scales(self) -> bool:

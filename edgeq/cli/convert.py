@@ -147,7 +147,8 @@ def _print_summary(report: dict) -> None:
             f"k={cfg['k']} FP32 entries each")
     # k = 0 keeps no FP32 entry: no saliency method picked anything, so none is named
     picked = f"{cfg['method']}, " if cfg["k"] > 0 or b else ""
-    click.echo(f"  Linears: {report['linears_quantized']} of {report['linears_total']} as MatMulNBits, "
+    op = "DynamicQuantizeMatMul" if cfg.get("kernel") == "integer" else "MatMulNBits"
+    click.echo(f"  Linears: {report['linears_quantized']} of {report['linears_total']} as {op}, "
                f"{each} ({picked}block {cfg['block_size']})")
     click.echo("  size: " + ", ".join(f"{c} {mib(s[c])}"
                                       for c in ("int4_codes", "scales", "fp32_correction", "embeddings", "rest")))

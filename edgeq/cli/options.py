@@ -93,7 +93,8 @@ def quantizer_kwargs(params: dict) -> dict:
     return {k: params[k] for k in QUANTIZER_OPTION_NAMES if k in params}
 
 
-PERF_OPTION_NAMES = ("bits", "bits8", "grid", "correction", "quantize_embeddings", "storage", "kernel", "fuse_qkv")
+PERF_OPTION_NAMES = ("bits", "bits8", "grid", "correction", "quantize_embeddings", "storage", "kernel", "fuse_qkv",
+                     "act_outliers", "act_outlier_ratio", "embedding_bits")
 
 
 def perf_options(fn):
@@ -107,7 +108,16 @@ def perf_options(fn):
                           "load). auto: compact for 2 and 3 bits. --bits8 layers stay plain."),
         click.option("--kernel", type=click.Choice(KERNELS), default="int4", show_default=True,
                      help="int4: every width runs the 4-bit MatMulNBits kernel; native: ONNX Runtime's own "
-                          "2-bit kernel (--bits 2 only; slow on x86, for comparison)."),
+                          "2-bit kernel (--bits 2 only; slow on x86, for comparison); integer: uint8 dynamic "
+                          "activations x int8 weights, DynamicQuantizeMatMul (--bits 8 --block-size per-channel)."),
+        click.option("--act-outliers", type=click.IntRange(min=0), default=_default("act_outliers"),
+                     show_default=True, metavar="N",
+                     help="--kernel integer: per Linear, the N input columns of largest calibration max|x| "
+                          "bypass the int8 path and run exactly in FP32 (needs --calib)."),
+        click.option("--act-outlier-ratio", type=click.FloatRange(min=0), default=_default("act_outlier_ratio"),
+                     show_default=True, metavar="R",
+                     help="With --act-outliers: only columns whose calibration max|x| is at least R times the "
+                          "median column's (0: always N); Linears without one keep the plain int8 path."),
         click.option("--bits8", multiple=True, metavar="REGEX",
                      help="Quantize Linears whose name matches REGEX to 8 bits (repeatable)."),
         click.option("--grid", type=click.Choice(GRIDS), default="sym7", show_default=True,
@@ -125,6 +135,9 @@ def perf_options(fn):
                      help="Fuse the Linears that read one input (attention q, k, v) into one MatMulNBits, then "
                           "Split; their FP32 corrections are merged when that is no dearer (cost model of auto). "
                           "Groups that cannot be fused are logged with the reason."),
+        click.option("--embedding-bits", type=click.Choice(["4", "8"]), default="4", show_default=True,
+                     callback=lambda ctx, p, v: int(v),
+                     help="Bits of the quantized embedding tables (with --quantize-embeddings): 4 or 8."),
     ]
     return _apply(fn, opts)
 

@@ -7,6 +7,7 @@ attention mask; ``[B, n]`` inputs keep all B rows).  Accumulated in float64, nev
 
     count      = N
     abs_sum_j  = Σ_t |X_tj|            mean_abs = abs_sum / N        (AWQ's s_x, ALGORITHMS.md §3.1)
+    abs_max_j  = max_t |X_tj|                                        (activation outliers, edgeq.quant.integer)
     xtx        = XᵀX  (n × n)          hessian  = (2/N) · XᵀX        (GPTQ/SpQR's H, §1 notation)
 
 Linears fed by the same tensor (BERT's query/key/value) share one :class:`InputStats` object:
@@ -56,6 +57,7 @@ class InputStats:
     count: int = 0  # non-padding rows N seen so far
     abs_sum: torch.Tensor | None = None  # float64 [n]: Σ_t |x_tj|
     xtx: torch.Tensor | None = None  # float64 [n, n]: XᵀX (None when collected without it)
+    abs_max: torch.Tensor | None = None  # float64 [n]: max_t |x_tj|
     layers: list[str] = field(default_factory=list)  # Linears fed by this input
 
     @property
@@ -103,6 +105,9 @@ def accumulate(stats: InputStats, rows: torch.Tensor, xtx: bool = True) -> None:
         raise ValueError(f"expected {stats.n_features} input features, got {r.shape[-1]}")
     a = r.abs().sum(0)
     stats.abs_sum = a if stats.abs_sum is None else stats.abs_sum + a
+    if r.shape[0]:
+        m = r.abs().amax(0)
+        stats.abs_max = m if stats.abs_max is None else torch.maximum(stats.abs_max, m)
     if xtx:
         g = r.T @ r
         stats.xtx = g if stats.xtx is None else stats.xtx + g

@@ -6,6 +6,9 @@ The table ``E [V, H]`` is quantized like a Linear weight with one scale per bloc
     s_vb = max_{h in block b} |E_vh| / 7,   code_vh = clamp(rint(E_vh / s_vb), -7, 7) + 8
     Ê_vh = (code_vh − 8) · s_vb
 
+(``bits=8``, ``--embedding-bits 8``: Q8-sym-127, one uint8 code ``q + 128`` a byte, ``data [V, H]``,
+blocks of 128 where H allows (else 64, else ``block_size``): 8 bits need fewer scales, and the
+scales are 10% of an 8-bit table at block 32)
 and stored as ONNX Runtime's GatherBlockQuantized expects for ``uint8`` data with ``bits=4``:
 ``data [V, H/2]`` two codes per byte along the last axis (even h in the low nibble), ``scales
 [V, H/block_size]``, no ``zero_points`` input (default 2^(bits−1) = 8), ``gather_axis=0``,
@@ -44,14 +47,16 @@ class EmbeddingResult:
     tables: dict[str, np.ndarray] = field(default_factory=dict)  # module name → Ê (what ORT computes)
 
 
-def quantize_table(table: np.ndarray, block_size: int = 32) -> QuantizedLinear:
-    """Q4-sym-7 of ``table [V, H]`` with blocks of ``block_size`` along H (no FP32 entries)."""
-    return quantize_rtn(table, np.empty(0, np.int64), Granularity("block", block_size))
+def quantize_table(table: np.ndarray, block_size: int = 32, bits: int = 4) -> QuantizedLinear:
+    """Q4-sym-7 (Q8-sym-127 with ``bits=8``) of ``table [V, H]`` with blocks of ``block_size`` along H."""
+    return quantize_rtn(table, np.empty(0, np.int64), Granularity("block", block_size), bits=bits)
 
 
 def pack_table(q: QuantizedLinear) -> np.ndarray:
-    """GatherBlockQuantized ``data``: uint8 ``[V, H/2]`` (same nibble order as MatMulNBits)."""
+    """GatherBlockQuantized ``data``: uint8 ``[V, H/2]`` (same nibble order as MatMulNBits); 8 bits: the codes."""
     v, h = q.shape
+    if q.bits == 8:
+        return q.codes.copy()
     return pack_int4(q.codes, q.block_size).reshape(v, -1)[:, : h // 2]
 
 
@@ -97,7 +102,7 @@ def module_names(model: onnx.ModelProto, torch_model) -> dict[str, str]:
 
 
 def quantize_embeddings(model: onnx.ModelProto, block_size: int = 32,
-                        modules: dict[str, str] | None = None) -> EmbeddingResult:
+                        modules: dict[str, str] | None = None, bits: int = 4) -> EmbeddingResult:
     """Rewrite, in place, the embedding Gathers of ``model``; return what was done and refused.
 
     ``modules`` (table initializer → module name, see :func:`module_names`) is recorded in the
@@ -121,15 +126,17 @@ def quantize_embeddings(model: onnx.ModelProto, block_size: int = 32,
             new_nodes.append(node)
             continue
         name = node.input[0]
-        q = quantize_table(numpy_helper.to_array(inits[name]), block_size)
+        table = numpy_helper.to_array(inits[name])
+        bs = block_size if bits == 4 else next(b for b in (128, 64, block_size) if table.shape[1] % b == 0)
+        q = quantize_table(table, bs, bits)
         new_inits += [
-            numpy_helper.from_array(pack_table(q), f"{name}.emb_q4"),
+            numpy_helper.from_array(pack_table(q), f"{name}.emb_q{bits}"),
             numpy_helper.from_array(q.scales.astype(np.float32), f"{name}.emb_scales"),
         ]
         new_name = f"{node.name or name}/GatherBlockQuantized"
         new_nodes.append(helper.make_node(
-            "GatherBlockQuantized", [f"{name}.emb_q4", node.input[1], f"{name}.emb_scales"], list(node.output),
-            name=new_name, domain=MS_DOMAIN, bits=4, block_size=block_size, gather_axis=0, quantize_axis=1,
+            "GatherBlockQuantized", [f"{name}.emb_q{bits}", node.input[1], f"{name}.emb_scales"], list(node.output),
+            name=new_name, domain=MS_DOMAIN, bits=bits, block_size=bs, gather_axis=0, quantize_axis=1,
         ))
         drop.add(name)
         result.rewritten[name] = (modules or {}).get(name, name)
@@ -152,11 +159,15 @@ def read_embeddings(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     out = {}
     for name, key in json.loads(meta.get(EMBEDDINGS_KEY, "{}")).items():
         node = next(n for n in model.graph.node
-                    if n.op_type == "GatherBlockQuantized" and n.input[0] == f"{name}.emb_q4")
-        bs = attr(node, "block_size", None)
-        data = numpy_helper.to_array(inits[f"{name}.emb_q4"])
+                    if n.op_type == "GatherBlockQuantized" and n.input[0] in (f"{name}.emb_q4", f"{name}.emb_q8"))
+        bs, bits = attr(node, "block_size", None), attr(node, "bits", 4)
+        data = numpy_helper.to_array(inits[node.input[0]])
         scales = numpy_helper.to_array(inits[f"{name}.emb_scales"])
-        h = data.shape[1] * 2
-        codes = unpack_int4(data.reshape(data.shape[0], -1, bs // 2), h).astype(np.float32)
-        out[key] = ((codes - 8.0) * np.repeat(scales, bs, axis=1)[:, :h]).astype(np.float32)
+        if bits == 8:
+            h, codes = data.shape[1], data.astype(np.float32)
+        else:
+            h = data.shape[1] * 2
+            codes = unpack_int4(data.reshape(data.shape[0], -1, bs // 2), h).astype(np.float32)
+        zp = np.float32(2 ** (bits - 1))
+        out[key] = ((codes - zp) * np.repeat(scales, bs, axis=1)[:, :h]).astype(np.float32)
     return out

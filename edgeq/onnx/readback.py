@@ -4,6 +4,9 @@ For each rewritten Linear (listed in the ``edgeq.layers`` metadata)::
 
     Ŵ[i, j] = (code_ij − 2^(bits−1)) · s_{i, ⌊j / block⌋}  +  Σ_t [i = i_t, j = j_t] v_t
 
+(``--kernel integer`` files: ``q_ij · s_i`` from DynamicQuantizeMatMul's int8 ``qᵀ`` and scales,
+``edgeq.onnx.integer``, plus the same FP32 entries)
+
 with the codes and scales decoded from however they are stored (``edgeq.onnx.storage``: plain
 MatMulNBits inputs, compact bit planes + float16 scales, or the native 2-bit layout), and
 the FP32 entries (i_t, j_t, v_t) decoded by whichever correction encoding the layer uses
@@ -26,6 +29,8 @@ from edgeq.onnx.corrections import decode_correction
 from edgeq.onnx.embeddings import read_embeddings
 from edgeq.onnx.fuse_qkv import FUSED_KEY
 from edgeq.onnx.graph import metadata
+from edgeq.onnx.integer import OP as INTEGER_OP
+from edgeq.onnx.integer import decode_integer, dequantize_integer
 from edgeq.onnx.rewrite import LAYERS_KEY
 from edgeq.onnx.storage import decode_weight
 
@@ -49,6 +54,10 @@ def read_back(model: onnx.ModelProto) -> dict[str, np.ndarray]:
         return w.astype(np.float32)
 
     def decode(layer: str) -> np.ndarray:
+        integer = nodes.get(f"/{layer}/{INTEGER_OP}")
+        if integer is not None:  # --kernel integer: int8 qᵀ and per-channel scales (edgeq.onnx.integer)
+            q, scales, _ = decode_integer(layer, integer, inits, arr)
+            return add_correction(layer, dequantize_integer(q, scales))
         node = nodes.get(f"/{layer}/MatMulNBits")
         if node is None:
             raise ValueError(f"the edgeq metadata names {layer}, but the graph has no /{layer}/MatMulNBits")

@@ -48,7 +48,8 @@ from edgeq.quant.pack import (
 )
 
 STORAGES = ("plain", "compact")
-KERNELS = ("int4", "native")  # native: ONNX Runtime's own 2-bit MatMulNBits (--bits 2 only)
+KERNELS = ("int4", "native", "integer")  # native: ORT's own 2-bit MatMulNBits (--bits 2 only); integer:
+# DynamicQuantizeMatMul, uint8 dynamic activations x int8 weights (--bits 8 only, edgeq.onnx.integer)
 PLANES, SCALES16 = "qplanes", "scales16"  # initializer suffixes of a compact layer
 
 _tensor = numpy_helper.from_array

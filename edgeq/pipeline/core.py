@@ -37,6 +37,7 @@ from edgeq.config import ConvertConfig
 from edgeq.errors import EdgeqError, UsageError
 from edgeq.onnx.embeddings import quantize_embeddings
 from edgeq.onnx.fuse_qkv import FuseResult, fuse_shared_inputs
+from edgeq.onnx.integer import rewrite_integer
 from edgeq.onnx.readback import read_back
 from edgeq.onnx.rewrite import RewriteResult, rewrite_linears
 from edgeq.quant.plan import QuantPlan, build_plan
@@ -117,8 +118,11 @@ def quantize_graph(fp32_model, weights: Mapping[str, np.ndarray], config: Conver
     model = onnx.ModelProto()
     model.CopyFrom(fp32_model)
     try:
-        result = timer.run("rewrite", rewrite_linears, model, plan.quants, dict(weights), config.accuracy_level,
-                           correction=config.correction, storage=config.storage, kernel=config.kernel)
+        if config.kernel == "integer":  # DynamicQuantizeMatMul (edgeq.onnx.integer)
+            result = timer.run("rewrite", rewrite_integer, model, plan.quants, dict(weights), config.correction)
+        else:
+            result = timer.run("rewrite", rewrite_linears, model, plan.quants, dict(weights), config.accuracy_level,
+                               correction=config.correction, storage=config.storage, kernel=config.kernel)
     except ValueError as e:
         raise EdgeqError(f"{e}; exclude them with --exclude REGEX or report this model") from None
     if result.count != len(plan.layers):
@@ -134,7 +138,7 @@ def quantize_graph(fp32_model, weights: Mapping[str, np.ndarray], config: Conver
     embeddings = None
     if config.quantize_embeddings:  # word/position tables → GatherBlockQuantized (edgeq.onnx.embeddings)
         emb = timer.run("embeddings", quantize_embeddings, model, EMBEDDING_BLOCK,
-                        dict(embedding_modules) if embedding_modules is not None else None)
+                        dict(embedding_modules) if embedding_modules is not None else None, config.embedding_bits)
         if not emb.rewritten:
             raise EdgeqError("--quantize-embeddings found no word-embedding Gather to rewrite ("
                              + ("; ".join(f"{n}: {r}" for n, r in emb.refused[:2]) or "no Gather on input_ids")

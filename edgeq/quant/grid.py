@@ -44,6 +44,7 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits CPU fast path (MLAS)
 BITS = (2, 3, 4, 8)
 COMPACT_BITS = (2, 3)  # stored in b bits, computed by the 4-bit kernel (codes u·2^(4−b))
 GRIDS = ("sym7", "sym8", "mse", "asym", "asym-mse")
+QMAX_REDUCED = 63  # 8-bit weights of the integer kernel (reduce_range): no int16 saturation on AVX2 (edgeq.quant.int4)
 ALPHAS = tuple(1.0 - i / 100 for i in range(51))  # shrink factors of the mse searches, 1.00 first
 
 
@@ -89,16 +90,24 @@ class GridSpec:
 
     bits: int  # 2, 3, 4 or 8 (b)
     name: str  # one of GRIDS
+    reduced: bool = False  # 8-bit sym7 narrowed to |q| <= QMAX_REDUCED (the integer kernel's reduce_range)
 
     @staticmethod
-    def make(bits: int, name: str = "sym7") -> GridSpec:
+    def make(bits: int, name: str = "sym7", reduced: bool = False) -> GridSpec:
         if bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {bits}")
         if name not in GRIDS:
             raise ValueError(f"grid must be one of {GRIDS}, got {name!r}")
         if bits == 8 and name != "sym7":
             raise ValueError(f"grid {name!r} is for 2-4 bits; 8-bit codes use sym7")
-        return GridSpec(bits, name)
+        if reduced and bits != 8:
+            raise ValueError(f"reduce_range is an 8-bit grid (|q| <= {QMAX_REDUCED}), not {bits} bits")
+        return GridSpec(bits, name, bool(reduced))
+
+    @property
+    def sym_max(self) -> int:
+        """Largest |q| of the sym7 grid: 2^(b−1) − 1, or QMAX_REDUCED when reduced."""
+        return QMAX_REDUCED if self.reduced else 2 ** (self.bits - 1) - 1
 
     @property
     def kernel_bits(self) -> int:
@@ -131,7 +140,7 @@ class GridSpec:
         if self.asym:
             return 0, 2**self.bits - 1
         h = 2 ** (self.bits - 1)
-        return (-h, h - 1) if self.signed_max else (1 - h, h - 1)
+        return (-h, h - 1) if self.signed_max else (-self.sym_max, self.sym_max)
 
     @property
     def zero_point(self) -> int:
@@ -180,7 +189,7 @@ def _params(base, spec: GridSpec, alpha: float, fp16: bool):
     elif spec.signed_max:
         s = ((base * a) / np.float32(-(2 ** (spec.bits - 1)))).astype(np.float32)
     else:
-        s = (np.abs(base) * a / np.float32(2 ** (spec.bits - 1) - 1)).astype(np.float32)
+        s = (np.abs(base) * a / np.float32(spec.sym_max)).astype(np.float32)
     if fp16:
         s = s.astype(np.float16).astype(np.float32)
     if not spec.asym:

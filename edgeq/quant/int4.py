@@ -30,7 +30,10 @@ entry of the opposite sign and |W| > 7.5·|s| is clipped to q = 7.  Codes and sc
 
 8-bit (``bits=8``, Q8-sym-127): the same with ``QMAX = 127`` and zero point 128, codes in
 [1, 255] (``q + 128``), salient entries = 128; MatMulNBits ``bits=8`` stores one code per byte.
-The 4-bit path is unchanged by this option.
+The 4-bit path is unchanged by this option.  ``reduce_range=True`` (8-bit only, the integer
+kernel ``--kernel integer``) narrows the grid to |q| ≤ 63 (``QMAX_REDUCED``, s = max|W|/63; codes
+in [65, 191]), ONNX Runtime's ``reduce_range``: uint8 activations × int8 weights accumulate pairs
+in int16 on x86 without VNNI (``vpmaddubsw``), and 2·255·63 < 2^15 cannot saturate there.
 
 2 and 3 bits (``bits=2|3``, b bits of storage, run by the 4-bit kernel): the signed-max grid with
 ``2^b`` levels, then carried exactly by 4-bit codes at a ``2^(4−b)`` times finer scale::
@@ -61,7 +64,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeq.quant.grid import BITS, BLOCK_SIZES, COMPACT_BITS, GRIDS, Granularity, GridSpec, fit, quantize_values
+from edgeq.quant.grid import (
+    BITS,
+    BLOCK_SIZES,
+    COMPACT_BITS,
+    GRIDS,
+    Granularity,
+    GridSpec,
+    fit,
+    quantize_values,
+)
 
 __all__ = ["BITS", "BLOCK_SIZES", "COMPACT_BITS", "GRIDS", "Granularity", "GridSpec", "QuantizedLinear",
            "assemble", "quantize_rtn", "qmax", "zero_point"]
@@ -93,6 +105,8 @@ class QuantizedLinear:
     storage_bits: int | None = None  # b when the codes lie on a b-bit grid (2, 3), else None (= bits)
     fp16_scales: bool = False  # scales are float16 values (exactly representable)
     zero_points: np.ndarray | None = None  # uint8 [N, n_blocks] per-group zero points (asym grids), else 2^(bits−1)
+    act_cols: np.ndarray | None = None  # int64 sorted input columns kept exact in activation too (integer kernel):
+                                        # every entry of them is salient, and x there is zeroed before the int8 path
 
     @property
     def stored_bits(self) -> int:
@@ -169,10 +183,12 @@ def quantize_rtn(
     grid: str = "sym7",
     fp16_scales: bool = False,
     act: np.ndarray | None = None,
+    reduce_range: bool = False,
 ) -> QuantizedLinear:
     """Round-to-nearest of ``weight [N, K]`` on the ``bits``/``grid`` grid (``edgeq.quant.grid``) keeping
-    ``salient_index`` exact; ``act [K]``: the activation weights of the mse grids' error (None: 1)."""
-    spec = GridSpec.make(bits, grid)
+    ``salient_index`` exact; ``act [K]``: the activation weights of the mse grids' error (None: 1);
+    ``reduce_range``: the integer kernel's 8-bit grid |q| ≤ ``QMAX_REDUCED`` (module docstring)."""
+    spec = GridSpec.make(bits, grid, reduce_range)
     w = np.ascontiguousarray(weight, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {w.shape}")

@@ -13,6 +13,11 @@ reduction of each next entry on its own grid (``edgeq.quant.grid_error.order_gai
 E[x_j²] when calibration statistics are given), and the T = round(F · Σ N·K) best entries model-wide
 decide k per layer; the plan's ``budget`` section records them.
 
+``--kernel integer`` plans 8-bit codes on the reduced grid |q| ≤ 63 (``edgeq.quant.int4``,
+``reduce_range``); with ``--act-outliers c`` the c input columns of largest calibration max|x_j|
+(:func:`edgeq.quant.integer.outlier_columns`) join S whole (S ∪ {(i, j): j ∈ C}) and are recorded
+as ``act_cols``: the graph zeroes them before quantizing x and carries them in the FP32 correction.
+
 Per-layer statistics recorded: k, the reconstruction error ``‖W − Ŵ‖²_F`` and that of plain
 int4 (k = 0) on the same quantizer, and the number of distinct rows/columns the selection
 touches (how concentrated it is).
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -30,6 +35,7 @@ from edgeq.config import ConvertConfig
 from edgeq.quant.budget import allocate, budget_total
 from edgeq.quant.grid_error import GridSpec, order_gains
 from edgeq.quant.int4 import QuantizedLinear, quantize_rtn
+from edgeq.quant.integer import column_entries, outlier_columns
 from edgeq.saliency import ScoreContext, descending_order, get_method, topk_from_order
 
 
@@ -139,28 +145,49 @@ def budget_allocation(weights: Mapping[str, np.ndarray], config: ConvertConfig,
     return Allocation(ks, orders, report)
 
 
+def activation_outliers(name: str, n_in: int, config: ConvertConfig, stats=None) -> np.ndarray | None:
+    """``--act-outliers`` columns of one Linear from its calibration ``stats`` (None without the option)."""
+    if not config.act_outliers:
+        return None
+    abs_max = getattr(stats, "abs_max", None)
+    if abs_max is None:
+        raise ValueError(f"{name}: --act-outliers needs calibration statistics with max|x| (--calib)")
+    cols = outlier_columns(np.asarray(abs_max, dtype=np.float64), config.act_outliers, config.act_outlier_ratio)
+    if cols.size and cols[-1] >= n_in:
+        raise ValueError(f"{name}: calibration statistics have {len(abs_max)} columns, the weight {n_in}")
+    return cols
+
+
 def plan_layer_from_order(name: str, weight: np.ndarray, order: np.ndarray, config: ConvertConfig,
                           quantize: Callable[[np.ndarray, np.ndarray], QuantizedLinear] | None = None,
-                          k: int | None = None, act: np.ndarray | None = None) -> LayerPlan:
+                          k: int | None = None, act: np.ndarray | None = None,
+                          act_cols: np.ndarray | None = None) -> LayerPlan:
     """Plan one Linear whose salient set is ``sort(order[:k])``, k (default ``config.k``) clipped to N·K.
 
     ``order``: a descending selection order of at least k entries (:func:`selection_order`), so one
     order serves every k.  ``quantize(w, idx)`` defaults to RTN (see edgeq.quant.registry) on the
     layer's grid (``ConvertConfig.layer_grid``).  ``k``: this layer's own k (``--budget``:
-    :func:`budget_allocation`); ``act``: the mse grids' activation weights.
+    :func:`budget_allocation`); ``act``: the mse grids' activation weights; ``act_cols``
+    (:func:`activation_outliers`): input columns kept exact whole (integer kernel).
     """
     w = np.ascontiguousarray(weight, dtype=np.float32)
     k = min(config.k if k is None else k, w.size)
     if len(order) < k:
         raise ValueError(f"{name}: the selection order holds {len(order)} entries, fewer than k = {k}")
     idx = topk_from_order(np.asarray(order, dtype=np.int64), k)
+    if act_cols is not None:
+        idx = np.union1d(idx, column_entries(act_cols, *w.shape)).astype(np.int64)
     bits, grid, fp16 = config.layer_grid(name)
+    integer = config.kernel == "integer"  # the reduced 8-bit grid (edgeq.quant.int4 reduce_range)
     if quantize is None:
         quant = quantize_rtn(w, idx, config.granularity, config.exclude_salient_from_scale,
-                             bits=bits, grid=grid, fp16_scales=fp16, act=act)
+                             bits=bits, grid=grid, fp16_scales=fp16, act=act, reduce_range=integer)
     else:
         quant = quantize(w, idx)
-    base = quantize_rtn(w, idx[:0], config.granularity, bits=bits, grid=grid, fp16_scales=fp16, act=act)
+    if act_cols is not None:
+        quant = replace(quant, act_cols=np.asarray(act_cols, dtype=np.int64))
+    base = quantize_rtn(w, idx[:0], config.granularity, bits=bits, grid=grid, fp16_scales=fp16, act=act,
+                        reduce_range=integer)
     k_in = w.shape[1]
     return LayerPlan(
         name=name,
@@ -179,6 +206,7 @@ def plan_layer(name: str, weight: np.ndarray, config: ConvertConfig, stats=None,
 
     ``k``: this layer's own k instead of ``config.k`` (``--budget``)."""
     size = int(np.prod(np.shape(weight)))
+    act_cols = activation_outliers(name, int(np.shape(weight)[1]), config, stats)
     k = min(config.k if k is None else k, size)
     if k == 0:
         order = np.empty(0, dtype=np.int64)
@@ -186,7 +214,7 @@ def plan_layer(name: str, weight: np.ndarray, config: ConvertConfig, stats=None,
         order = np.arange(k, dtype=np.int64)
     else:
         order = selection_order(name, weight, config, stats, limit=k)
-    return plan_layer_from_order(name, weight, order, config, quantize, k, activation_weights(stats))
+    return plan_layer_from_order(name, weight, order, config, quantize, k, activation_weights(stats), act_cols)
 
 
 def build_plan(
@@ -213,10 +241,12 @@ def build_plan(
             excluded.append(name)
             continue
         act = activation_weights((stats or {}).get(name))
+        act_cols = activation_outliers(name, int(np.shape(w)[1]), config, (stats or {}).get(name))
         if alloc is not None:
-            layers[name] = plan_layer_from_order(name, w, alloc.orders[name], config, k=alloc.ks[name], act=act)
+            layers[name] = plan_layer_from_order(name, w, alloc.orders[name], config, k=alloc.ks[name], act=act,
+                                                 act_cols=act_cols)
         elif orders is not None:
-            layers[name] = plan_layer_from_order(name, w, orders[name], config, act=act)
+            layers[name] = plan_layer_from_order(name, w, orders[name], config, act=act, act_cols=act_cols)
         else:
             layers[name] = plan_layer(name, w, config, (stats or {}).get(name))
         if progress:

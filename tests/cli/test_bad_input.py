@@ -511,6 +511,11 @@ CASES = [
          r"--storage compact holds 2, 3 or 4 bits per weight; use --bits 2, 3 or 4", "convert --storage"),
     Case("--rank zero", _plain, CONVERT + ("--rank", "0"), 2, r"--rank must be a positive integer"),
     Case("--exclude bad regex", _plain, CONVERT + ("--exclude", "("), 2, r"--exclude '\(' is not a valid regular expression"),
+    Case("--kernel integer at 4 bits", _plain, CONVERT + ("--kernel", "integer", "--block-size", "per-channel"), 2,
+         r"--kernel integer runs int8 weights.*use --bits 8"),
+    Case("--act-outliers without --calib", _plain,
+         CONVERT + ("--bits", "8", "--kernel", "integer", "--block-size", "per-channel", "--act-outliers", "2"), 2,
+         r"--act-outliers picks columns by calibration.*--calib"),
     Case("no Linear to quantize", _plain, CONVERT + ("--exclude", "."), 2, r"no Linear left to quantize.*loosen --exclude"),
     Case("unknown option", _plain, CONVERT + ("--kk", "3"), 2, r"No such option '--kk'.*Did you mean"),
     # output path

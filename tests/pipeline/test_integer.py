@@ -1,0 +1,60 @@
+"""``edgeq convert --kernel integer`` end to end on a tiny model: the file, its report, ``validate``,
+and the per-Linear plan parity catching a graph that computes something other than its decode."""
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from edgeq.config import ConvertConfig
+from edgeq.model.load import load_model
+from edgeq.model.texts import encode_batches, validation_texts
+from edgeq.onnx.integer import MASK, OP, integer_layers
+from edgeq.pipeline.convert import convert, validate_file
+from edgeq.pipeline.parity import integer_layer_parity
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("integer")
+    calib = d / "calib.txt"
+    calib.write_text("\n".join(f"sentence number {i} about the weather and {i % 7} cats" for i in range(40)))
+    cfg = ConvertConfig(k=8, bits=8, kernel="integer", block_size="per-channel", act_outliers=2, calib=str(calib),
+                        quantize_embeddings=True, embedding_bits=8)
+    out = d / "out.onnx"
+    report = convert(tiny_model(hidden=64), out, cfg)  # H a multiple of the embedding block (32)
+    return tiny_model(hidden=64), out, report
+
+
+def test_convert_writes_a_validated_integer_file(converted):
+    model_dir, out, report = converted
+    model = onnx.load(str(out))
+    counts = Counter(n.op_type for n in model.graph.node)
+    n_linear = report["linears_quantized"]
+    assert counts[OP] == n_linear == report["linears_total"] and counts["MatMulNBits"] == 0
+    masks = [t for t in model.graph.initializer if t.name.endswith(f".{MASK}")]
+    assert len(masks) == n_linear and all((numpy_helper.to_array(m) == 0).sum() == 2 for m in masks)
+    checks = {c["name"]: c for c in report["parity"]["checks"]}
+    layer_check = checks["plan parity: every Linear on ORT inputs max|d|/max|ref|"]
+    assert layer_check["ok"] and layer_check["limit"] == 1e-4
+    assert report["parity"]["ok"] and all(lp["k"] >= 2 * lp["shape"][0] for lp in report["layers"].values())
+    gbq = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]  # 8-bit tables, read back exactly
+    assert gbq and all(a.i == 8 for n in gbq for a in n.attribute if a.name == "bits")
+    again = validate_file(model_dir, out)  # decoded from the file alone
+    assert again.ok and again.checks[0].value <= 1e-4
+
+
+def test_layer_parity_catches_a_graph_that_differs_from_its_decode(converted):
+    model_dir, out, _ = converted
+    model = onnx.load(str(out))
+    loaded = load_model(model_dir)
+    batches = encode_batches(loaded, validation_texts(None, 4)[0])
+    layers = integer_layers(model)
+    assert max(integer_layer_parity(model, loaded, layers, batches).values()) <= 1e-4
+    mask = next(t for t in model.graph.initializer if t.name.endswith(f".{MASK}"))
+    m = numpy_helper.to_array(mask).copy()
+    m[np.flatnonzero(m)[:8]] = 0.5  # the graph halves columns the decode says pass unchanged
+    mask.CopyFrom(numpy_helper.from_array(m, mask.name))
+    assert max(integer_layer_parity(model, loaded, integer_layers(model), batches).values()) > 1e-3
