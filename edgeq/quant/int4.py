@@ -69,13 +69,14 @@ from edgeq.quant.grid import (
     BLOCK_SIZES,
     COMPACT_BITS,
     GRIDS,
+    QMAX_REDUCED,
     Granularity,
     GridSpec,
     fit,
     quantize_values,
 )
 
-__all__ = ["BITS", "BLOCK_SIZES", "COMPACT_BITS", "GRIDS", "Granularity", "GridSpec", "QuantizedLinear",
+__all__ = ["BITS", "BLOCK_SIZES", "COMPACT_BITS", "GRIDS", "QMAX_REDUCED", "Granularity", "GridSpec", "QuantizedLinear",
            "assemble", "quantize_rtn", "qmax", "zero_point"]
 
 QMAX = 7
