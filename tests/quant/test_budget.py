@@ -75,12 +75,10 @@ def test_budget_weighs_errors_by_the_calibration_second_moment():
     import torch
 
     class Stats:  # the part of edgeq.model.calib.InputStats the plan reads
-        def __init__(self, msq):
+        def __init__(self, msq, count=10):
             self.n_features = msq.size
-            self.msq = msq
-
-        def hessian(self):
-            return torch.diag(torch.from_numpy(2.0 * self.msq))
+            self.count = count
+            self.xtx = torch.diag(torch.from_numpy(count * msq))  # XᵀX of `count` rows with E[x_j²] = msq
 
     rng = np.random.default_rng(4)
     w = rng.standard_t(3, size=(32, 64)).astype(np.float32)
