@@ -215,7 +215,15 @@ def make_report(c: Converted, out: Path, large: bool, file_bytes: int, parity: P
         "file_bytes": file_bytes,
         "parity": parity.to_dict(),
         "timings_s": {**timer.stages, "total": round(time.perf_counter() - t_start, 3)},
+        "memory": memory_report(timer),
     }
+
+
+def memory_report(timer: Timer) -> dict:
+    """The report's "memory" section: the process's peak RSS so far and RSS/peak after each stage."""
+    from edgeq.pipeline.core import memory_bytes
+
+    return {"peak_rss_bytes": memory_bytes()[1], "stages": dict(timer.memory)}
 
 
 def write_validated(c: Converted, out: Path, thresholds: Thresholds, threads: int, ort_format: bool,
@@ -248,6 +256,7 @@ def write_validated(c: Converted, out: Path, thresholds: Thresholds, threads: in
             report["deployment"] = timer.run("package", stage_deployment, stage, layout, c.loaded, model, tmp_model,
                                              session, c.ref.batches, large, ort_format, threads)
             report["timings_s"].update(package=timer.stages["package"], total=round(time.perf_counter() - t_start, 3))
+            report["memory"] = memory_report(timer)
         tmp_report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         stage.commit()
     return report

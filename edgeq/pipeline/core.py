@@ -44,19 +44,40 @@ EMBEDDING_BLOCK = 32  # GatherBlockQuantized block along the hidden axis
 logger = logging.getLogger(__name__)
 
 
+def memory_bytes() -> tuple[int, int]:
+    """(resident set size now, peak resident set size so far) of this process, in bytes.
+
+    ``VmRSS`` / ``VmHWM`` of /proc/self/status (the peak of this address space); where there is
+    no /proc, ``ru_maxrss`` for both.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS:", "VmHWM:")))
+        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        import resource
+
+        peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+        return peak, peak
+
+
 @dataclass
 class Timer:
-    """Runs named stages, logs their start and duration, and keeps the durations for the report."""
+    """Runs named stages, logs their start, duration and memory, and keeps both for the report."""
 
     stages: dict[str, float] = field(default_factory=dict)
-    level: int = logging.INFO  # of the "name ..." / "name: 1.2 s" progress lines
+    level: int = logging.INFO  # of the "name ..." / "name: 1.2 s (RSS …)" progress lines
+    memory: dict[str, dict[str, int]] = field(default_factory=dict)  # stage → rss_bytes, peak_rss_bytes after it
 
     def run(self, name: str, fn, *args, **kwargs):
         logger.log(self.level, f"{name} ...")
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
         self.stages[name] = round(time.perf_counter() - t0, 3)
-        logger.log(self.level, f"{name}: {self.stages[name]:.1f} s")
+        rss, peak = memory_bytes()
+        self.memory[name] = {"rss_bytes": rss, "peak_rss_bytes": peak}
+        logger.log(self.level, f"{name}: {self.stages[name]:.1f} s (RSS {rss / 2**20:.0f} MiB, "
+                               f"peak {peak / 2**20:.0f} MiB)")
         return out
 
 
