@@ -1,0 +1,51 @@
+"""The real all-mpnet-base-v2 (MPNet, 438 MB FP32): export parity, and a default convert at k=256 that validates
+within the memory budget.  Opt-in (``bigmodel``): set EDGEQ_MPNET_DIR to the folder of ``tools/fetch_mpnet.py``.
+
+    EDGEQ_MPNET_DIR=/work/models/all-mpnet-base-v2 pytest -q tests/pipeline/test_mpnet.py
+
+The folder is a sentence-transformers layout with the transformer at its root (config.json says
+MPNetForMaskedLM over encoder-only weights): edgeq converts it as a plain Hugging Face directory.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.bigmodel
+MEMORY_BUDGET = 4  # convert's peak RSS ≤ this × the FP32 weights (model.safetensors)
+
+
+def test_fp32_export_matches_pytorch(mpnet_dir):
+    from edgeq.config import ConvertConfig
+    from edgeq.model.load import load_model
+    from edgeq.pipeline.convert import export_checked, reference_outputs
+    from edgeq.pipeline.core import Timer
+
+    loaded = load_model(mpnet_dir)
+    assert (loaded.model_type, loaded.head, loaded.input_names) == ("mpnet", "encoder", ("input_ids", "attention_mask"))
+    ref = reference_outputs(loaded, None, None)
+    _, diff = export_checked(loaded, ConvertConfig(), ref, 0, Timer())
+    for name, d in diff.items():
+        assert d <= 1e-4 * float(np.max(np.abs(ref.outputs[name]))), (name, d)
+
+
+def test_convert_k256_validates_within_the_memory_budget(mpnet_dir, tmp_path):
+    """In a fresh process, so that its peak RSS is the convert's alone."""
+    out = tmp_path / "mpnet.onnx"
+    proc = subprocess.run([sys.executable, "-m", "edgeq", "convert", "-q", "--k", "256", str(mpnet_dir), str(out)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["parity"]["ok"] and report["model_type"] == "mpnet"
+    assert report["linears_quantized"] == report["linears_total"] == 73  # 12 layers × 6 + the pooler
+    assert all(layer["k"] == 256 for layer in report["layers"].values())
+    weights = (mpnet_dir / "model.safetensors").stat().st_size
+    peak = report["memory"]["peak_rss_bytes"]
+    assert peak <= MEMORY_BUDGET * weights, f"peak RSS {peak / 2**20:.0f} MiB > {MEMORY_BUDGET} × {weights / 2**20:.0f}"
