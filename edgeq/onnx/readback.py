@@ -15,6 +15,7 @@ file, which is what makes "the file equals the plan" a real check.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import numpy as np
 import onnx
@@ -29,6 +30,12 @@ from edgeq.onnx.storage import decode_weight
 
 def read_back(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Ŵ ``[N, K]`` of every rewritten Linear (and Ê of 4-bit embedding tables), decoded from the file."""
+    return dict(iter_read_back(model))
+
+
+def iter_read_back(model: onnx.ModelProto) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, Ŵ) per rewritten Linear, then (module name, Ê) per 4-bit embedding table, one at a time
+    (a caller comparing layer by layer never holds every decoded weight at once)."""
     meta = metadata(model)
     if LAYERS_KEY not in meta:
         raise ValueError("this ONNX file was not written by edgeq convert (no edgeq.layers metadata)")
@@ -38,7 +45,6 @@ def read_back(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     def arr(name: str) -> np.ndarray:
         return numpy_helper.to_array(inits[name])
 
-    out = {}
     for layer in json.loads(meta[LAYERS_KEY]):
         node = nodes.get(f"/{layer}/MatMulNBits")
         if node is None:
@@ -48,6 +54,5 @@ def read_back(model: onnx.ModelProto) -> dict[str, np.ndarray]:
         if entries is not None:
             rows, cols, vals = entries
             np.add.at(w, (rows, cols), vals)
-        out[layer] = w.astype(np.float32)
-    out.update(read_embeddings(model))  # 4-bit word/position embeddings, keyed by module name
-    return out
+        yield layer, w.astype(np.float32, copy=False)
+    yield from read_embeddings(model).items()  # 4-bit word/position embeddings, keyed by module name

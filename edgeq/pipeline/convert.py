@@ -122,13 +122,25 @@ def reference_outputs(loaded, data: Path | None, limit: int | None) -> Reference
 
 
 def export_checked(loaded, config: ConvertConfig, ref: Reference, threads: int, timer: Timer):
-    """The FP32 ONNX export and its max|Δ| per output against PyTorch (refused beyond EXPORT_TOLERANCE)."""
-    from edgeq.onnx.export import export_fp32
-    from edgeq.onnx.session import session_of_model
+    """The FP32 ONNX export and its max|Δ| per output against PyTorch (refused beyond EXPORT_TOLERANCE).
+
+    Memory: the export goes to a temporary file, ONNX Runtime checks it from that file and is released
+    before the ModelProto is read, so no serialized copy and no session sit beside the proto.
+    """
+    import tempfile
+
+    import onnx
+
+    from edgeq.onnx.export import export_fp32_file
+    from edgeq.onnx.session import make_session
     from edgeq.pipeline.parity import run_onnx
 
-    model = timer.run("export", export_fp32, loaded, config.opset, config.external_data_threshold)
-    got = run_onnx(session_of_model(model, threads, config.external_data_threshold), ref.batches)
+    with tempfile.TemporaryDirectory(prefix="edgeq-export-") as tmp:
+        path = timer.run("export", export_fp32_file, loaded, Path(tmp) / "fp32.onnx", config.opset)
+        session = make_session(path, threads)
+        got = run_onnx(session, ref.batches)
+        del session
+        model = onnx.load(str(path), load_external_data=True)  # exporter-written, trusted locations
     diff = {k: float(np.max(np.abs(got[k] - v))) for k, v in ref.outputs.items()}
     for k, d in diff.items():
         scale = max(1.0, float(np.max(np.abs(ref.outputs[k]))))
@@ -149,7 +161,7 @@ def quantize(loaded, fp32_model, weights, config: ConvertConfig, calibration, ti
         from edgeq.onnx.embeddings import module_names
 
         modules = module_names(fp32_model, loaded.model)
-    qg = quantize_graph(fp32_model, weights, config, plan, modules, timer)
+    qg = quantize_graph(fp32_model, weights, config, plan, modules, timer, copy=False)  # the export is given up
     set_meta(qg.model, "edgeq.version", __version__)  # after edgeq.layers (and edgeq.embeddings): order is bytes
     set_meta(qg.model, "edgeq.config", json.dumps(config.to_dict(), sort_keys=True))
     qg.model.producer_name, qg.model.producer_version = "edgeq", __version__

@@ -8,8 +8,9 @@ For a planned Linear ``W [N, K]`` (codes C, scales s, salient set S with its exa
     Ŵ[i, j] = (C[i, j] − z) · s[i, ⌊j / block⌋]   for (i, j) ∉ S,   z = 2^(bits−1)
     Ŵ[i, j] = W[i, j]                              for (i, j) ∈ S   (the FP32 correction; C = z there)
 
-``quantize_graph`` copies the FP32 ModelProto (the caller's is never modified), replaces every
-planned Linear by ``MatMulNBits`` + its sparse FP32 correction (:func:`edgeq.onnx.rewrite.rewrite_linears`),
+``quantize_graph`` copies the FP32 ModelProto (the caller's is never modified; with ``copy=False``,
+as in convert, which gives its export up, it rewrites that one), replaces every planned Linear by
+``MatMulNBits`` + its sparse FP32 correction (:func:`edgeq.onnx.rewrite.rewrite_linears`),
 optionally replaces the word/position-embedding Gathers by 4-bit ``GatherBlockQuantized``
 (``Ê`` = Q4-sym-7 of the table, blocks of 32 along the hidden axis), then requires
 
@@ -34,7 +35,7 @@ import numpy as np
 from edgeq.config import ConvertConfig
 from edgeq.errors import EdgeqError, UsageError
 from edgeq.onnx.embeddings import quantize_embeddings
-from edgeq.onnx.readback import read_back
+from edgeq.onnx.readback import iter_read_back
 from edgeq.onnx.rewrite import RewriteResult, rewrite_linears
 from edgeq.quant.plan import QuantPlan, build_plan
 from edgeq.saliency import get_method
@@ -115,8 +116,11 @@ def plan_weights(loaded, weights: Mapping[str, np.ndarray], config: ConvertConfi
 
 
 def quantize_graph(fp32_model, weights: Mapping[str, np.ndarray], config: ConvertConfig, plan: QuantPlan | None = None,
-                   embedding_modules: Mapping[str, str] | None = None, timer: Timer | None = None) -> QuantizedGraph:
+                   embedding_modules: Mapping[str, str] | None = None, timer: Timer | None = None,
+                   copy: bool = True) -> QuantizedGraph:
     """Rewrite a copy of ``fp32_model`` to ``plan`` (default: the RTN plan of ``weights`` under ``config``).
+
+    ``copy=False`` rewrites ``fp32_model`` itself (no second FP32 graph in memory; the caller gives it up).
 
     ``embedding_modules`` (table initializer → ``nn.Embedding`` name, :func:`edgeq.onnx.embeddings.module_names`)
     names the 4-bit tables after the source model's modules when ``config.quantize_embeddings``.
@@ -130,8 +134,11 @@ def quantize_graph(fp32_model, weights: Mapping[str, np.ndarray], config: Conver
     if not plan.layers:
         raise UsageError(f"no Linear left to quantize (--exclude keeps all {len(weights)} in FP32); loosen --exclude")
     timer = timer if timer is not None else Timer(level=logging.DEBUG)
-    model = onnx.ModelProto()
-    model.CopyFrom(fp32_model)
+    if copy:
+        model = onnx.ModelProto()
+        model.CopyFrom(fp32_model)
+    else:
+        model = fp32_model
     try:
         result = timer.run("rewrite", rewrite_linears, model, plan.quants, dict(weights), config.accuracy_level,
                            correction=config.correction, storage=config.storage, kernel=config.kernel)
@@ -139,7 +146,7 @@ def quantize_graph(fp32_model, weights: Mapping[str, np.ndarray], config: Conver
         raise EdgeqError(f"{e}; exclude them with --exclude REGEX or report this model") from None
     if result.count != len(plan.layers):
         raise EdgeqError(f"rewrote {result.count} Linears but the plan has {len(plan.layers)}; please report this")
-    planned = {name: lp.quant.dequantize() for name, lp in plan.layers.items()}
+    tables: dict[str, np.ndarray] = {}
     embeddings = None
     if config.quantize_embeddings:  # word/position tables → GatherBlockQuantized (edgeq.onnx.embeddings)
         emb = timer.run("embeddings", quantize_embeddings, model, EMBEDDING_BLOCK,
@@ -148,12 +155,31 @@ def quantize_graph(fp32_model, weights: Mapping[str, np.ndarray], config: Conver
             raise EdgeqError("--quantize-embeddings found no word-embedding Gather to rewrite ("
                              + ("; ".join(f"{n}: {r}" for n, r in emb.refused[:2]) or "no Gather on input_ids")
                              + "); use --no-quantize-embeddings")
-        planned.update(emb.tables)
+        tables = emb.tables
         embeddings = {"int4": sorted(emb.rewritten.values()),
                       "left_fp32": [{"node": n, "reason": r} for n, r in emb.refused]}
-    decoded = read_back(model)
-    bad = [n for n in planned if n not in decoded or not np.array_equal(planned[n], decoded[n])]
+    planned, bad = _check_read_back(model, plan, tables)
     if bad:
         raise EdgeqError(f"the written graph does not encode the plan for {', '.join(bad[:3])}; please report this")
     stages = {k: timer.stages[k] for k in ("rewrite", "embeddings") if k in timer.stages}
     return QuantizedGraph(model, plan, result, planned, embeddings, stages)
+
+
+def _check_read_back(model, plan: QuantPlan, tables: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
+                                                                                     list[str]]:
+    """(Ŵ per Linear then Ê per table, in plan order; the names whose decoding differs or is missing).
+
+    Layer by layer: each decoded weight is compared and dropped, so only the planned Ŵ are kept.
+    """
+    order = [*plan.layers, *tables]
+    planned: dict[str, np.ndarray] = {}
+    differs: set[str] = set()
+    for name, got in iter_read_back(model):
+        if name in planned or (name not in plan.layers and name not in tables):
+            continue
+        want = plan.layers[name].quant.dequantize() if name in plan.layers else tables[name]
+        if not np.array_equal(want, got):
+            differs.add(name)
+        planned[name] = want
+    bad = [n for n in order if n not in planned or n in differs]
+    return {n: planned[n] for n in order if n in planned}, bad
