@@ -120,7 +120,10 @@ def quantize_graph(fp32_model, weights: Mapping[str, np.ndarray], config: Conver
                    copy: bool = True) -> QuantizedGraph:
     """Rewrite a copy of ``fp32_model`` to ``plan`` (default: the RTN plan of ``weights`` under ``config``).
 
-    ``copy=False`` rewrites ``fp32_model`` itself (no second FP32 graph in memory; the caller gives it up).
+    ``copy=False`` rewrites ``fp32_model`` itself (no second FP32 graph in memory; the caller gives it up)
+    and returns a fresh copy of the result: protobuf (upb) keeps the bytes of removed initializers in
+    the message's arena until the message itself is freed, so the caller's dropping ``fp32_model``
+    is what releases the FP32 weights.
 
     ``embedding_modules`` (table initializer → ``nn.Embedding`` name, :func:`edgeq.onnx.embeddings.module_names`)
     names the 4-bit tables after the source model's modules when ``config.quantize_embeddings``.
@@ -161,6 +164,10 @@ def quantize_graph(fp32_model, weights: Mapping[str, np.ndarray], config: Conver
     planned, bad = _check_read_back(model, plan, tables)
     if bad:
         raise EdgeqError(f"the written graph does not encode the plan for {', '.join(bad[:3])}; please report this")
+    if not copy:  # upb frees removed initializers only with their message: a fresh one holds just the live graph
+        fresh = onnx.ModelProto()
+        fresh.CopyFrom(model)
+        model = fresh
     stages = {k: timer.stages[k] for k in ("rewrite", "embeddings") if k in timer.stages}
     return QuantizedGraph(model, plan, result, planned, embeddings, stages)
 

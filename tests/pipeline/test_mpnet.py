@@ -1,6 +1,6 @@
 """The real all-mpnet-base-v2 (MPNet, 438 MB FP32): export parity, and a default convert at k=256 that validates
-and whose memory peak is the export's.  Opt-in (``bigmodel``): set EDGEQ_MPNET_DIR to the folder that
-``tools/fetch_mpnet.py`` fetched.
+and whose memory peak is the export's (plus at most the output's serialization).  Opt-in (``bigmodel``): set
+EDGEQ_MPNET_DIR to the folder that ``tools/fetch_mpnet.py`` fetched.
 
     EDGEQ_MPNET_DIR=/work/models/all-mpnet-base-v2 pytest -q tests/pipeline/test_mpnet.py
 
@@ -36,7 +36,7 @@ def test_fp32_export_matches_pytorch(mpnet_dir):
         assert d <= 1e-4 * float(np.max(np.abs(ref.outputs[name]))), (name, d)
 
 
-def test_convert_k256_validates_and_peaks_in_the_export(mpnet_dir, tmp_path):
+def test_convert_k256_validates_and_peaks_at_the_export(mpnet_dir, tmp_path):
     """In a fresh process, so that its peak RSS is the convert's alone."""
     out = tmp_path / "mpnet.onnx"
     proc = subprocess.run([sys.executable, "-m", "edgeq", "convert", "-q", "--k", "256", str(mpnet_dir), str(out)],
@@ -47,6 +47,7 @@ def test_convert_k256_validates_and_peaks_in_the_export(mpnet_dir, tmp_path):
     assert report["linears_quantized"] == report["linears_total"] == 73  # 12 layers × 6 + the pooler
     assert all(layer["k"] == 256 for layer in report["layers"].values())
     # the peak is the TorchScript exporter's own (its C++ serialization holds ~3 copies of the weights for a
-    # moment, results/memory.md): no later stage (plan, rewrite, save, validate) may raise it
+    # moment, results/memory.md); later stages may add at most the serialized output (the save) to it.
+    # Before the fixes of results/memory.md the FP32 check's session came on top: ≥ 2584 MiB vs 2197 + 143.
     memory = report["memory"]
-    assert memory["peak_rss_bytes"] == memory["stages"]["export"]["peak_rss_bytes"], memory
+    assert memory["peak_rss_bytes"] <= memory["stages"]["export"]["peak_rss_bytes"] + report["file_bytes"], memory
