@@ -408,7 +408,7 @@ CASES = [
     Case("disk full while moving into place", _fail_second_replace(_enospc), CONVERT, 1, r"no space left on the device"),
     Case("SIGINT during save", _signal_during("edgeq.onnx.safe_load:save_onnx", signal.SIGINT), CONVERT, 130,
          r"interrupted; no output was written"),
-    Case("SIGTERM during export", _signal_during("edgeq.onnx.export:export_fp32", signal.SIGTERM), CONVERT, 143,
+    Case("SIGTERM during export", _signal_during("edgeq.onnx.export:export_fp32_file", signal.SIGTERM), CONVERT, 143,
          r"interrupted; no output was written"),
     Case("SIGTERM during commit", _fail_second_replace(lambda: os.kill(os.getpid(), signal.SIGTERM)), CONVERT, 143,
          r"interrupted; no output was written"),
