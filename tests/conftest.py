@@ -6,6 +6,8 @@ Markers mean what they say, and a hook holds them to it (before any fixture runs
   such as ``rte_k256``).  A test with one but not the other fails.
 * ``deploy`` ⇔ the test needs the deploy extra or Node: it requests ``optimum_ort``,
   ``sentence_transformers`` or ``node``.
+* ``bigmodel`` ⇔ the test converts the real all-mpnet-base-v2 (438 MB): it requests ``mpnet_dir``.  Opt-in:
+  skipped (under CI too) unless ``EDGEQ_MPNET_DIR`` names the folder (``python tools/fetch_mpnet.py``).
 
 Availability is checked in the same hook, so a test skips *before* any conversion runs.  Under
 ``CI`` (set by ``.ci/run``) a missing ../shared, optimum, node or tests/node/node_modules fails
@@ -39,6 +41,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 NODE_DIR = REPO / "tests" / "node"
 REAL_FIXTURE = "shared_path"
 DEPLOY_FIXTURES = ("optimum_ort", "sentence_transformers", "node")
+BIG_FIXTURE = "mpnet_dir"
+MPNET_ENV = "EDGEQ_MPNET_DIR"
 
 
 def unavailable(reason: str):
@@ -83,6 +87,13 @@ def pytest_runtest_setup(item):
         pytest.fail(f"{item.nodeid}: " + (f"needs {', '.join(deploy_needs)} but is not marked deploy; add "
                                           "@pytest.mark.deploy" if deploy_needs else "is marked deploy but requests "
                                           "none of optimum_ort, sentence_transformers, node"), pytrace=False)
+    wants_big, marked_big = BIG_FIXTURE in uses, item.get_closest_marker("bigmodel") is not None
+    if wants_big != marked_big:
+        pytest.fail(f"{item.nodeid}: " + ("requests mpnet_dir but is not marked bigmodel; add @pytest.mark.bigmodel"
+                                          if wants_big else "is marked bigmodel but does not request mpnet_dir"),
+                    pytrace=False)
+    if wants_big and not os.environ.get(MPNET_ENV):
+        pytest.skip(f"opt-in: set {MPNET_ENV} to the all-mpnet-base-v2 folder (python tools/fetch_mpnet.py)")
     if wants_real and not SHARED.is_dir():
         unavailable(f"{SHARED} is missing")
     for name in deploy_needs:
@@ -132,6 +143,16 @@ def shared_path():
             unavailable(f"{p} is missing")
         return p
     return get
+
+
+@pytest.fixture(scope="session")
+def mpnet_dir() -> Path:
+    """The all-mpnet-base-v2 folder named by EDGEQ_MPNET_DIR; only tests marked ``bigmodel``."""
+    p = Path(os.environ[MPNET_ENV])
+    if not (p / "model.safetensors").is_file():
+        pytest.fail(f"{MPNET_ENV}={p} holds no model.safetensors; fetch it with python tools/fetch_mpnet.py --dest {p}",
+                    pytrace=False)
+    return p
 
 
 @pytest.fixture(scope="session")

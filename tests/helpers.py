@@ -32,7 +32,16 @@ TINY_ARCHS = [
     ("DistilBertModel", "distilbert"),
     ("RobertaForSequenceClassification", "roberta"),
     ("RobertaModel", "roberta"),
+    ("XLMRobertaForSequenceClassification", "xlm-roberta"),
+    ("XLMRobertaModel", "xlm-roberta"),
+    ("MPNetForSequenceClassification", "mpnet"),
+    ("MPNetModel", "mpnet"),
+    ("ElectraForSequenceClassification", "electra"),
+    ("ElectraModel", "electra"),
 ]
+# model_type → whether its inputs include token_type_ids
+HAS_TOKEN_TYPES = {"bert": True, "distilbert": False, "roberta": False, "xlm-roberta": False, "mpnet": False,
+                   "electra": True}
 
 
 def _tokenizer(path: Path, model_type: str):
@@ -51,7 +60,8 @@ def _tokenizer(path: Path, model_type: str):
     )
     tok.decoder = decoders.WordPiece()
     names = (
-        ["input_ids", "token_type_ids", "attention_mask"] if model_type == "bert" else ["input_ids", "attention_mask"]
+        ["input_ids", "token_type_ids", "attention_mask"] if HAS_TOKEN_TYPES[model_type]
+        else ["input_ids", "attention_mask"]
     )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
@@ -62,9 +72,10 @@ def _tokenizer(path: Path, model_type: str):
 
 
 def model_type_of(arch: str) -> str:
-    """``bert``, ``distilbert`` or ``roberta`` from an architecture class name."""
-    return next(t for prefix, t in (("DistilBert", "distilbert"), ("Roberta", "roberta"), ("Bert", "bert"))
-                if arch.startswith(prefix))
+    """The ``model_type`` of an architecture class name (``bert``, ``distilbert``, ``roberta``, ...)."""
+    prefixes = (("DistilBert", "distilbert"), ("XLMRoberta", "xlm-roberta"), ("Roberta", "roberta"),
+                ("MPNet", "mpnet"), ("Electra", "electra"), ("Bert", "bert"))
+    return next(t for prefix, t in prefixes if arch.startswith(prefix))
 
 
 def make_tiny_model(path: Path, arch: str = "BertForSequenceClassification", model_type: str | None = None,
@@ -79,8 +90,16 @@ def make_tiny_model(path: Path, arch: str = "BertForSequenceClassification", mod
     common = dict(vocab_size=vocab_size, pad_token_id=0, max_position_embeddings=160, num_labels=num_labels)
     if model_type == "distilbert":
         cfg = transformers.DistilBertConfig(dim=hidden, n_layers=2, n_heads=4, hidden_dim=2 * hidden, **common)
+    elif model_type == "mpnet":  # relative position bias: an nn.Embedding [buckets, heads] that is no Linear
+        cfg = transformers.MPNetConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=2 * hidden, relative_attention_num_buckets=32, **common)
+    elif model_type == "electra":  # embedding_size < hidden: the embeddings_project Linear is exercised too
+        cfg = transformers.ElectraConfig(embedding_size=hidden // 2, hidden_size=hidden, num_hidden_layers=2,
+                                         num_attention_heads=4, intermediate_size=2 * hidden, type_vocab_size=2,
+                                         **common)
     else:
-        cls = transformers.BertConfig if model_type == "bert" else transformers.RobertaConfig
+        cls = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig,
+               "xlm-roberta": transformers.XLMRobertaConfig}[model_type]
         cfg = cls(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
                   intermediate_size=2 * hidden, type_vocab_size=2 if model_type == "bert" else 1, **common)
     cfg.architectures = [arch]
@@ -90,6 +109,8 @@ def make_tiny_model(path: Path, arch: str = "BertForSequenceClassification", mod
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.add_(0.05 * torch.randn_like(p))
+            elif name.endswith("relative_attention_bias.weight"):  # MPNet: a bias large enough to matter
+                p.normal_(0.0, 1.0)
     model.to(getattr(torch, dtype)).save_pretrained(path, safe_serialization=True)
     return path
 

@@ -31,8 +31,10 @@ def setup(item):
     (["node"], [], "not marked deploy"),
     (["optimum_ort"], [], "not marked deploy"),
     ([], ["deploy"], "is marked deploy but"),
+    (["mpnet_dir"], [], "not marked bigmodel"),
+    ([], ["bigmodel"], "is marked bigmodel but"),
 ], ids=["shared-unmarked", "via-fixture-unmarked", "real-unused", "node-unmarked", "optimum-unmarked",
-        "deploy-unused"])
+        "deploy-unused", "mpnet-unmarked", "bigmodel-unused"])
 def test_marker_mismatch_fails_before_setup(fixtures, markers, message):
     with pytest.raises(pytest.fail.Exception, match=message):
         setup(FakeItem(fixtures, markers))
@@ -98,3 +100,11 @@ def test_only_the_fixture_reaches_shared():
     found = list(_shared_references(ast.parse('from tests.helpers import SHARED\nx = SHARED / "models"\n'
                                               'y = REPO.parent / "shared"\nz = Path("../shared/data")')))
     assert sorted(found) == ['../shared/data', '/ "shared"', 'SHARED'], found
+
+
+@pytest.mark.parametrize("ci", ["", "1"])
+def test_bigmodel_is_opt_in_even_under_ci(monkeypatch, ci):
+    monkeypatch.setenv("CI", ci)
+    monkeypatch.delenv(conftest.MPNET_ENV, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="opt-in: set EDGEQ_MPNET_DIR"):
+        setup(FakeItem(["mpnet_dir"], ["bigmodel"]))

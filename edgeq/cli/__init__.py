@@ -5,9 +5,16 @@ Heavy imports (torch, onnx, onnxruntime) are lazy, inside each command, so ``edg
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
+
+# PyTorch's OpenMP workers sleep instead of spinning while they wait (read when torch is imported, which
+# the commands do lazily, after this).  Results are unchanged; on a shared machine a spinning worker stalls
+# the one it waits for: the float64 SVDs of the svd plan of all-mpnet-base-v2 took > 45 min of wall time
+# spinning at load ~15 on 2 cores (results/memory.md), against ~50 s of CPU work (tests/conftest.py: same).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from edgeq import __version__
 from edgeq.errors import EdgeqError, interrupt_exit_code, sigterm_interrupts

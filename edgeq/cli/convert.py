@@ -167,4 +167,5 @@ def _print_summary(report: dict) -> None:
         if d.get("ort"):
             diff = max(d["ort"]["max_abs_diff_vs_onnx"].values(), default=0.0)
             click.echo(f"  .ort vs .onnx: max|d| {diff:.3g} on {d['ort']['examples']} examples")
-    click.echo(f"  time: {report['timings_s']['total']:.1f} s")
+    peak = report["memory"]["peak_rss_bytes"] / 2**20
+    click.echo(f"  time: {report['timings_s']['total']:.1f} s, peak RSS {peak:.0f} MiB")

@@ -1,8 +1,11 @@
 """Loading a Hugging Face encoder directory safely, in float32.
 
-Supported: BERT (MiniLM is BERT), DistilBERT and RoBERTa, either bare (``*Model``) or with a
-sequence-classification/regression head.  safetensors only unless ``allow_pickle``; remote code
-is never executed (``trust_remote_code=False`` always).
+Supported: BERT (MiniLM is BERT), DistilBERT, RoBERTa, XLM-RoBERTa, MPNet and ELECTRA, either bare
+(``*Model``) or with a sequence-classification/regression head.  A config naming a pre-training
+head (``*ForMaskedLM``, ``*ForPreTraining``) is accepted as a bare encoder when the checkpoint holds
+no head weights (sentence-transformers folders such as all-mpnet-base-v2 say ``MPNetForMaskedLM``
+but hold only the encoder); with head weights it is refused, nothing is dropped silently.
+safetensors only unless ``allow_pickle``; remote code is never executed (``trust_remote_code=False``).
 """
 
 from __future__ import annotations
@@ -17,12 +20,18 @@ from edgeq.model.checkpoint import check_safetensors_header, check_shards
 from edgeq.model.sentence import OUTPUTS as SENTENCE_OUTPUTS
 from edgeq.model.sentence import SentenceSpec, pooling_request, read_sentence_dir, wrap
 
-SUPPORTED_MODEL_TYPES = ("bert", "distilbert", "roberta")
+SUPPORTED_MODEL_TYPES = ("bert", "distilbert", "roberta", "xlm-roberta", "mpnet", "electra")
 DEFAULT_INPUT_NAMES = {
     "bert": ("input_ids", "token_type_ids", "attention_mask"),
     "distilbert": ("input_ids", "attention_mask"),
     "roberta": ("input_ids", "attention_mask"),
+    "xlm-roberta": ("input_ids", "attention_mask"),
+    "mpnet": ("input_ids", "attention_mask"),  # MPNet has no token-type embeddings
+    "electra": ("input_ids", "token_type_ids", "attention_mask"),
 }
+BARE_MODELS = {"bert": "BertModel", "distilbert": "DistilBertModel", "roberta": "RobertaModel",
+               "xlm-roberta": "XLMRobertaModel", "mpnet": "MPNetModel", "electra": "ElectraModel"}
+PRETRAINING_HEADS = ("ForMaskedLM", "ForPreTraining")  # a bare encoder if the checkpoint has no head weights
 
 
 @dataclass
@@ -208,11 +217,12 @@ def load_model(model_dir: str | Path, allow_pickle: bool = False, pooling: str =
     archs = cfg.get("architectures") or []
     head = "sequence-classification" if any(a.endswith("ForSequenceClassification") for a in archs) else None
     if head is None:
-        bare = {"bert": "BertModel", "distilbert": "DistilBertModel", "roberta": "RobertaModel"}[model_type]
-        if archs and bare not in archs:
+        bare = BARE_MODELS[model_type]
+        if archs and bare not in archs and not any(a.endswith(PRETRAINING_HEADS) for a in archs):
             raise EdgeqError(
                 f"unsupported head {archs[0]} in {model_dir / 'config.json'}; edgeq converts bare encoders "
-                "and *ForSequenceClassification models"
+                "and *ForSequenceClassification models (or a *ForMaskedLM/*ForPreTraining config over encoder-only "
+                "weights)"
             )
         head = "encoder"
 
@@ -238,6 +248,11 @@ def load_model(model_dir: str | Path, allow_pickle: bool = False, pooling: str =
                              "use the config.json saved with these weights") from None
         raise EdgeqError(f"could not load the weights in {model_dir}: {lines[0][:300]}") from None
     model, info = model
+    unexpected = list(info.get("unexpected_keys") or [])
+    if head == "encoder" and archs and BARE_MODELS[model_type] not in archs and unexpected:
+        raise EdgeqError(f"unsupported head {archs[0]} in {model_dir / 'config.json'}: the checkpoint holds its "
+                         f"weights ({unexpected[0]}, ...); edgeq converts bare encoders and "
+                         "*ForSequenceClassification models")
     missing = list(info.get("missing_keys") or [])
     if missing and head == "encoder" and all(k.startswith("pooler.") for k in missing):
         model.pooler = None  # a checkpoint saved without the pooler: do not export a random one
@@ -264,7 +279,7 @@ def load_model(model_dir: str | Path, allow_pickle: bool = False, pooling: str =
             f"{model_dir} has no usable tokenizer ({why}); save the tokenizer (tokenizer.json) next to the model"
         ) from None
     names = [n for n in tokenizer.model_input_names if n in DEFAULT_INPUT_NAMES["bert"]]
-    if model_type != "bert":
+    if "token_type_ids" not in DEFAULT_INPUT_NAMES[model_type]:
         names = [n for n in names if n != "token_type_ids"]
     if "input_ids" not in names:
         names = list(DEFAULT_INPUT_NAMES[model_type])

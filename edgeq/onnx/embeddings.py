@@ -17,9 +17,10 @@ and stored as ONNX Runtime's GatherBlockQuantized expects for ``uint8`` data wit
 Pattern: a ``Gather`` on axis 0 of a constant float32 2-D initializer that is indexed by the graph
 input ``input_ids`` (the word embeddings) or, when the source model's ``nn.Embedding`` tables are
 known (``modules``), is one of them (position embeddings, indexed by a sliced constant).  Checks (a
-reason when refused): the table has no other consumer, H is a multiple of ``block_size`` (no
-padding in the op's layout), and a non-word table has at least ``MIN_ROWS`` rows (token-type
-tables have 2: quantizing them saves nothing).  :func:`read_embeddings` decodes Ê.
+reason when refused): the table has no other consumer, a non-word table has at least ``MIN_ROWS``
+rows (token-type tables have 1–2 and MPNet's relative position bias 32 buckets: quantizing them
+saves nothing), and H is a multiple of ``block_size`` (no padding in the op's layout).
+:func:`read_embeddings` decodes Ê.
 """
 
 from __future__ import annotations
@@ -77,10 +78,10 @@ def check_gather(node: onnx.NodeProto, inits, uses, block_size: int, known_table
         return f"table {t.name} is not a 2-D float32 tensor"
     if len(uses.get(t.name, ())) != 1:
         return f"table {t.name} is shared with other nodes (tied weights)"
+    if node.input[1] != IDS_INPUT and t.dims[0] < MIN_ROWS:  # token types, MPNet's relative position bias
+        return f"table {t.name} has {t.dims[0]} rows (< {MIN_ROWS}): quantizing it saves nothing"
     if t.dims[1] % block_size:
         return f"hidden size {t.dims[1]} is not a multiple of block size {block_size}"
-    if node.input[1] != IDS_INPUT and t.dims[0] < MIN_ROWS:
-        return f"table {t.name} has {t.dims[0]} rows (< {MIN_ROWS}): quantizing it saves nothing"
     return None
 
 

@@ -9,7 +9,6 @@ every node.  Linear weights are found again by content, not by these names (see 
 
 from __future__ import annotations
 
-import io
 import tempfile
 import warnings
 from pathlib import Path
@@ -22,11 +21,24 @@ TOKEN_OUTPUTS = ("last_hidden_state", "token_embeddings")  # [batch, sequence, h
 def export_fp32(loaded: LoadedModel, opset: int = 17, external_data_threshold: int = 2_000_000_000):
     """Export ``loaded.model`` and return the ``onnx.ModelProto`` (FP32, dynamic axes).
 
-    Models whose parameters exceed ``external_data_threshold`` bytes are exported into a temporary
-    directory (the exporter writes external data above 2 GB, which an in-memory buffer cannot
-    hold) and loaded back with their external data.
+    Written to a temporary file (:func:`export_fp32_file`) and loaded back with its external data:
+    the exporter writes external data above 2 GB, which an in-memory buffer cannot hold, and a file
+    spares a buffer's copy and its ``getvalue()`` copy of the whole model.  ``external_data_threshold``
+    is accepted for the callers' sake; the exporter alone decides when it needs external data.
     """
     import onnx
+
+    with tempfile.TemporaryDirectory(prefix="edgeq-export-") as tmp:
+        path = export_fp32_file(loaded, Path(tmp) / "fp32.onnx", opset)
+        return onnx.load(str(path), load_external_data=True)  # exporter-written, trusted locations
+
+
+def export_fp32_file(loaded: LoadedModel, path: Path, opset: int = 17) -> Path:
+    """Export ``loaded.model`` to the ONNX file ``path`` (FP32, dynamic axes) and return ``path``.
+
+    Models above 2 GB get their weights in external data files beside ``path`` (the exporter's own
+    layout), so ``path``'s directory should be private.
+    """
     import torch
 
     names = list(loaded.input_names)
@@ -56,15 +68,12 @@ def export_fp32(loaded: LoadedModel, opset: int = 17, external_data_threshold: i
     dynamic_axes = {n: {0: "batch", 1: "sequence"} for n in names}
     for o in outputs:
         dynamic_axes[o] = {0: "batch", 1: "sequence"} if o in TOKEN_OUTPUTS else {0: "batch"}
-    large = sum(p.numel() * 4 for p in loaded.model.parameters()) > external_data_threshold
-    tmp = tempfile.TemporaryDirectory(prefix="edgeq-export-") if large else None
-    buf = Path(tmp.name) / "fp32.onnx" if tmp else io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             _Wrapper(loaded.model).eval(),  # export restores the wrapper's mode afterwards: keep it eval
             args,
-            str(buf) if tmp else buf,
+            str(path),  # the exporter writes the same bytes to a path as to a buffer (> 2 GB: external data)
             dynamo=False,
             input_names=names,
             output_names=outputs,
@@ -73,7 +82,4 @@ def export_fp32(loaded: LoadedModel, opset: int = 17, external_data_threshold: i
             do_constant_folding=True,
         )
     loaded.model.eval()
-    if tmp is None:
-        return onnx.load_from_string(buf.getvalue())
-    with tmp:
-        return onnx.load(str(buf), load_external_data=True)  # exporter-written, trusted locations
+    return path

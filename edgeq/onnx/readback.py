@@ -20,6 +20,7 @@ file, which is what makes "the file equals the plan" a real check.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import numpy as np
 import onnx
@@ -37,6 +38,13 @@ from edgeq.onnx.storage import decode_weight
 
 def read_back(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Ŵ ``[N, K]`` of every rewritten Linear (and Ê of 4-bit embedding tables), decoded from the file."""
+    return dict(iter_read_back(model))
+
+
+def iter_read_back(model: onnx.ModelProto) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, Ŵ) per rewritten Linear, then (module name, Ê) per 4-bit embedding table, one at a time
+    (a caller comparing layer by layer never holds every decoded weight at once; a --fuse-qkv group's
+    stacked weight is decoded once and kept until its parts are out)."""
     meta = metadata(model)
     if LAYERS_KEY not in meta:
         raise ValueError("this ONNX file was not written by edgeq convert (no edgeq.layers metadata)")
@@ -51,7 +59,7 @@ def read_back(model: onnx.ModelProto) -> dict[str, np.ndarray]:
         if entries is not None:
             rows, cols, vals = entries
             np.add.at(w, (rows, cols), vals)
-        return w.astype(np.float32)
+        return w.astype(np.float32, copy=False)
 
     def decode(layer: str) -> np.ndarray:
         integer = nodes.get(f"/{layer}/{INTEGER_OP}")
@@ -68,14 +76,14 @@ def read_back(model: onnx.ModelProto) -> dict[str, np.ndarray]:
         for (layer, n), start in zip(members, np.cumsum([0] + [n for _, n in members])):
             parts[layer] = (fused, int(start), int(n))
     stacked: dict[str, np.ndarray] = {}
-    out = {}
     for layer in json.loads(meta[LAYERS_KEY]):
         if layer in parts:
             fused, start, n = parts[layer]
             if fused not in stacked:
+                stacked.clear()  # a group's parts are consecutive in the layer list: one stacked weight at a time
                 stacked[fused] = decode(fused)
-            out[layer] = add_correction(layer, stacked[fused][start:start + n].copy())  # a part's own correction
+            yield layer, add_correction(layer, stacked[fused][start:start + n].copy())  # a part's own correction
         else:
-            out[layer] = decode(layer)
-    out.update(read_embeddings(model))  # 4-bit word/position embeddings, keyed by module name
-    return out
+            yield layer, decode(layer)
+    stacked.clear()
+    yield from read_embeddings(model).items()  # 4-bit word/position embeddings, keyed by module name

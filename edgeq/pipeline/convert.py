@@ -11,7 +11,7 @@
 5. save to a staging directory and validate the file (:func:`parity_checks`: plan parity
    max|Δ|/max|ref| ≤ ``--max-plan-diff`` against PyTorch carrying the planned Ŵ, and fidelity to
    FP32); nothing is written unless every gate passes;
-6. :func:`make_report` — the JSON report, committed with the model (and the deployment package).
+6. :func:`edgeq.pipeline.report.make_report` — the JSON report, committed with the model (and the deployment package).
 
 ``validate_file`` runs step 5 on an existing file, decoding Ŵ from it.
 """
@@ -31,6 +31,7 @@ from edgeq.config import ConvertConfig
 from edgeq.errors import EdgeqError, ValidationFailed
 from edgeq.pipeline.core import Timer
 from edgeq.pipeline.parity import Check, ParityReport
+from edgeq.pipeline.report import make_report, memory_report
 
 EXPORT_TOLERANCE = 1e-4  # FP32 ONNX vs PyTorch, max|Δ| (relative to max(1, max|ref|))
 PLAN_TOLERANCE = 1e-4  # quantized ONNX vs same-quantization PyTorch, max|Δ| / max|ref|
@@ -150,13 +151,25 @@ def reference_outputs(loaded, data: Path | None, limit: int | None) -> Reference
 
 
 def export_checked(loaded, config: ConvertConfig, ref: Reference, threads: int, timer: Timer):
-    """The FP32 ONNX export and its max|Δ| per output against PyTorch (refused beyond EXPORT_TOLERANCE)."""
-    from edgeq.onnx.export import export_fp32
-    from edgeq.onnx.session import session_of_model
+    """The FP32 ONNX export and its max|Δ| per output against PyTorch (refused beyond EXPORT_TOLERANCE).
+
+    Memory: the export goes to a temporary file, ONNX Runtime checks it from that file and is released
+    before the ModelProto is read, so no serialized copy and no session sit beside the proto.
+    """
+    import tempfile
+
+    import onnx
+
+    from edgeq.onnx.export import export_fp32_file
+    from edgeq.onnx.session import make_session
     from edgeq.pipeline.parity import run_onnx
 
-    model = timer.run("export", export_fp32, loaded, config.opset, config.external_data_threshold)
-    got = run_onnx(session_of_model(model, threads, config.external_data_threshold), ref.batches)
+    with tempfile.TemporaryDirectory(prefix="edgeq-export-") as tmp:
+        path = timer.run("export", export_fp32_file, loaded, Path(tmp) / "fp32.onnx", config.opset)
+        session = make_session(path, threads)
+        got = run_onnx(session, ref.batches)
+        del session
+        model = onnx.load(str(path), load_external_data=True)  # exporter-written, trusted locations
     diff = {k: float(np.max(np.abs(got[k] - v))) for k, v in ref.outputs.items()}
     for k, d in diff.items():
         scale = max(1.0, float(np.max(np.abs(ref.outputs[k]))))
@@ -177,7 +190,7 @@ def quantize(loaded, fp32_model, weights, config: ConvertConfig, calibration, ti
         from edgeq.onnx.embeddings import module_names
 
         modules = module_names(fp32_model, loaded.model)
-    qg = quantize_graph(fp32_model, weights, config, plan, modules, timer)
+    qg = quantize_graph(fp32_model, weights, config, plan, modules, timer, copy=False)  # the export is given up
     set_meta(qg.model, "edgeq.version", __version__)  # after edgeq.layers (and edgeq.embeddings): order is bytes
     set_meta(qg.model, "edgeq.config", json.dumps(config.to_dict(), sort_keys=True))
     qg.model.producer_name, qg.model.producer_version = "edgeq", __version__
@@ -216,41 +229,6 @@ def prepare(model_dir: Path, config: ConvertConfig, data, limit, threads: int, p
                      quantizer_report)
 
 
-def make_report(c: Converted, out: Path, large: bool, file_bytes: int, parity: ParityReport, timer: Timer,
-                t_start: float) -> dict:
-    from edgeq.onnx.sizes import size_by_component
-
-    plan = c.graph.plan
-    return {
-        "edgeq_version": __version__,
-        "model_dir": str(c.model_dir),
-        "model_type": c.loaded.model_type,
-        "head": c.loaded.head,
-        "sentence": c.loaded.sentence.describe() if c.loaded.sentence is not None else None,
-        "output": str(out),
-        "config": c.config.to_dict(),
-        "calibration": c.calibration.info() if c.calibration else None,
-        "quantizer": c.quantizer_report,
-        "linears_total": len(c.weights),
-        "linears_quantized": c.graph.rewrite.count,
-        "linears_excluded": list(plan.excluded),
-        "embeddings": c.graph.embeddings,
-        "fused_qkv": None if c.graph.fusion is None else {  # --fuse-qkv (edgeq.onnx.fuse_qkv)
-            "fused": c.graph.fusion.fused, "corrections": c.graph.fusion.corrections,
-            "refused": [{"layers": layers, "reason": r} for layers, r in c.graph.fusion.refused]},
-        "external_data": large,
-        "export_max_abs_diff": c.export_diff,
-        "recon_error_total": plan.total_recon_error,
-        "budget": plan.budget,  # --budget: fraction, total kept, k per layer (None with --k)
-        "layers": {name: lp.stats() for name, lp in plan.layers.items()},
-        "size_bytes": size_by_component(c.graph.model),
-        "size_bytes_fp32": c.fp32_sizes,
-        "file_bytes": file_bytes,
-        "parity": parity.to_dict(),
-        "timings_s": {**timer.stages, "total": round(time.perf_counter() - t_start, 3)},
-    }
-
-
 def write_validated(c: Converted, out: Path, thresholds: Thresholds, threads: int, ort_format: bool,
                     timer: Timer, t_start: float, overwrite: bool = True) -> dict:
     """Stages 5–6: save to a staging directory, validate the file, commit it with its report (or nothing)."""
@@ -281,6 +259,7 @@ def write_validated(c: Converted, out: Path, thresholds: Thresholds, threads: in
             report["deployment"] = timer.run("package", stage_deployment, stage, layout, c.loaded, model, tmp_model,
                                              session, c.ref.batches, large, ort_format, threads, c.graph.planned)
             report["timings_s"].update(package=timer.stages["package"], total=round(time.perf_counter() - t_start, 3))
+            report["memory"] = memory_report(timer)
         tmp_report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         stage.commit()
     return report

@@ -8,8 +8,9 @@ For a planned Linear ``W [N, K]`` (codes C, scales s, salient set S with its exa
     Ŵ[i, j] = (C[i, j] − z) · s[i, ⌊j / block⌋]   for (i, j) ∉ S,   z = 2^(bits−1)
     Ŵ[i, j] = W[i, j]                              for (i, j) ∈ S   (the FP32 correction; C = z there)
 
-``quantize_graph`` copies the FP32 ModelProto (the caller's is never modified), replaces every
-planned Linear by ``MatMulNBits`` + its sparse FP32 correction (:func:`edgeq.onnx.rewrite.rewrite_linears`),
+``quantize_graph`` copies the FP32 ModelProto (the caller's is never modified; with ``copy=False``,
+as in convert, which gives its export up, it rewrites that one), replaces every planned Linear by
+``MatMulNBits`` + its sparse FP32 correction (:func:`edgeq.onnx.rewrite.rewrite_linears`),
 optionally fuses the Linears that read one input (q, k, v) into one MatMulNBits + correction + Split
 (``--fuse-qkv``, :func:`edgeq.onnx.fuse_qkv.fuse_shared_inputs`), optionally replaces the
 word/position-embedding Gathers by 4-bit ``GatherBlockQuantized``
@@ -38,7 +39,7 @@ from edgeq.errors import EdgeqError, UsageError
 from edgeq.onnx.embeddings import quantize_embeddings
 from edgeq.onnx.fuse_qkv import FuseResult, fuse_shared_inputs
 from edgeq.onnx.integer import rewrite_integer
-from edgeq.onnx.readback import read_back
+from edgeq.onnx.readback import iter_read_back
 from edgeq.onnx.rewrite import RewriteResult, rewrite_linears
 from edgeq.quant.plan import QuantPlan, build_plan
 from edgeq.saliency import get_method
@@ -48,19 +49,40 @@ EMBEDDING_BLOCK = 32  # GatherBlockQuantized block along the hidden axis
 logger = logging.getLogger(__name__)
 
 
+def memory_bytes() -> tuple[int, int]:
+    """(resident set size now, peak resident set size so far) of this process, in bytes.
+
+    ``VmRSS`` / ``VmHWM`` of /proc/self/status (the peak of this address space); where there is
+    no /proc, ``ru_maxrss`` for both.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS:", "VmHWM:")))
+        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        import resource
+
+        peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+        return peak, peak
+
+
 @dataclass
 class Timer:
-    """Runs named stages, logs their start and duration, and keeps the durations for the report."""
+    """Runs named stages, logs their start, duration and memory, and keeps both for the report."""
 
     stages: dict[str, float] = field(default_factory=dict)
-    level: int = logging.INFO  # of the "name ..." / "name: 1.2 s" progress lines
+    level: int = logging.INFO  # of the "name ..." / "name: 1.2 s (RSS …)" progress lines
+    memory: dict[str, dict[str, int]] = field(default_factory=dict)  # stage → rss_bytes, peak_rss_bytes after it
 
     def run(self, name: str, fn, *args, **kwargs):
         logger.log(self.level, f"{name} ...")
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
         self.stages[name] = round(time.perf_counter() - t0, 3)
-        logger.log(self.level, f"{name}: {self.stages[name]:.1f} s")
+        rss, peak = memory_bytes()
+        self.memory[name] = {"rss_bytes": rss, "peak_rss_bytes": peak}
+        logger.log(self.level, f"{name}: {self.stages[name]:.1f} s (RSS {rss / 2**20:.0f} MiB, "
+                               f"peak {peak / 2**20:.0f} MiB)")
         return out
 
 
@@ -100,8 +122,14 @@ def plan_weights(loaded, weights: Mapping[str, np.ndarray], config: ConvertConfi
 
 
 def quantize_graph(fp32_model, weights: Mapping[str, np.ndarray], config: ConvertConfig, plan: QuantPlan | None = None,
-                   embedding_modules: Mapping[str, str] | None = None, timer: Timer | None = None) -> QuantizedGraph:
+                   embedding_modules: Mapping[str, str] | None = None, timer: Timer | None = None,
+                   copy: bool = True) -> QuantizedGraph:
     """Rewrite a copy of ``fp32_model`` to ``plan`` (default: the RTN plan of ``weights`` under ``config``).
+
+    ``copy=False`` rewrites ``fp32_model`` itself (no second FP32 graph in memory; the caller gives it up)
+    and returns a fresh copy of the result: protobuf (upb) keeps the bytes of removed initializers in
+    the message's arena until the message itself is freed, so the caller's dropping ``fp32_model``
+    is what releases the FP32 weights.
 
     ``embedding_modules`` (table initializer → ``nn.Embedding`` name, :func:`edgeq.onnx.embeddings.module_names`)
     names the 4-bit tables after the source model's modules when ``config.quantize_embeddings``.
@@ -115,8 +143,11 @@ def quantize_graph(fp32_model, weights: Mapping[str, np.ndarray], config: Conver
     if not plan.layers:
         raise UsageError(f"no Linear left to quantize (--exclude keeps all {len(weights)} in FP32); loosen --exclude")
     timer = timer if timer is not None else Timer(level=logging.DEBUG)
-    model = onnx.ModelProto()
-    model.CopyFrom(fp32_model)
+    if copy:
+        model = onnx.ModelProto()
+        model.CopyFrom(fp32_model)
+    else:
+        model = fp32_model
     try:
         if config.kernel == "integer":  # DynamicQuantizeMatMul (edgeq.onnx.integer)
             result = timer.run("rewrite", rewrite_integer, model, plan.quants, dict(weights), config.correction)
@@ -134,7 +165,7 @@ def quantize_graph(fp32_model, weights: Mapping[str, np.ndarray], config: Conver
         for layers, reason in fusion.refused:
             logger.warning(f"--fuse-qkv: {', '.join(layers)} not fused: {reason}")
         logger.info(f"--fuse-qkv: {len(fusion.fused)} group(s) fused, {len(fusion.refused)} refused")
-    planned = {name: lp.quant.dequantize() for name, lp in plan.layers.items()}
+    tables: dict[str, np.ndarray] = {}
     embeddings = None
     if config.quantize_embeddings:  # word/position tables → GatherBlockQuantized (edgeq.onnx.embeddings)
         emb = timer.run("embeddings", quantize_embeddings, model, EMBEDDING_BLOCK,
@@ -143,12 +174,35 @@ def quantize_graph(fp32_model, weights: Mapping[str, np.ndarray], config: Conver
             raise EdgeqError("--quantize-embeddings found no word-embedding Gather to rewrite ("
                              + ("; ".join(f"{n}: {r}" for n, r in emb.refused[:2]) or "no Gather on input_ids")
                              + "); use --no-quantize-embeddings")
-        planned.update(emb.tables)
+        tables = emb.tables
         embeddings = {"int4": sorted(emb.rewritten.values()),
                       "left_fp32": [{"node": n, "reason": r} for n, r in emb.refused]}
-    decoded = read_back(model)
-    bad = [n for n in planned if n not in decoded or not np.array_equal(planned[n], decoded[n])]
+    planned, bad = _check_read_back(model, plan, tables)
     if bad:
         raise EdgeqError(f"the written graph does not encode the plan for {', '.join(bad[:3])}; please report this")
+    if not copy:  # upb frees removed initializers only with their message: a fresh one holds just the live graph
+        fresh = onnx.ModelProto()
+        fresh.CopyFrom(model)
+        model = fresh
     stages = {k: timer.stages[k] for k in ("rewrite", "fuse_qkv", "embeddings") if k in timer.stages}
     return QuantizedGraph(model, plan, result, planned, embeddings, stages, fusion)
+
+
+def _check_read_back(model, plan: QuantPlan, tables: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
+                                                                                     list[str]]:
+    """(Ŵ per Linear then Ê per table, in plan order; the names whose decoding differs or is missing).
+
+    Layer by layer: each decoded weight is compared and dropped, so only the planned Ŵ are kept.
+    """
+    order = [*plan.layers, *tables]
+    planned: dict[str, np.ndarray] = {}
+    differs: set[str] = set()
+    for name, got in iter_read_back(model):
+        if name in planned or (name not in plan.layers and name not in tables):
+            continue
+        want = plan.layers[name].quant.dequantize() if name in plan.layers else tables[name]
+        if not np.array_equal(want, got):
+            differs.add(name)
+        planned[name] = want
+    bad = [n for n in order if n not in planned or n in differs]
+    return {n: planned[n] for n in order if n in planned}, bad

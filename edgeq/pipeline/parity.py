@@ -67,14 +67,18 @@ def run_onnx(session, batches) -> dict[str, np.ndarray]:
 
 
 def reference_model(loaded: LoadedModel, weights: dict[str, np.ndarray]):
-    """A copy of the PyTorch model whose Linears carry exactly ``weights`` (name → Ŵ)."""
+    """A copy of the PyTorch model whose Linears carry exactly ``weights`` (name → Ŵ).
+
+    The copy's weight of each named module is ``weights[name]`` itself (``torch.from_numpy``, no copy;
+    through deepcopy's memo, so a tied parameter stays tied): only the other parameters are copied.
+    """
     import torch
 
-    model = copy.deepcopy(loaded.model)
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, w in weights.items():
-            modules[name].weight.copy_(torch.from_numpy(w))
+    modules = dict(loaded.model.named_modules())
+    memo = {id(modules[name].weight): torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(w, np.float32)),
+                                                         requires_grad=False)
+            for name, w in weights.items()}
+    model = copy.deepcopy(loaded.model, memo)
     return model.eval()
 
 

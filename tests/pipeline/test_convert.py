@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgeq.cli import main
-from tests.helpers import TINY_ARCHS
+from tests.helpers import HAS_TOKEN_TYPES, TINY_ARCHS
 
 
 def convert(args):
@@ -32,7 +32,7 @@ def test_every_architecture_converts_and_validates(tmp_path, tiny_model, arch, m
     assert report["parity"]["ok"]
     model = onnx.load(str(out))
     assert [i.name for i in model.graph.input][0] == "input_ids"
-    assert ("token_type_ids" in [i.name for i in model.graph.input]) == (model_type == "bert")
+    assert ("token_type_ids" in [i.name for i in model.graph.input]) == HAS_TOKEN_TYPES[model_type]
     res = CliRunner().invoke(main, ["validate", str(model_dir), str(out)])
     assert res.exit_code == 0, res.output
     assert "plan parity" in res.output

@@ -1,4 +1,4 @@
-"""Same inputs and options → byte-identical out.onnx and the same report apart from timings.
+"""Same inputs and options → byte-identical out.onnx and the same report apart from timings and memory.
 
 Across runs in one process, across processes (another PYTHONHASHSEED) and across thread counts
 (ONNX Runtime ``--threads`` 1 vs 2, PyTorch intra-op threads 1 vs 2).  The svd method is used
@@ -31,6 +31,7 @@ def sha256(p: Path) -> str:
 def comparable(report_path: Path) -> dict:
     r = json.loads(report_path.read_text())
     r.pop("timings_s")
+    r.pop("memory")  # RSS differs between runs and processes
     r.pop("output")  # the path differs between runs by construction
     return r
 
