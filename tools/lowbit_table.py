@@ -206,23 +206,16 @@ def sizes_of(onnx_path: Path) -> dict:
 
 
 def embedding_fidelity(onnx_path: Path) -> dict:
-    """Mean and min per-sentence cosine to the FP32 embeddings, from the convert report (embedding models)."""
+    """Mean and min per-sentence cosine to the FP32 embeddings (the convert report's checks; embedding models)."""
     report = onnx_path.with_suffix(".json")
+    if not report.exists():
+        return {}
     found = {}
-
-    def walk(node):
-        if isinstance(node, dict):
-            for key in ("mean_cosine", "min_cosine"):
-                if key in node and key not in found and "sentence_embedding" in json.dumps(node.get("output", "")):
-                    found[key] = node[key]
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    if report.exists():
-        walk(json.loads(report.read_text()).get("parity", {}))
+    for check in json.loads(report.read_text()).get("parity", {}).get("checks", []):
+        for key, label in (("mean_cosine", "sentence_embedding mean cosine"),
+                           ("min_cosine", "sentence_embedding min cosine")):
+            if check.get("name", "").endswith(label):
+                found[key] = check["value"]
     return found
 
 

@@ -209,6 +209,22 @@ FALLBACK_CORRECTION = "scatter"  # never refuses
 CORRECTION_CHOICES = ("auto", *CORRECTIONS)
 
 
+def correction_branch(layer: str, x: str, y_q: str, y: str, q: QuantizedLinear, requested: str,
+                      fallbacks: list) -> tuple[str | None, list, list]:
+    """(encoding used or None when k = 0, nodes, initializers) of ``q``'s exact entries: ``y = y_q + x·Cᵀ``.
+
+    A refusal of ``requested`` falls back to :data:`FALLBACK_CORRECTION` and is appended to ``fallbacks``
+    as ``(layer, reason)`` (reported, never silent).
+    """
+    if not q.k:
+        return None, [], []
+    used, reason = choose_correction(q, requested)
+    if reason:
+        fallbacks.append((layer, f"{reason}; used {FALLBACK_CORRECTION}"))
+    nodes, tensors = CORRECTIONS[used].build(layer, x, y_q, y, q)
+    return used, nodes, tensors
+
+
 def decode_correction(layer: str, names, arr) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(rows, cols, values) of ``layer``'s FP32 entries from its initializers, or None when it has none.
 

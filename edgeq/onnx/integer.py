@@ -33,9 +33,7 @@ from onnx import helper, numpy_helper
 
 from edgeq.onnx.corrections import (
     CORRECTION_CHOICES,
-    CORRECTIONS,
-    FALLBACK_CORRECTION,
-    choose_correction,
+    correction_branch,
     decode_correction,
 )
 from edgeq.onnx.graph import MS_DOMAIN, consumers, ensure_opset, metadata, set_meta, unique_names
@@ -132,14 +130,9 @@ def rewrite_integer(model: onnx.ModelProto, layers: Mapping[str, QuantizedLinear
         nodes, tensors = _layer_nodes(layer, x, f"/{layer}/{OP}_nobias" if tail else y_q, q, bias)
         new_nodes += nodes + tail
         new_inits += tensors
-        used = None
-        if q.k:
-            used, reason = choose_correction(q, correction)
-            if reason:
-                result.fallbacks.append((layer, f"{reason}; used {FALLBACK_CORRECTION}"))
-            nodes, tensors = CORRECTIONS[used].build(layer, x, y_q, y, q)
-            new_nodes += nodes
-            new_inits += tensors
+        used, nodes, tensors = correction_branch(layer, x, y_q, y, q, correction, result.fallbacks)
+        new_nodes += nodes
+        new_inits += tensors
         drop.add(match.weight)
         result.layers[layer] = {"node": node.name, "k": q.k, "bits": 8, "correction": used, "kernel": "integer",
                                 "act_cols": [] if q.act_cols is None else q.act_cols.tolist()}

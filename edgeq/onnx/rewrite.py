@@ -43,10 +43,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeq.onnx.corrections import (
     CORRECTION_CHOICES,
-    CORRECTIONS,
     DEFAULT_CORRECTION,
-    FALLBACK_CORRECTION,
-    choose_correction,
+    correction_branch,
 )
 from edgeq.onnx.graph import MS_DOMAIN, attr, consumers, ensure_opset, set_meta, unique_names
 from edgeq.onnx.storage import weight_inputs, zero_point_input
@@ -228,14 +226,9 @@ def rewrite_linears(
         if bias_add is not None:
             new_nodes.append(bias_add)
         new_inits += weight_inits
-        used = None
-        if q.k:
-            used, reason = choose_correction(q, correction)
-            if reason:
-                result.fallbacks.append((layer, f"{reason}; used {FALLBACK_CORRECTION}"))
-            nodes, tensors = CORRECTIONS[used].build(layer, x, y_q, y, q)
-            new_nodes += nodes
-            new_inits += tensors
+        used, nodes, tensors = correction_branch(layer, x, y_q, y, q, correction, result.fallbacks)
+        new_nodes += nodes
+        new_inits += tensors
         drop_inits.add(match.weight)
         result.layers[layer] = {"node": node.name, "k": q.k, "bits": q.stored_bits, "correction": used}
         result.count += 1
