@@ -15,7 +15,7 @@ that already holds a verified fetch (``.edgeq-fetch.json`` and the files of the 
 printed as is, without downloading.
 
     python tools/fetch_mpnet.py                       # → ~/.cache/edgeq/all-mpnet-base-v2
-    python tools/fetch_mpnet.py --dest /work/models/all-mpnet-base-v2
+    python tools/fetch_mpnet.py --dest ~/models/all-mpnet-base-v2
 
 The folder is a sentence-transformers layout with the transformer at its root (config.json says
 ``MPNetForMaskedLM`` over encoder-only weights, which edgeq loads as ``MPNetModel``), so

@@ -34,6 +34,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -45,7 +46,8 @@ sys.path.insert(0, str(REPO))
 SHARED_REL = Path("../shared")  # commands are run from the repository root and recorded with this relative path
 MODELS = {"RTE": "minilm-l6-rte", "MRPC": "minilm-l6-mrpc", "SST-2": "minilm-l6-sst2", "STS-B": None}
 EDGEQ = [sys.executable, "-m", "edgeq"]
-NNCF_PYTHON = Path("/work/venv-nncf/bin/python")
+# the separate venv of tools/nncf_peer.py (its docstring installs it)
+NNCF_PYTHON = Path(os.environ.get("EDGEQ_NNCF_PYTHON", REPO.parent / "venv-nncf" / "bin" / "python"))
 BASELINE = "ort-rtn-b32"  # the Linear-bytes ratio column is relative to this peer of the same task
 # peer name → (builder, what the table says about its configuration)
 PEERS = {

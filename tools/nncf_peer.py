@@ -4,13 +4,13 @@
 Runs in its own virtual environment (NNCF is not an edgeq dependency), so it imports nothing
 from edgeq:
 
-    python3 -m venv /work/venv-nncf
-    /work/venv-nncf/bin/pip install nncf==3.4.0 onnx==1.23.2 onnxruntime==1.32.0 numpy tokenizers
+    python3 -m venv ../venv-nncf
+    ../venv-nncf/bin/pip install nncf==3.4.0 onnx==1.23.2 onnxruntime==1.32.0 numpy tokenizers
     python tools/export_fp32.py ../shared/models/minilm-l6-sst2 fp32.onnx
-    /work/venv-nncf/bin/python tools/nncf_peer.py fp32.onnx out.onnx --mode data-free|awq-se \\
+    ../venv-nncf/bin/python tools/nncf_peer.py fp32.onnx out.onnx --mode data-free|awq-se \\
         --tokenizer ../shared/models/minilm-l6-sst2 --calib ../shared/data/glue/SST-2/train.tsv
 
-The configuration that works here (/work/shared/docs/PEERS.md, "Peers re-measured"): the graph is
+The configuration that works here (../shared/docs/PEERS.md, "Peers re-measured"): the graph is
 raised to opset 21 so NNCF writes the DequantizeLinear (DQ) form (at opset 20 its MatMulNBits takes
 the following Add's bias while keeping the Add: the bias counts twice); the Gemms (pooler,
 classifier) and the embedding Gathers are ignored (ONNX Runtime refuses NNCF's blocked

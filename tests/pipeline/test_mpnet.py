@@ -2,7 +2,7 @@
 and whose memory peak is the export's (plus at most the output's serialization).  Opt-in (``bigmodel``): set
 EDGEQ_MPNET_DIR to the folder that ``tools/fetch_mpnet.py`` fetched.
 
-    EDGEQ_MPNET_DIR=/work/models/all-mpnet-base-v2 pytest -q tests/pipeline/test_mpnet.py
+    EDGEQ_MPNET_DIR=$MPNET_DIR pytest -q tests/pipeline/test_mpnet.py
 
 The folder is a sentence-transformers layout with the transformer at its root (config.json says
 MPNetForMaskedLM over encoder-only weights): edgeq converts it as a plain Hugging Face directory.
