@@ -36,8 +36,8 @@ from edgeq.onnx.corrections import (
     correction_branch,
     decode_correction,
 )
-from edgeq.onnx.graph import MS_DOMAIN, consumers, ensure_opset, metadata, set_meta, unique_names
-from edgeq.onnx.rewrite import LAYERS_KEY, RewriteResult, _bias_adds, match_linears
+from edgeq.onnx.graph import MS_DOMAIN, consumers, metadata, unique_names
+from edgeq.onnx.rewrite import LAYERS_KEY, RewriteResult, _bias_adds, commit_rewrite, match_linears
 from edgeq.quant.int4 import QMAX_REDUCED, QuantizedLinear
 from edgeq.quant.integer import WEIGHT_ZERO_POINT
 
@@ -137,13 +137,7 @@ def rewrite_integer(model: onnx.ModelProto, layers: Mapping[str, QuantizedLinear
         result.layers[layer] = {"node": node.name, "k": q.k, "bits": 8, "correction": used, "kernel": "integer",
                                 "act_cols": [] if q.act_cols is None else q.act_cols.tolist()}
         result.count += 1
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    kept = [t for t in graph.initializer if t.name not in drop]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
-    ensure_opset(model, MS_DOMAIN)
-    set_meta(model, LAYERS_KEY, json.dumps(sorted(result.layers)))
+    commit_rewrite(model, new_nodes, new_inits, drop, result)
     return result
 
 

@@ -233,14 +233,21 @@ def rewrite_linears(
         result.layers[layer] = {"node": node.name, "k": q.k, "bits": q.stored_bits, "correction": used}
         result.count += 1
 
+    commit_rewrite(model, new_nodes, new_inits, drop_inits, result)
+    return result
+
+
+def commit_rewrite(model: onnx.ModelProto, new_nodes: list, new_inits: list, drop: set, result: RewriteResult) -> None:
+    """Install a rewrite in place: the new node list, the initializers minus ``drop`` plus ``new_inits``, the
+    com.microsoft opset and the ``edgeq.layers`` metadata (what read_back decodes)."""
+    graph = model.graph
     del graph.node[:]
     graph.node.extend(new_nodes)
-    kept = [t for t in graph.initializer if t.name not in drop_inits]
+    kept = [t for t in graph.initializer if t.name not in drop]
     del graph.initializer[:]
     graph.initializer.extend(kept + new_inits)
     ensure_opset(model, MS_DOMAIN)
     set_meta(model, LAYERS_KEY, json.dumps(sorted(result.layers)))
-    return result
 
 
 def exact_arithmetic_copy(model: onnx.ModelProto) -> onnx.ModelProto | None:
