@@ -38,7 +38,6 @@ Pattern → check → rewrite, as the other rewrites:
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
@@ -47,7 +46,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgeq.onnx.corrections import CORRECTIONS, FALLBACK_CORRECTION, choose_correction, correction_cost
-from edgeq.onnx.graph import MS_DOMAIN, attr, consumers, set_meta
+from edgeq.onnx.graph import MS_DOMAIN, attr, consumers, group_name, set_meta
 from edgeq.onnx.storage import weight_inputs
 from edgeq.quant.int4 import QuantizedLinear
 
@@ -71,11 +70,7 @@ class Part:
     output: str  # the one value of those nodes read outside them: the Linear's output
 
 
-def fused_name(layers: list[str]) -> str:
-    """``a.b.query``, ``a.b.key``, ``a.b.value`` → ``a.b.query+key+value``."""
-    prefix = os.path.commonprefix(layers)
-    prefix = prefix[: prefix.rfind(".") + 1]
-    return prefix + "+".join(name[len(prefix):] for name in layers)
+fused_name = group_name  # the fused layer's name (re-exported; edgeq.onnx.graph.group_name)
 
 
 def find_groups(model: onnx.ModelProto, layers) -> dict[str, list[Part]]:

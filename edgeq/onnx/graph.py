@@ -12,12 +12,20 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import onnx
 from onnx import helper
 
 MS_DOMAIN = "com.microsoft"
+
+
+def group_name(layers: list[str]) -> str:
+    """``a.b.query``, ``a.b.key``, ``a.b.value`` → ``a.b.query+key+value``."""
+    prefix = os.path.commonprefix(layers)
+    prefix = prefix[: prefix.rfind(".") + 1]
+    return prefix + "+".join(name[len(prefix):] for name in layers)
 
 
 def attr(node: onnx.NodeProto, name: str, default):

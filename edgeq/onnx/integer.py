@@ -8,6 +8,17 @@ channel scales s, exact entries S, activation-outlier columns C ⊆ columns of S
     y_q = com.microsoft.DynamicQuantizeMatMul(x', B = int8 qᵀ [K, N], b_scale = s [N], -, bias = b)
     y   = y_q + correction(x)             # edgeq.onnx.corrections, on x itself (C's columns are in S)
 
+**Shared activation quantization.**  Linears that read one x (q, k and v of an attention block) with
+the same columns C quantize x' once, as ONNX Runtime's own ``quantize_dynamic`` writes them::
+
+    x'          = Mul(x, m)                                   # /{group}/ActMask, once
+    u, a, z     = DynamicQuantizeLinear(x')                   # /{group}/DynamicQuantizeLinear, once
+    y_q,l       = com.microsoft.MatMulIntegerToFloat(u, B_l, a, s_l, z, -, b_l)   # /{layer}/…, per part
+
+(``group`` = :func:`edgeq.onnx.graph.group_name` of the parts, e.g. ``…self.query+key+value``).
+DynamicQuantizeMatMul is DynamicQuantizeLinear + MatMulIntegerToFloat in one node, so every y_q,l is
+the number the unshared node would compute; the parts keep their own weights, scales and corrections.
+
 ONNX Runtime's CPU EP fuses DynamicQuantizeLinear → MatMulInteger → Cast → Mul → Add into this very
 node (``tools/integer_kernels.py`` prints the optimized graphs); writing it directly keeps the
 file small and the graph explicit.  int8 (not uint8) weights run MLAS' U8S8 kernel, the fastest
@@ -36,12 +47,14 @@ from edgeq.onnx.corrections import (
     correction_branch,
     decode_correction,
 )
-from edgeq.onnx.graph import MS_DOMAIN, consumers, metadata, unique_names
+from edgeq.onnx.graph import MS_DOMAIN, consumers, group_name, metadata, unique_names
 from edgeq.onnx.rewrite import LAYERS_KEY, RewriteResult, _bias_adds, commit_rewrite, match_linears
 from edgeq.quant.int4 import QMAX_REDUCED, QuantizedLinear
 from edgeq.quant.integer import WEIGHT_ZERO_POINT
 
 OP = "DynamicQuantizeMatMul"
+SHARED_OP = "MatMulIntegerToFloat"  # a part of a group that quantizes its input once
+KERNEL_INPUTS = {OP: (1, 2), SHARED_OP: (1, 3)}  # kernel op → input index of B (int8 qᵀ) and of b_scale
 MASK = "act_mask"  # initializer suffix of the 0/1 column mask (only layers with activation-outlier columns)
 
 _tensor = numpy_helper.from_array
@@ -63,21 +76,88 @@ def check_integer(q: QuantizedLinear) -> str | None:
     return None
 
 
+def _weights(layer: str, q: QuantizedLinear) -> list[onnx.TensorProto]:
+    return [_tensor((q.codes.astype(np.int16) - WEIGHT_ZERO_POINT).astype(np.int8).T.copy(), f"{layer}.qweight"),
+            _tensor(q.scales[:, 0].astype(np.float32).copy(), f"{layer}.scales")]
+
+
+def _has_mask(q: QuantizedLinear) -> bool:
+    return q.act_cols is not None and q.act_cols.size > 0
+
+
+def _mask_nodes(owner: str, x: str, q: QuantizedLinear):
+    """``x ⊙ m`` (m_j = 0 on the activation-outlier columns) as ``/{owner}/ActMask``, or x itself."""
+    if not _has_mask(q):
+        return x, [], []
+    mask = np.ones(q.shape[1], np.float32)
+    mask[q.act_cols] = 0
+    x_in = f"/{owner}/act_masked"
+    return x_in, [helper.make_node("Mul", [x, f"{owner}.{MASK}"], [x_in], name=f"/{owner}/ActMask")], \
+        [_tensor(mask, f"{owner}.{MASK}")]
+
+
 def _layer_nodes(layer: str, x: str, y_q: str, q: QuantizedLinear, bias: str | None):
-    n_out, k_in = q.shape
-    inits = [_tensor((q.codes.astype(np.int16) - WEIGHT_ZERO_POINT).astype(np.int8).T.copy(), f"{layer}.qweight"),
-             _tensor(q.scales[:, 0].astype(np.float32).copy(), f"{layer}.scales")]
-    nodes = []
-    x_in = x
-    if q.act_cols is not None and q.act_cols.size:
-        mask = np.ones(k_in, np.float32)
-        mask[q.act_cols] = 0
-        inits.append(_tensor(mask, f"{layer}.{MASK}"))
-        x_in = f"/{layer}/act_masked"
-        nodes.append(helper.make_node("Mul", [x, f"{layer}.{MASK}"], [x_in], name=f"/{layer}/ActMask"))
+    x_in, nodes, inits = _mask_nodes(layer, x, q)
     nodes.append(helper.make_node(OP, [x_in, f"{layer}.qweight", f"{layer}.scales", "", bias or ""], [y_q],
                                   name=f"/{layer}/{OP}", domain=MS_DOMAIN))
-    return nodes, inits
+    return nodes, inits + _weights(layer, q)
+
+
+def _shared_front(group: str, x: str, q: QuantizedLinear):
+    """The group's one mask and one DynamicQuantizeLinear: (u, a, z) value names, nodes, initializers."""
+    x_in, nodes, inits = _mask_nodes(group, x, q)
+    u, a, z = (f"/{group}/DynamicQuantizeLinear_{v}" for v in ("output", "scale", "zero_point"))
+    nodes.append(helper.make_node("DynamicQuantizeLinear", [x_in], [u, a, z], name=f"/{group}/DynamicQuantizeLinear"))
+    return (u, a, z), nodes, inits
+
+
+def _part_nodes(layer: str, front: tuple[str, str, str], y_q: str, q: QuantizedLinear, bias: str | None):
+    u, a, z = front
+    node = helper.make_node(SHARED_OP, [u, f"{layer}.qweight", a, f"{layer}.scales", z, "", bias or ""], [y_q],
+                            name=f"/{layer}/{SHARED_OP}", domain=MS_DOMAIN)
+    return [node], _weights(layer, q)
+
+
+def _own_bias(bias: str | None, inits, uses, n_out: int) -> bool:
+    """Whether ``bias`` (None: no bias) can be the kernel's own input: a [N] or [1, N] initializer read once."""
+    if bias is None:
+        return True
+    c = inits.get(bias)
+    return c is not None and len(uses[bias]) == 1 and list(c.dims) in ([n_out], [1, n_out])
+
+
+def share_groups(inputs: Mapping[str, str], layers: Mapping[str, QuantizedLinear],
+                 own_bias: Mapping[str, bool]) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
+    """Pattern → check for the shared activation quantization: {x: its parts} where two or more planned
+    Linears read x, and (layer, reason) for the ones that read a shared x but keep their own node.
+
+    ``inputs``: layer → the value it reads; ``own_bias``: whether its bias is the kernel's own input.
+    A part must have its bias inside (a separate bias Add stays with DynamicQuantizeMatMul) and the
+    same activation-outlier columns as the group's first part.
+    """
+    readers: dict[str, list[str]] = {}
+    for layer, x in inputs.items():
+        readers.setdefault(x, []).append(layer)
+    groups, refused = {}, []
+    for x, names in readers.items():
+        if len(names) < 2:
+            continue
+        first = layers[names[0]].act_cols
+        cols = np.empty(0, np.int64) if first is None else np.sort(first)
+        ok = []
+        for name in names:
+            c = layers[name].act_cols
+            if not own_bias[name]:
+                refused.append((name, "its bias is a separate Add; it keeps its own activation quantization"))
+            elif not np.array_equal(cols, np.empty(0, np.int64) if c is None else np.sort(c)):
+                refused.append((name, "its activation-outlier columns differ from the other readers of its input"))
+            else:
+                ok.append(name)
+        if len(ok) > 1:
+            groups[x] = ok
+        else:
+            refused += [(name, "no other reader of its input can share the quantization") for name in ok]
+    return groups, refused
 
 
 def rewrite_integer(model: onnx.ModelProto, layers: Mapping[str, QuantizedLinear], weights: dict[str, np.ndarray],
@@ -102,6 +182,11 @@ def rewrite_integer(model: onnx.ModelProto, layers: Mapping[str, QuantizedLinear
     uses = consumers(graph)
     bias_adds = _bias_adds(list(planned.values()), inits, uses, unique_names(graph)) if fold_bias else {}
     skip = {add.name for add, _ in bias_adds.values()}
+    bias_of = {m.layer: bias_adds[n][1] if n in bias_adds else m.bias for n, m in planned.items()}
+    own_bias = {name: _own_bias(bias_of[name], inits, uses, layers[name].shape[0]) for name in bias_of}
+    groups, not_shared = share_groups({m.layer: m.node.input[0] for m in planned.values()}, layers, own_bias)
+    group_of = {layer: (group_name(parts), x) for x, parts in groups.items() for layer in parts}
+    fronts: dict[str, tuple[str, str, str]] = {}  # group → its (u, a, z), once its nodes are written
     drop, new_inits, new_nodes = set(), [], []
     for node in graph.node:
         if node.name in skip:
@@ -111,23 +196,28 @@ def rewrite_integer(model: onnx.ModelProto, layers: Mapping[str, QuantizedLinear
             new_nodes.append(node)
             continue
         layer, q = match.layer, layers[match.layer]
-        n_out = q.shape[0]
-        x, y, bias = node.input[0], node.output[0], match.bias
+        x, y, bias = node.input[0], node.output[0], bias_of[match.layer]
         if node.name in bias_adds:
-            add, bias = bias_adds[node.name]
-            y = add.output[0]
+            y = bias_adds[node.name][0].output[0]
         y_q = f"/{layer}/{OP}_output" if q.k else y
         tail = []
-        if bias:
-            c = inits.get(bias)
-            if c is not None and len(uses[bias]) == 1 and list(c.dims) in ([n_out], [1, n_out]):
-                new_inits.append(_tensor(numpy_helper.to_array(c).reshape(-1).astype(np.float32), f"{layer}.bias"))
-                drop.add(bias)
-                bias = f"{layer}.bias"
-            else:  # a shared or broadcast bias stays a separate Add after the product
-                tail.append(helper.make_node("Add", [f"/{layer}/{OP}_nobias", bias], [y_q], name=f"/{layer}/BiasAdd"))
-                bias = None
-        nodes, tensors = _layer_nodes(layer, x, f"/{layer}/{OP}_nobias" if tail else y_q, q, bias)
+        if bias and own_bias[layer]:
+            b = numpy_helper.to_array(inits[bias]).reshape(-1).astype(np.float32)
+            new_inits.append(_tensor(b, f"{layer}.bias"))
+            drop.add(bias)
+            bias = f"{layer}.bias"
+        elif bias:  # a shared or broadcast bias stays a separate Add after the product
+            tail.append(helper.make_node("Add", [f"/{layer}/{OP}_nobias", bias], [y_q], name=f"/{layer}/BiasAdd"))
+            bias = None
+        if layer in group_of:
+            group, _ = group_of[layer]
+            if group not in fronts:
+                fronts[group], nodes, tensors = _shared_front(group, x, q)
+                new_nodes += nodes
+                new_inits += tensors
+            nodes, tensors = _part_nodes(layer, fronts[group], y_q, q, bias)
+        else:
+            nodes, tensors = _layer_nodes(layer, x, f"/{layer}/{OP}_nobias" if tail else y_q, q, bias)
         new_nodes += nodes + tail
         new_inits += tensors
         used, nodes, tensors = correction_branch(layer, x, y_q, y, q, correction, result.fallbacks)
@@ -135,25 +225,46 @@ def rewrite_integer(model: onnx.ModelProto, layers: Mapping[str, QuantizedLinear
         new_inits += tensors
         drop.add(match.weight)
         result.layers[layer] = {"node": node.name, "k": q.k, "bits": 8, "correction": used, "kernel": "integer",
-                                "act_cols": [] if q.act_cols is None else q.act_cols.tolist()}
+                                "act_cols": [] if q.act_cols is None else q.act_cols.tolist(),
+                                "input_quantized_by": group_of[layer][0] if layer in group_of else layer}
         result.count += 1
+    for layer, reason in not_shared:
+        result.layers[layer]["input_not_shared"] = reason
     commit_rewrite(model, new_nodes, new_inits, drop, result)
     return result
 
 
-def decode_integer(layer: str, node: onnx.NodeProto, names, arr) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(q ``[N, K]`` int8 as int32, scales ``[N]``, act_cols) of ``layer``'s DynamicQuantizeMatMul ``node``.
+def kernel_node(nodes: Mapping[str, onnx.NodeProto], layer: str) -> onnx.NodeProto | None:
+    """``layer``'s integer-kernel node (DynamicQuantizeMatMul, or MatMulIntegerToFloat in a group), or None."""
+    for op in KERNEL_INPUTS:
+        node = nodes.get(f"/{layer}/{op}")
+        if node is not None:
+            return node
+    return None
 
-    ``names``: the graph's initializer names; ``arr(name)``: that initializer as a numpy array.
-    """
-    q = arr(node.input[1]).astype(np.int32).T
-    scales = arr(node.input[2]).astype(np.float32).reshape(-1)
+
+def float_input(node: onnx.NodeProto, producers: Mapping[str, onnx.NodeProto]) -> tuple[str, str | None]:
+    """(the float x a kernel node quantizes, the name of its 0/1 column mask or None), walking back over the
+    group's DynamicQuantizeLinear and the ActMask Mul."""
+    value = node.input[0]
+    prev = producers.get(value)
+    if prev is not None and prev.op_type == "DynamicQuantizeLinear":
+        value = prev.input[0]
+        prev = producers.get(value)
+    if prev is not None and prev.op_type == "Mul" and prev.name.endswith("/ActMask"):
+        return prev.input[0], prev.input[1]
+    return value, None
+
+
+def decode_integer(node: onnx.NodeProto, arr) -> tuple[np.ndarray, np.ndarray]:
+    """(q ``[N, K]`` int8 as int32, scales ``[N]``) of an integer-kernel ``node``; ``arr(name)``: that
+    initializer as a numpy array."""
+    b, s = KERNEL_INPUTS[node.op_type]
+    q = arr(node.input[b]).astype(np.int32).T
+    scales = arr(node.input[s]).astype(np.float32).reshape(-1)
     if scales.size == 1:
         scales = np.full(q.shape[0], scales[0], np.float32)
-    cols = np.empty(0, np.int64)
-    if f"{layer}.{MASK}" in names:
-        cols = np.flatnonzero(arr(f"{layer}.{MASK}") == 0).astype(np.int64)
-    return q, scales, cols
+    return q, scales
 
 
 def dequantize_integer(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -180,12 +291,15 @@ def integer_layers(model: onnx.ModelProto) -> dict[str, IntegerLayer]:
     def arr(name: str) -> np.ndarray:
         return numpy_helper.to_array(inits[name])
 
+    producers = {o: n for n in model.graph.node for o in n.output}
     out = {}
     for layer in json.loads(meta.get(LAYERS_KEY, "[]")):
-        node = nodes.get(f"/{layer}/{OP}")
+        node = kernel_node(nodes, layer)
         if node is None:
             continue
-        q, scales, cols = decode_integer(layer, node, inits, arr)
+        q, scales = decode_integer(node, arr)
+        mask = float_input(node, producers)[1]
+        cols = np.empty(0, np.int64) if mask is None else np.flatnonzero(arr(mask) == 0).astype(np.int64)
         exact = np.zeros(q.shape, np.float32)
         entries = decode_correction(layer, inits, arr)
         if entries is not None:

@@ -30,8 +30,7 @@ from edgeq.onnx.corrections import decode_correction
 from edgeq.onnx.embeddings import read_embeddings
 from edgeq.onnx.fuse_qkv import FUSED_KEY
 from edgeq.onnx.graph import metadata
-from edgeq.onnx.integer import OP as INTEGER_OP
-from edgeq.onnx.integer import decode_integer, dequantize_integer
+from edgeq.onnx.integer import decode_integer, dequantize_integer, kernel_node
 from edgeq.onnx.rewrite import LAYERS_KEY
 from edgeq.onnx.storage import decode_weight
 
@@ -62,9 +61,9 @@ def iter_read_back(model: onnx.ModelProto) -> Iterator[tuple[str, np.ndarray]]:
         return w.astype(np.float32, copy=False)
 
     def decode(layer: str) -> np.ndarray:
-        integer = nodes.get(f"/{layer}/{INTEGER_OP}")
+        integer = kernel_node(nodes, layer)
         if integer is not None:  # --kernel integer: int8 qᵀ and per-channel scales (edgeq.onnx.integer)
-            q, scales, _ = decode_integer(layer, integer, inits, arr)
+            q, scales = decode_integer(integer, arr)
             return add_correction(layer, dequantize_integer(q, scales))
         node = nodes.get(f"/{layer}/MatMulNBits")
         if node is None:

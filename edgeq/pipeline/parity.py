@@ -32,6 +32,7 @@ import numpy as np
 from edgeq.errors import EdgeqError
 from edgeq.model.load import LoadedModel
 from edgeq.onnx.export import TOKEN_OUTPUTS
+from edgeq.onnx.integer import float_input, kernel_node
 
 # embedding models: the worst sentence's cosine to FP32.  Measured on all-MiniLM-L6-v2, int4 k=256 (the
 # default convert), STS-B dev's 3000 sentences: mean 0.959, min 0.847, while STS-B Spearman moves
@@ -103,11 +104,12 @@ def integer_reference(model, layers):
 
 
 def _layer_values(model, layer: str) -> tuple[str, str]:
-    """(input x, output y) value names of an integer-kernel Linear: the ActMask Mul's input (else
-    DynamicQuantizeMatMul's) and the output of the layer's last node (bias Add or correction)."""
+    """(input x, output y) value names of an integer-kernel Linear: the float input its kernel quantizes
+    (before the ActMask Mul and a group's shared DynamicQuantizeLinear) and the output of the layer's last
+    node (bias Add or correction)."""
     own = [n for n in model.graph.node if n.name.startswith(f"/{layer}/")]
-    first = next(n for n in own if n.name in (f"/{layer}/ActMask", f"/{layer}/DynamicQuantizeMatMul"))
-    return first.input[0], own[-1].output[0]
+    producers = {o: n for n in model.graph.node for o in n.output}
+    return float_input(kernel_node({n.name: n for n in own}, layer), producers)[0], own[-1].output[0]
 
 
 def integer_layer_parity(model, loaded: LoadedModel, layers, batches, threads: int = 0) -> dict[str, float]:

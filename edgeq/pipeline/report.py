@@ -33,6 +33,7 @@ def make_report(c, out: Path, large: bool, file_bytes: int, parity: ParityReport
         "fused_qkv": None if c.graph.fusion is None else {  # --fuse-qkv (edgeq.onnx.fuse_qkv)
             "fused": c.graph.fusion.fused, "corrections": c.graph.fusion.corrections,
             "refused": [{"layers": layers, "reason": r} for layers, r in c.graph.fusion.refused]},
+        "shared_input_quantization": shared_quantization(c.graph.rewrite.layers),  # --kernel integer
         "external_data": large,
         "export_max_abs_diff": c.export_diff,
         "recon_error_total": plan.total_recon_error,
@@ -45,6 +46,19 @@ def make_report(c, out: Path, large: bool, file_bytes: int, parity: ParityReport
         "timings_s": {**timer.stages, "total": round(time.perf_counter() - t_start, 3)},
         "memory": memory_report(timer),
     }
+
+
+def shared_quantization(layers: dict[str, dict]) -> dict | None:
+    """Integer-kernel files: {group: its parts} for Linears that quantize one input once, and the Linears that
+    read a shared input but keep their own quantization, with why (edgeq.onnx.integer.share_groups)."""
+    if not any("input_quantized_by" in info for info in layers.values()):
+        return None
+    groups: dict[str, list[str]] = {}
+    for name, info in layers.items():
+        if info["input_quantized_by"] != name:
+            groups.setdefault(info["input_quantized_by"], []).append(name)
+    return {"groups": groups,
+            "not_shared": {name: info["input_not_shared"] for name, info in layers.items() if "input_not_shared" in info}}
 
 
 def memory_report(timer: Timer) -> dict:

@@ -16,12 +16,15 @@ import torch
 from edgeq.config import ConvertConfig
 from edgeq.errors import EdgeqError
 from edgeq.model.calib import InputStats, accumulate
-from edgeq.onnx.integer import OP, check_integer, integer_layers
+from edgeq.onnx.integer import OP, SHARED_OP, check_integer, integer_layers
 from edgeq.onnx.readback import read_back
 from edgeq.pipeline.core import quantize_graph
 from edgeq.quant.int4 import Granularity, quantize_rtn
 from edgeq.quant.integer import dynamic_quantize, integer_linear, outlier_columns
 from edgeq.quant.plan import build_plan
+from tests.onnx.test_fuse_qkv import SIZES, qkv_graph
+from tests.onnx.test_fuse_qkv import K as QK
+from tests.onnx.test_fuse_qkv import run as run_named
 from tests.onnx.test_rewrite import N2, K, N, linear_graph, reference, run
 from tests.quant.test_int4 import snapped
 
@@ -204,3 +207,37 @@ def test_outlier_columns_ratio_and_ties():
     assert outlier_columns(a, 3, ratio=4.0).tolist() == [1, 4]  # median 2.1: 3.0 is not 4x it
     assert outlier_columns(a, 3, ratio=10.0).size == 0
     assert outlier_columns(a, 0).size == 0 and outlier_columns(a, 99).size == a.size
+
+
+def test_readers_of_one_input_share_one_activation_quantization():
+    """q, k, v reading one x: one ActMask and one DynamicQuantizeLinear feed three MatMulIntegerToFloat, each
+    computing what its own DynamicQuantizeMatMul would (numpy), decoded back exactly; parts whose columns
+    differ keep their own node, with the reason in the result."""
+    ws = {name: snapped(n, QK, QK, seed=i, qmax=63)[0] for i, (name, n) in enumerate(SIZES.items())}
+    rng = np.random.default_rng(9)
+    bs = {name: rng.normal(size=n).astype(np.float32) for name, n in SIZES.items()}
+    x = rng.normal(size=(2, 5, QK)).astype(np.float32)
+    j = 11
+    x[..., j] *= 40
+    stats = {name: _stats(x) for name in ws}
+    cfg = ConvertConfig(k=0, act_outliers=1, calib="planted", **INTEGER)
+    plan = build_plan(ws, cfg, stats)
+    qg = quantize_graph(qkv_graph(ws, bs), ws, cfg, plan)
+    onnx.checker.check_model(qg.model)
+    counts = ops(qg.model)
+    assert counts[SHARED_OP] == 3 and counts[OP] == 0 and counts["DynamicQuantizeLinear"] == 1 and counts["Mul"] == 1
+    group = "attn.query+key+value"
+    assert {info["input_quantized_by"] for info in qg.rewrite.layers.values()} == {group}
+    layers = integer_layers(qg.model)
+    outs = run_named(qg.model, x)
+    for name, w in ws.items():
+        assert layers[name].act_cols.tolist() == [j]
+        np.testing.assert_array_equal(read_back(qg.model)[name], w)
+        np.testing.assert_allclose(outs[f"{name}.y"], np_linear(x, w, bs[name], [j]), rtol=1e-5, atol=1e-5)
+    # a part whose columns differ keeps its own DynamicQuantizeMatMul (and says why)
+    other = {**stats, "attn.value": _stats(np.flip(x, -1).copy())}
+    plan = build_plan(ws, cfg, other)
+    qg = quantize_graph(qkv_graph(ws, bs), ws, cfg, plan)
+    counts = ops(qg.model)
+    assert counts[SHARED_OP] == 2 and counts[OP] == 1 and counts["DynamicQuantizeLinear"] == 1
+    assert "columns differ" in qg.rewrite.layers["attn.value"]["input_not_shared"]

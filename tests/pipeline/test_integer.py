@@ -11,7 +11,7 @@ from onnx import numpy_helper
 from edgeq.config import ConvertConfig
 from edgeq.model.load import load_model
 from edgeq.model.texts import encode_batches, validation_texts
-from edgeq.onnx.integer import MASK, OP, integer_layers
+from edgeq.onnx.integer import MASK, OP, SHARED_OP, integer_layers
 from edgeq.pipeline.convert import convert, validate_file
 from edgeq.pipeline.parity import integer_layer_parity
 
@@ -33,9 +33,14 @@ def test_convert_writes_a_validated_integer_file(converted):
     model = onnx.load(str(out))
     counts = Counter(n.op_type for n in model.graph.node)
     n_linear = report["linears_quantized"]
-    assert counts[OP] == n_linear == report["linears_total"] and counts["MatMulNBits"] == 0
+    assert counts[OP] + counts[SHARED_OP] == n_linear == report["linears_total"] and counts["MatMulNBits"] == 0
+    # q, k and v of each attention block quantize their one input once: one mask, one DynamicQuantizeLinear
+    blocks = {name.rsplit(".", 1)[0] for name in report["layers"] if name.endswith(".attention.self.query")}
+    assert counts[SHARED_OP] == 3 * len(blocks) and counts["DynamicQuantizeLinear"] == len(blocks) > 0
+    groups = report["shared_input_quantization"]["groups"]
+    assert groups == {f"{b}.query+key+value": [f"{b}.{p}" for p in ("query", "key", "value")] for b in blocks}
     masks = [t for t in model.graph.initializer if t.name.endswith(f".{MASK}")]
-    assert len(masks) == n_linear and all((numpy_helper.to_array(m) == 0).sum() == 2 for m in masks)
+    assert len(masks) == n_linear - 2 * len(blocks) and all((numpy_helper.to_array(m) == 0).sum() == 2 for m in masks)
     checks = {c["name"]: c for c in report["parity"]["checks"]}
     layer_check = checks["plan parity: every Linear on ORT inputs max|d|/max|ref|"]
     assert layer_check["ok"] and layer_check["limit"] == 1e-4
