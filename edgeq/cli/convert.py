@@ -147,7 +147,11 @@ def _print_summary(report: dict) -> None:
             f"k={cfg['k']} FP32 entries each")
     # k = 0 keeps no FP32 entry: no saliency method picked anything, so none is named
     picked = f"{cfg['method']}, " if cfg["k"] > 0 or b else ""
-    op = "DynamicQuantizeMatMul" if cfg.get("kernel") == "integer" else "MatMulNBits"
+    op = "MatMulNBits"
+    if cfg.get("kernel") == "integer":
+        groups = (report.get("shared_input_quantization") or {}).get("groups", {})
+        op = "the integer kernel" + (f" ({len(groups)} input(s) quantized once for "
+                                     f"{sum(len(p) for p in groups.values())} Linears)" if groups else "")
     click.echo(f"  Linears: {report['linears_quantized']} of {report['linears_total']} as {op}, "
                f"{each} ({picked}block {cfg['block_size']})")
     click.echo("  size: " + ", ".join(f"{c} {mib(s[c])}"
