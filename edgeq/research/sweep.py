@@ -1,23 +1,21 @@
 """Table I sweep: every cell of ``method × k × variant`` converted and scored on a GLUE dev set, in-process.
 
 Variants (:mod:`edgeq.research.cells`) are the other grid dimensions: quantizer, bits, 4-bit grid and
-granularity.  One model load, one FP32 export, one score per (method, Linear), reused for every k
-and every RTN variant: a layer's top-k selection is the first k entries of its stable descending
-score order, sorted (:func:`edgeq.quant.plan.selection_order`, the same sort as ``topk_flat``), so
+granularity.  One model load, one FP32 export, one score per (method, Linear, bits × grid × granularity)
+reused for every k: a layer's top-k selection is the first k entries of its stable descending score
+order, sorted (:func:`edgeq.quant.plan.selection_order`, the same sort as ``topk_flat``), so
 ``order[:k_max]`` is all that is kept.  An RTN cell is planned by ``build_plan(..., orders=)``; a
-calibrated quantizer's cell by :func:`edgeq.pipeline.core.plan_weights` (block by block, selecting
-on its own).  Every cell is then quantized by the in-memory core
-(:func:`edgeq.pipeline.core.quantize_graph`: a rewritten copy of the FP32 graph, count and
-read-back checked) and evaluated on ONNX Runtime.
+calibrated quantizer's cell by :func:`edgeq.pipeline.core.plan_weights` (block by block, selecting on
+its own).  Every cell is then quantized by the in-memory core (:func:`edgeq.pipeline.core.quantize_graph`:
+a rewritten copy of the FP32 graph, count and read-back checked) and evaluated on ONNX Runtime.
 
 Recorded per quantized cell, besides the task metrics and the agreement with FP32 predictions:
 
 * ``mean_abs_dlogit`` / ``max_abs_dlogit``: mean and max over all dev logits of |z_q − z_fp32|
   (z_fp32: the PyTorch FP32 model);
 * ``recon_error_total`` = Σ_layers ‖W − Ŵ‖²_F;
-* calibrated quantizers: ``quantize_seconds`` (wall), ``quantize_cpu_seconds`` (process time) and
-  the ``quantizer`` report of ``edgeq convert`` (hyper-parameters, calibration split, per-layer λ /
-  epochs);
+* calibrated quantizers: ``quantize_seconds`` (wall), ``quantize_cpu_seconds`` (process time) and the
+  ``quantizer`` report of ``edgeq convert`` (hyper-parameters, calibration split, per-layer λ / epochs);
 * ``plan_parity`` = max|z_onnx − z_ref| / max|z_ref| on the shortest and the longest batch, z_ref
   from PyTorch carrying the planned Ŵ (refused above ``PLAN_TOLERANCE``, as ``edgeq convert`` does).
 
@@ -25,11 +23,10 @@ The FP32 row is the exported FP32 graph on ONNX Runtime (its PyTorch correct cou
 beside it); ``int4-k0`` is k = 0 (no FP32 entries, method-independent).  Finished cells are stored
 at once and reused by a rerun (:func:`edgeq.research.cells.load_cells`).
 
-STS-B (an embedding model: a sentence-transformers folder, or a bare encoder with mean pooling as in
-``edgeq eval``) is scored on the ``sentence_embedding`` output, each sentence alone
-(:func:`edgeq.evaluation.evaluate.score_embeddings`): Spearman/Pearson of the pair cosines, and instead of
-agreement and |Δlogit| the ``mean_cosine`` / ``min_cosine`` over dev sentences of cos(e_q, e_fp32)
-(e_fp32: PyTorch FP32; the FP32 row records its own as ``pytorch_mean_cosine`` / ``pytorch_min_cosine``).
+STS-B (an embedding model: a sentence-transformers folder, or a bare encoder mean-pooled as by ``edgeq eval``)
+is scored on ``sentence_embedding``, each sentence alone (:func:`edgeq.evaluation.evaluate.score_embeddings`):
+Spearman/Pearson of the pair cosines and, instead of agreement and |Δlogit|, ``mean_cosine`` / ``min_cosine``
+over dev sentences of cos(e_q, e_fp32) (e_fp32: PyTorch; the FP32 row: ``pytorch_mean/min_cosine``).
 """
 
 from __future__ import annotations
@@ -106,8 +103,8 @@ class _Context:
         logger.info(f"loaded and exported FP32 in {time.perf_counter() - t0:.1f} s")
         self._calibration = None
         self._fp32_logits: np.ndarray | None = None
-        self._orders: dict[str, dict[str, np.ndarray]] = {}
-        self.score_seconds: dict[str, float] = {}
+        self._orders: dict[tuple, dict[str, np.ndarray]] = {}
+        self.score_seconds: dict[tuple, float] = {}
 
     def predictors(self):
         """(torch model → predict, ORT session → predict): logits, or STS sentence embeddings."""
@@ -176,20 +173,23 @@ class _Context:
                              calib=st.calib, calib_samples=st.calib_samples, percdamp=st.percdamp,
                              data_dir=str(self.data_dir) if self.data_dir else None)
 
-    def orders(self, method: str, k_max: int) -> dict[str, np.ndarray]:
-        """Per Linear: the first ``k_max`` flat indices in stable descending score order (kept for later cells)."""
+    def orders(self, method: str, k_max: int, variant: Variant | None = None) -> dict[str, np.ndarray]:
+        """Per Linear: the first ``k_max`` flat indices in stable descending score order (kept for later cells);
+        per grid (bits, grid, granularity), which a method such as ``error`` scores on."""
         from edgeq.quant.plan import selection_order
         from edgeq.saliency import get_method
 
-        kept = self._orders.get(method)
+        variant = variant or Variant(self.settings.block_size)
+        key = (method, variant.bits, variant.grid, variant.block_size)
+        kept = self._orders.get(key)
         if kept is not None and all(len(o) >= min(k_max, self.weights[n].size) for n, o in kept.items()):
             return kept
         t0 = time.perf_counter()
         stats = self.calibration().stats if get_method(method).needs_calibration else {}
-        config = self.config(method, k_max, Variant(self.settings.block_size))
+        config = self.config(method, k_max, variant)
         orders = {name: selection_order(name, w, config, stats.get(name), k_max) for name, w in self.weights.items()}
-        self._orders[method], self.score_seconds[method] = orders, round(time.perf_counter() - t0, 3)
-        logger.info(f"{method}: scored {len(orders)} Linears in {self.score_seconds[method]:.1f} s")
+        self._orders[key], self.score_seconds[key] = orders, round(time.perf_counter() - t0, 3)
+        logger.info(f"{method}: scored {len(orders)} Linears in {self.score_seconds[key]:.1f} s")
         return orders
 
     def quantized_cell(self, config, orders: dict[str, np.ndarray] | None) -> tuple[object, dict]:
@@ -331,8 +331,8 @@ def run_sweep(settings: SweepSettings, methods: Sequence[str], ks: Sequence[int]
         extra: dict = {"variant": variant.record()}
         orders = None
         if k and variant.quantizer == "rtn":
-            orders = ctx.orders(method, k_max[method])
-            extra["score_seconds"] = ctx.score_seconds[method]
+            orders = ctx.orders(method, k_max[method], variant)
+            extra["score_seconds"] = ctx.score_seconds[(method, variant.bits, variant.grid, variant.block_size)]
         t0 = time.perf_counter()
         if (method and get_method(method).needs_calibration) or variant.quantizer != "rtn":
             extra.update(calib=settings.calib_key())
