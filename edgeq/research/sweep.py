@@ -254,9 +254,9 @@ def _check_model(model: Path, sts: bool) -> None:
                                  for a in read_config(model).get("architectures") or [])
     if sts and head:
         raise EdgeqError(STS_NEEDS_EMBEDDINGS.format(model))
-    if not sts and embedding:
-        raise EdgeqError(f"{model} is a sentence-embedding model (no classification head); sweep it with "
-                         "--task STS-B (cosine similarity) or sweep a fine-tuned task model")
+    if not sts and not head:
+        raise EdgeqError(f"{model} is a {'sentence-embedding model' if embedding else 'bare encoder'} (no "
+                         "classification head); sweep it with --task STS-B (cosine) or sweep a fine-tuned task model")
 
 
 def run_sweep(settings: SweepSettings, methods: Sequence[str], ks: Sequence[int], out: Path,

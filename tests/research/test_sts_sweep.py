@@ -124,14 +124,16 @@ def test_sts_sweep_with_a_calibrated_quantizer(sts, tmp_path):
     assert "spearman" in c["metrics"] and c["min_cosine"] <= c["mean_cosine"]
 
 
-def test_refusals_write_nothing(sts, tiny_bert, tmp_path):
+def test_refusals_write_nothing(sts, tiny_bert, tiny_model, tmp_path):
     root, st, glue = sts
+    bare = tiny_model("BertModel", hidden=64, seed=2)
     rte = tmp_path / "glue" / "RTE"
     rte.mkdir(parents=True)
     (rte / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta b\tc d\tentailment\n")
     cases = [  # (model, task, data dir, expected message)
         (tiny_bert, "STS-B", glue, "classification/regression head"),  # a task model on STS-B
         (st, "RTE", tmp_path / "glue", "sentence-embedding model"),  # an embedding model on a GLUE task
+        (bare, "RTE", tmp_path / "glue", "bare encoder"),  # so is a bare encoder
     ]
     for model, task, data, msg in cases:
         out = tmp_path / f"out-{task}"
