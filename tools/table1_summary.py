@@ -30,7 +30,10 @@ def load(root: Path) -> dict[str, dict]:
         for f in (d / "cells").glob("*.json"):
             c = json.loads(f.read_text())
             cells[c["cell"]] = c
-        if "fp32" in cells:
+        if "fp32" in cells and "accuracy" not in cells["fp32"]["metrics"]:  # STS-B: Spearman, no accuracy
+            print(f"skipping {d.name}: a {cells['fp32']['settings']['task']} sweep (not accuracy); "
+                  f"its own table is {d / 'table1.md'}", file=sys.stderr)
+        elif "fp32" in cells:
             sweeps[d.name] = {"cells": cells, "settings": cells["fp32"]["settings"],
                               "command": (d / "COMMAND").read_text().strip() if (d / "COMMAND").is_file() else ""}
     return sweeps

@@ -41,8 +41,10 @@ def _choices(allowed):
 
 
 @click.command("sweep")
-@click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("--task", required=True, metavar="TASK", help="GLUE task (RTE, MRPC, SST-2, QNLI, CoLA, WNLI).")
+@click.argument("model_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--task", required=True, metavar="TASK",
+              help="GLUE task (RTE, MRPC, SST-2, QNLI, CoLA, WNLI) of a task model, or STS-B of an embedding model "
+                   "(cosine of sentence_embedding; default MODEL_DIR: the bundled all-MiniLM-L6-v2).")
 @click.option("--methods", default="svd,awq,spqr,magnitude,random", show_default=True,
               help="Comma-separated saliency methods.")
 @click.option("--k", "k_list", default="0,1,16,64,256,1024,4096", show_default=True,
@@ -78,7 +80,8 @@ def sweep_cmd(model_dir, task, methods, k_list, block_size, quantizers, bits_lis
     The grid is methods × k × quantizers × bits × grid × block size. Everything runs in one
     process: the model is loaded and exported once, each method scores each Linear once, and
     every k (and every rtn variant) reuses that score. Each cell records accuracy, agreement
-    with FP32, mean/max |Δlogit| vs FP32, reconstruction error and plan parity. Finished cells
+    with FP32, mean/max |Δlogit| vs FP32, reconstruction error and plan parity (STS-B: Spearman and
+    Pearson, and the mean/min cosine of the sentence embeddings to FP32's). Finished cells
     are stored in OUT/cells/ and not recomputed when the command is run again.
 
     \b
@@ -87,8 +90,10 @@ def sweep_cmd(model_dir, task, methods, k_list, block_size, quantizers, bits_lis
           --block-size 32 --threads 1 --out results/rte-b32
       edgeq sweep ../shared/models/minilm-l6-rte --task RTE --methods svd --k 0,256 \\
           --quantizers rtn,gptq --block-size 32,per-channel --calib rte --out results/rte-q
+      edgeq sweep --task STS-B --methods magnitude,svd --k 0,256 --out results/sts
     """
     from edgeq.evaluation.tasks import get_task
+    from edgeq.model.load import default_model_dir
     from edgeq.research.cells import variants
     from edgeq.research.sweep import SweepSettings, run_sweep
     from edgeq.research.table import write_outputs
@@ -98,6 +103,8 @@ def sweep_cmd(model_dir, task, methods, k_list, block_size, quantizers, bits_lis
     ks = _ints(k_list)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a directory")
+    name = Path(model_dir).resolve().name if model_dir is not None else "all-MiniLM-L6-v2"
+    model_dir = model_dir if model_dir is not None else default_model_dir()
     if not Path(model_dir).is_dir():
         raise UsageError(f"{model_dir} is not a model directory; the sweep converts a Hugging Face model directory")
     settings = SweepSettings(
@@ -109,7 +116,7 @@ def sweep_cmd(model_dir, task, methods, k_list, block_size, quantizers, bits_lis
     grid = variants(block_size, quantizers, [int(b) for b in bits_list], grids)
     run = run_sweep(settings, method_list, ks, out, data_dir, threads, quiet, grid)
     suffixes = [v.suffix(settings.block_size) for v in run.variants]
-    title = f"{spec.name} dev, {Path(model_dir).resolve().name}, block {settings.block_size}"
+    title = f"{spec.name} dev, {name}, block {settings.block_size}"
     meta = {"command": "edgeq " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "settings": settings.key(),
             "calib": settings.calib_key(), "methods": method_list, "k": ks}
     if suffixes != [""]:

@@ -194,7 +194,7 @@ def evaluate(task: TaskSpec, ex: Examples, predict: Callable[[dict], np.ndarray]
                       round(time.perf_counter() - t0, 3))
 
 
-def _pooling_for(model: Path, task: TaskSpec) -> str:
+def pooling_for(model: Path, task: TaskSpec) -> str:
     """STS-B on a bare Hugging Face encoder (no modules.json, no head): mean pooling; else none."""
     from edgeq.model.load import read_config
 
@@ -214,12 +214,20 @@ def evaluate_embeddings(task: TaskSpec, ex: Examples, predict, tokenizer, input_
                         batch_size: int, model_name: str, engine: str, quiet: bool, how: str) -> EvalResult:
     """STS: each sentence embedded alone, cosine of the pair vs the gold score (edgeq.evaluation.embedding)."""
     t0 = time.perf_counter()
-    texts = sentences(ex)
-    batches = encode_sorted(tokenizer, texts, input_names, max_length, batch_size)
-    emb = run_batches(predict, batches, len(texts), quiet, desc=f"{task.name} {engine}")
+    batches = encode_sorted(tokenizer, sentences(ex), input_names, max_length, batch_size)
+    result, _ = score_embeddings(task, ex, predict, batches, model_name, engine, quiet, how)
+    result.seconds = round(time.perf_counter() - t0, 3)
+    return result
+
+
+def score_embeddings(task: TaskSpec, ex: Examples, predict, batches, model_name: str, engine: str, quiet: bool,
+                     how: str) -> tuple[EvalResult, np.ndarray]:
+    """(STS result, embeddings [2n, d] in the order of ``sentences(ex)``) on already tokenised sentence ``batches``."""
+    t0 = time.perf_counter()
+    emb = run_batches(predict, batches, 2 * len(ex.texts), quiet, desc=f"{task.name} {engine}")
     values, preds = score_sts(task, ex, emb)
     return EvalResult(task.name, model_name, engine, len(ex.texts), values, None, preds, ex.source,
-                      round(time.perf_counter() - t0, 3), {"embedding": how})
+                      round(time.perf_counter() - t0, 3), {"embedding": how}), emb
 
 
 def evaluate_path(model: Path, task: TaskSpec, ex: Examples, threads: int = 1, tokenizer_dir: Path | None = None,
@@ -235,7 +243,7 @@ def evaluate_path(model: Path, task: TaskSpec, ex: Examples, threads: int = 1, t
 
         if threads:
             torch.set_num_threads(threads)
-        loaded = load_model(model, allow_pickle, _pooling_for(model, task))
+        loaded = load_model(model, allow_pickle, pooling_for(model, task))
         tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else loaded.tokenizer
         if loaded.sentence is not None:
             _check_sts(task, model)

@@ -14,13 +14,15 @@ today's ids (``fp32``, ``int4-k0``, ``svd-k256``), so older result directories s
 Every finished cell is one JSON file ``OUT/cells/<id>.json`` with the settings that make cells
 comparable (``SweepSettings.key``); a rerun loads those instead of recomputing them and refuses a
 directory whose cells were made with other settings.  Statistics: binomial standard errors
-``sqrt(p(1−p)/n)`` of the accuracy and of the agreement with FP32.
+``sqrt(p(1−p)/n)`` of the accuracy and of the agreement with FP32.  An STS-B cell (an embedding
+model, :func:`make_sts_cell`) records Spearman/Pearson and cosines to FP32 instead of labels.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
@@ -32,6 +34,7 @@ from edgeq.config import ConvertConfig
 from edgeq.errors import UsageError
 from edgeq.evaluation import metrics
 
+logger = logging.getLogger(__name__)
 FP32, INT4 = "fp32", "int4-k0"
 CALIB_FIELDS = ("calib", "calib_samples", "percdamp")
 # a cell id names only the dimensions that differ from the convert defaults (ConvertConfig, one source)
@@ -95,6 +98,27 @@ def variants(block_sizes: Sequence[str], quantizers: Sequence[str] = (DEFAULT_QU
     return [Variant(b, q, n, g) for b, q, n, g in itertools.product(block_sizes, quantizers, bits, grids)]
 
 
+def usable_variants(settings: SweepSettings, grid: Sequence[Variant]) -> list[Variant]:
+    """``grid`` without the combinations the config refuses (e.g. sarqc-gs or lsi at 8 bits or on another grid)
+    and the duplicates: any grid but sym7 at 8 bits (Q8-sym-127), sym8 at 2/3 bits (every symmetric grid there is
+    the signed-max one, the same cells as sym7)."""
+    out = []
+    for v in grid:
+        if (v.bits == 8 and v.grid != "sym7") or (v.bits in (2, 3) and v.grid == "sym8"):
+            logger.warning(f"skipping grid {v.grid} at {v.bits} bits: the same cells as sym7")
+            continue
+        try:
+            ConvertConfig(block_size=v.block_size, bits=v.bits, grid=v.grid, quantizer=v.quantizer,
+                          calib=settings.calib, calib_samples=settings.calib_samples)
+        except ValueError as e:
+            if v.quantizer != "rtn" and (v.bits != 4 or v.grid != "sym7"):
+                logger.warning(f"skipping {v.quantizer} at {v.bits} bits, grid {v.grid}: {e}")
+                continue
+            raise UsageError(str(e).replace("--quantizer ", "--quantizers ")) from None
+        out.append(v)
+    return out
+
+
 def cell_id(method: str | None, k: int, suffix: str = "") -> str:
     return (INT4 if k == 0 else f"{method}-k{k}") + suffix
 
@@ -154,3 +178,10 @@ def make_cell(cell: str, method: str | None, k: int, result, labels, fp32_codes:
         c["agreement"] = agree
         c["agreement_se"] = metrics.binomial_se(agree, n)
     return c
+
+
+def make_sts_cell(cell: str, method: str | None, k: int, result, extra: dict) -> dict:
+    """The stored record of one STS-B cell: Spearman and Pearson (fractions, as ``edgeq eval --json`` gives them;
+    the tables print ×100) and the predicted similarity of each pair (cosine, file order, 6 decimals)."""
+    return {"cell": cell, "method": method, "k": k, "examples": result.examples, "metrics": result.metrics,
+            "predictions": [round(x, 6) for x in result.predictions], "eval_seconds": result.seconds, **extra}

@@ -1,29 +1,32 @@
 """Table I sweep: every cell of ``method × k × variant`` converted and scored on a GLUE dev set, in-process.
 
 Variants (:mod:`edgeq.research.cells`) are the other grid dimensions: quantizer, bits, 4-bit grid and
-granularity.  One model load, one FP32 export, one score per (method, Linear), reused for every k
-and every RTN variant: a layer's top-k selection is the first k entries of its stable descending
-score order, sorted (:func:`edgeq.quant.plan.selection_order`, the same sort as ``topk_flat``), so
+granularity.  One model load, one FP32 export, one score per (method, Linear, bits × grid × granularity)
+reused for every k: a layer's top-k selection is the first k entries of its stable descending score
+order, sorted (:func:`edgeq.quant.plan.selection_order`, the same sort as ``topk_flat``), so
 ``order[:k_max]`` is all that is kept.  An RTN cell is planned by ``build_plan(..., orders=)``; a
-calibrated quantizer's cell by :func:`edgeq.pipeline.core.plan_weights` (block by block, selecting
-on its own).  Every cell is then quantized by the in-memory core
-(:func:`edgeq.pipeline.core.quantize_graph`: a rewritten copy of the FP32 graph, count and
-read-back checked) and evaluated on ONNX Runtime.
+calibrated quantizer's cell by :func:`edgeq.pipeline.core.plan_weights` (block by block, selecting on
+its own).  Every cell is then quantized by the in-memory core (:func:`edgeq.pipeline.core.quantize_graph`:
+a rewritten copy of the FP32 graph, count and read-back checked) and evaluated on ONNX Runtime.
 
 Recorded per quantized cell, besides the task metrics and the agreement with FP32 predictions:
 
 * ``mean_abs_dlogit`` / ``max_abs_dlogit``: mean and max over all dev logits of |z_q − z_fp32|
   (z_fp32: the PyTorch FP32 model);
 * ``recon_error_total`` = Σ_layers ‖W − Ŵ‖²_F;
-* calibrated quantizers: ``quantize_seconds`` (wall), ``quantize_cpu_seconds`` (process time) and
-  the ``quantizer`` report of ``edgeq convert`` (hyper-parameters, calibration split, per-layer λ /
-  epochs);
+* calibrated quantizers: ``quantize_seconds`` (wall), ``quantize_cpu_seconds`` (process time) and the
+  ``quantizer`` report of ``edgeq convert`` (hyper-parameters, calibration split, per-layer λ / epochs);
 * ``plan_parity`` = max|z_onnx − z_ref| / max|z_ref| on the shortest and the longest batch, z_ref
   from PyTorch carrying the planned Ŵ (refused above ``PLAN_TOLERANCE``, as ``edgeq convert`` does).
 
 The FP32 row is the exported FP32 graph on ONNX Runtime (its PyTorch correct count is recorded
 beside it); ``int4-k0`` is k = 0 (no FP32 entries, method-independent).  Finished cells are stored
 at once and reused by a rerun (:func:`edgeq.research.cells.load_cells`).
+
+STS-B (an embedding model: a sentence-transformers folder, or a bare encoder mean-pooled as by ``edgeq eval``)
+is scored on ``sentence_embedding``, each sentence alone (:func:`edgeq.evaluation.evaluate.score_embeddings`):
+Spearman/Pearson of the pair cosines and, instead of agreement and |Δlogit|, ``mean_cosine`` / ``min_cosine``
+over dev sentences of cos(e_q, e_fp32) (e_fp32: PyTorch; the FP32 row: ``pytorch_mean/min_cosine``).
 """
 
 from __future__ import annotations
@@ -46,11 +49,16 @@ from edgeq.research.cells import (  # noqa: F401  (FP32, INT4, cell_ids, load_ce
     cell_ids,
     load_cells,
     make_cell,
+    make_sts_cell,
+    usable_variants,
     write_json,
 )
 
 logger = logging.getLogger(__name__)
 CALIB_NEEDED = "the awq/spqr methods need calibration data; pass --calib TASK_OR_FILE (e.g. --calib rte)"
+STS_NEEDS_EMBEDDINGS = ("{} has a classification/regression head (logits); the STS-B sweep scores the cosine of "
+                        "sentence embeddings: pass a sentence-transformers folder or a bare encoder, or sweep this "
+                        "model with --task set to the GLUE task it was fine-tuned for")
 
 
 @dataclass
@@ -67,7 +75,8 @@ class _Context:
     def __init__(self, settings: SweepSettings, data_dir, threads: int, quiet: bool):
         import torch
 
-        from edgeq.evaluation.evaluate import encode_sorted
+        from edgeq.evaluation.embedding import is_sts, sentences
+        from edgeq.evaluation.evaluate import encode_sorted, pooling_for
         from edgeq.evaluation.tasks import dev_file, get_task, label_ids, read_examples
         from edgeq.model.load import load_model
         from edgeq.onnx.export import export_fp32
@@ -76,13 +85,17 @@ class _Context:
             torch.set_num_threads(threads)
         self.settings, self.data_dir, self.threads, self.quiet = settings, data_dir, threads, quiet
         self.task = get_task(settings.task)
+        self.sts = is_sts(self.task)  # scored on sentence embeddings (each sentence alone), not on logits
         self.examples = read_examples(self.task, dev_file(self.task, data_dir), settings.limit)
-        self.loaded = load_model(Path(settings.model_dir))
-        if self.loaded.head != "sequence-classification":
+        self.loaded = load_model(Path(settings.model_dir), pooling=pooling_for(Path(settings.model_dir), self.task))
+        if self.sts and self.loaded.sentence is None:
+            raise EdgeqError(STS_NEEDS_EMBEDDINGS.format(settings.model_dir))
+        if not self.sts and self.loaded.head != "sequence-classification":
             raise EdgeqError(f"{settings.model_dir} has no classification head; sweep a fine-tuned task model")
-        label_ids(self.task, self.loaded.id2label, len(self.loaded.id2label or {}))  # refuse mismatched labels early
-        self.batches = encode_sorted(self.loaded.tokenizer, self.examples.texts, self.loaded.input_names,
-                                     settings.max_length)
+        if not self.sts:
+            label_ids(self.task, self.loaded.id2label, len(self.loaded.id2label or {}))  # refuse mismatched labels
+        self.batches = encode_sorted(self.loaded.tokenizer, sentences(self.examples) if self.sts else
+                                     self.examples.texts, self.loaded.input_names, settings.max_length)
         self.weights = self.loaded.linear_weights()
         t0 = time.perf_counter()
         self.fp32 = export_fp32(self.loaded)
@@ -90,17 +103,34 @@ class _Context:
         logger.info(f"loaded and exported FP32 in {time.perf_counter() - t0:.1f} s")
         self._calibration = None
         self._fp32_logits: np.ndarray | None = None
-        self._orders: dict[str, dict[str, np.ndarray]] = {}
-        self.score_seconds: dict[str, float] = {}
+        self._orders: dict[tuple, dict[str, np.ndarray]] = {}
+        self.score_seconds: dict[tuple, float] = {}
+
+    def predictors(self):
+        """(torch model → predict, ORT session → predict): logits, or STS sentence embeddings."""
+        from edgeq.evaluation.embedding import onnx_embedder, torch_embedder
+        from edgeq.evaluation.evaluate import onnx_predictor, torch_predictor
+
+        if self.sts:
+            return torch_embedder, lambda session: onnx_embedder(session)[0]
+        return torch_predictor, lambda session: onnx_predictor(session)[0]
 
     def evaluate(self, model_bytes, engine="onnxruntime", predict=None):
-        """(EvalResult, logits [n, C] in file order) of ONNX bytes, or of a PyTorch model's ``predict``."""
-        from edgeq.evaluation.evaluate import evaluate, onnx_predictor, torch_predictor
+        """(EvalResult, outputs in file order: logits [n, C], or STS sentence embeddings [2n, d]) of ONNX bytes,
+        or of a PyTorch model's ``predict``."""
+        from edgeq.evaluation.evaluate import evaluate, score_embeddings
         from edgeq.onnx.session import make_session
 
         if predict is None:
-            predict = torch_predictor(self.loaded.model) if engine == "pytorch" else \
-                onnx_predictor(make_session(model_bytes, self.threads))[0]
+            torch_predict, onnx_predict = self.predictors()
+            predict = torch_predict(self.loaded.model) if engine == "pytorch" else \
+                onnx_predict(make_session(model_bytes, self.threads))
+        if self.sts:
+            res, emb = score_embeddings(self.task, self.examples, predict, self.batches, str(self.settings.model_dir),
+                                        engine, self.quiet, "sentence_embedding")
+            if engine == "pytorch":
+                self._fp32_logits = emb
+            return res, emb
         outs = []
 
         def recorded(feed):  # evaluate() keeps only the predictions; the logits are kept here
@@ -143,20 +173,23 @@ class _Context:
                              calib=st.calib, calib_samples=st.calib_samples, percdamp=st.percdamp,
                              data_dir=str(self.data_dir) if self.data_dir else None)
 
-    def orders(self, method: str, k_max: int) -> dict[str, np.ndarray]:
-        """Per Linear: the first ``k_max`` flat indices in stable descending score order (kept for later cells)."""
+    def orders(self, method: str, k_max: int, variant: Variant | None = None) -> dict[str, np.ndarray]:
+        """Per Linear: the first ``k_max`` flat indices in stable descending score order (kept for later cells);
+        per grid (bits, grid, granularity), which a method such as ``error`` scores on."""
         from edgeq.quant.plan import selection_order
         from edgeq.saliency import get_method
 
-        kept = self._orders.get(method)
+        variant = variant or Variant(self.settings.block_size)
+        key = (method, variant.bits, variant.grid, variant.block_size)
+        kept = self._orders.get(key)
         if kept is not None and all(len(o) >= min(k_max, self.weights[n].size) for n, o in kept.items()):
             return kept
         t0 = time.perf_counter()
         stats = self.calibration().stats if get_method(method).needs_calibration else {}
-        config = self.config(method, k_max, Variant(self.settings.block_size))
+        config = self.config(method, k_max, variant)
         orders = {name: selection_order(name, w, config, stats.get(name), k_max) for name, w in self.weights.items()}
-        self._orders[method], self.score_seconds[method] = orders, round(time.perf_counter() - t0, 3)
-        logger.info(f"{method}: scored {len(orders)} Linears in {self.score_seconds[method]:.1f} s")
+        self._orders[key], self.score_seconds[key] = orders, round(time.perf_counter() - t0, 3)
+        logger.info(f"{method}: scored {len(orders)} Linears in {self.score_seconds[key]:.1f} s")
         return orders
 
     def quantized_cell(self, config, orders: dict[str, np.ndarray] | None) -> tuple[object, dict]:
@@ -178,19 +211,30 @@ class _Context:
                     recon_error_total=plan.total_recon_error)
         return qg, info
 
+    def figures_of(self, outs: np.ndarray) -> dict:
+        """|Δlogit| (mean, max) against FP32 PyTorch; STS: each sentence embedding's cosine to FP32's (mean, min)."""
+        from edgeq.pipeline.parity import fidelity
+
+        if not self.sts:
+            d = np.abs(outs - self.fp32_logits())
+            return {"mean_abs_dlogit": float(d.mean()), "max_abs_dlogit": float(d.max())}
+        fid = fidelity({"sentence_embedding": outs}, {"sentence_embedding": self.fp32_logits()})
+        return {"mean_cosine": fid["mean_cosine"], "min_cosine": fid["min_cosine"]}
+
     def figures(self, qg, logits: np.ndarray) -> dict:
-        """|Δlogit| against FP32 PyTorch on every example, and plan parity on two batches."""
-        from edgeq.evaluation.evaluate import onnx_predictor, torch_predictor
+        """|Δlogit| against FP32 PyTorch on every example (STS: the cosine of each sentence's embedding to
+        FP32 PyTorch's), and plan parity on two batches."""
         from edgeq.onnx.rewrite import exact_arithmetic_copy
         from edgeq.onnx.session import make_session
         from edgeq.pipeline.convert import PLAN_TOLERANCE
         from edgeq.pipeline.parity import reference_model
 
-        d = np.abs(logits - self.fp32_logits())
+        out = self.figures_of(logits)
         pick = [self.batches[i] for i in sorted({0, len(self.batches) - 1})] if self.batches else []
-        ref_predict = torch_predictor(reference_model(self.loaded, dict(qg.planned)))
+        torch_predict, onnx_predict = self.predictors()
+        ref_predict = torch_predict(reference_model(self.loaded, dict(qg.planned)))
         exact = exact_arithmetic_copy(qg.model)  # accuracy_level ≠ 0: parity of the weights at level 0
-        run = onnx_predictor(make_session(exact.SerializeToString(), self.threads))[0] if exact is not None else None
+        run = onnx_predict(make_session(exact.SerializeToString(), self.threads)) if exact is not None else None
         got = [run(feed) if run else logits[idx] for idx, feed in pick]
         ref = [ref_predict(feed) for _, feed in pick]
         parity = float(max((np.max(np.abs(g.reshape(r.shape) - r)) for g, r in zip(got, ref)), default=0.0)
@@ -198,30 +242,21 @@ class _Context:
         if parity > PLAN_TOLERANCE:
             raise EdgeqError(f"plan parity {parity:.3g} > {PLAN_TOLERANCE:g}: ONNX Runtime does not compute the plan; "
                              "please report this")
-        return {"mean_abs_dlogit": float(d.mean()), "max_abs_dlogit": float(d.max()), "plan_parity": parity}
+        return {**out, "plan_parity": parity}
 
 
-def usable_variants(settings: SweepSettings, grid: Sequence[Variant]) -> list[Variant]:
-    """``grid`` without the combinations the config refuses (e.g. sarqc-gs or lsi at 8 bits or on another grid)
-    and the duplicates: any grid but sym7 at 8 bits (Q8-sym-127), sym8 at 2/3 bits (every symmetric grid there is
-    the signed-max one, the same cells as sym7)."""
-    from edgeq.config import ConvertConfig
+def _check_model(model: Path, sts: bool) -> None:
+    """Refuse, before anything is written, a model the task cannot score (sentence embeddings vs logits)."""
+    from edgeq.model.load import read_config
 
-    out = []
-    for v in grid:
-        if (v.bits == 8 and v.grid != "sym7") or (v.bits in (2, 3) and v.grid == "sym8"):
-            logger.warning(f"skipping grid {v.grid} at {v.bits} bits: the same cells as sym7")
-            continue
-        try:
-            ConvertConfig(block_size=v.block_size, bits=v.bits, grid=v.grid, quantizer=v.quantizer,
-                          calib=settings.calib, calib_samples=settings.calib_samples)
-        except ValueError as e:
-            if v.quantizer != "rtn" and (v.bits != 4 or v.grid != "sym7"):
-                logger.warning(f"skipping {v.quantizer} at {v.bits} bits, grid {v.grid}: {e}")
-                continue
-            raise UsageError(str(e).replace("--quantizer ", "--quantizers ")) from None
-        out.append(v)
-    return out
+    embedding = (model / "modules.json").is_file()
+    head = not embedding and any(a.endswith("ForSequenceClassification")
+                                 for a in read_config(model).get("architectures") or [])
+    if sts and head:
+        raise EdgeqError(STS_NEEDS_EMBEDDINGS.format(model))
+    if not sts and not head:
+        raise EdgeqError(f"{model} is a {'sentence-embedding model' if embedding else 'bare encoder'} (no "
+                         "classification head); sweep it with --task STS-B (cosine) or sweep a fine-tuned task model")
 
 
 def run_sweep(settings: SweepSettings, methods: Sequence[str], ks: Sequence[int], out: Path,
@@ -231,6 +266,7 @@ def run_sweep(settings: SweepSettings, methods: Sequence[str], ks: Sequence[int]
 
     ``grid`` defaults to the one variant of the settings (RTN, 4 bits, sym7, ``settings.block_size``).
     """
+    from edgeq.evaluation.embedding import is_sts
     from edgeq.evaluation.tasks import get_task
     from edgeq.saliency import get_method
 
@@ -243,9 +279,11 @@ def run_sweep(settings: SweepSettings, methods: Sequence[str], ks: Sequence[int]
         raise UsageError(CALIB_NEEDED)
     if any(k < 0 for k in ks):
         raise UsageError("--k values must be >= 0")
-    labels = get_task(settings.task).labels
-    if not labels:
-        raise UsageError(f"{settings.task} is a regression task; the sweep scores classification tasks")
+    task = get_task(settings.task)
+    labels, sts = task.labels, is_sts(task)
+    if not labels and not sts:
+        raise UsageError(f"{settings.task} is a regression task; the sweep scores classification tasks and STS-B")
+    _check_model(Path(settings.model_dir), sts)
     grid = usable_variants(settings, grid or [Variant(settings.block_size)])
     suffixes = [v.suffix(settings.block_size) for v in grid]
     wanted = cell_ids(methods, ks, suffixes)
@@ -263,17 +301,23 @@ def run_sweep(settings: SweepSettings, methods: Sequence[str], ks: Sequence[int]
         write_json(out / "cells" / f"{cell['cell']}.json", cell)
         cells[cell["cell"]] = cell
         computed.append(cell["cell"])
-        acc = cell["metrics"].get("accuracy")
+        m, acc = cell["metrics"], cell["metrics"].get("accuracy")
         logger.info(f"{cell['cell']:<16} " + (f"accuracy {100 * acc:6.2f} ({cell['correct']}/{cell['examples']})"
-                                              if acc is not None else str(cell["metrics"]))
-                    + (f", agreement {100 * cell['agreement']:.2f}" if "agreement" in cell else ""))
+                                              if acc is not None else ", ".join(f"{n} {100 * v:6.2f}" for n, v in
+                                                                                 m.items()) if sts else str(m))
+                    + (f", agreement {100 * cell['agreement']:.2f}" if "agreement" in cell else "")
+                    + (f", min cosine {cell['min_cosine']:.5f}" if "min_cosine" in cell else ""))
 
     if FP32 not in cells:
-        res, _ = ctx.evaluate(ctx.fp32.SerializeToString())
+        res, out32 = ctx.evaluate(ctx.fp32.SerializeToString())
         torch_res, _ = ctx.evaluate(None, engine="pytorch")
-        store(make_cell(FP32, None, 0, res, labels, None, {
-            **base, "pytorch_correct": torch_res.correct, "pytorch_metrics": torch_res.metrics,
-            "pytorch_same_predictions": torch_res.predictions == res.predictions}))
+        if sts:  # the FP32 export's sentence embeddings against PyTorch's
+            figs = {f"pytorch_{n}": v for n, v in ctx.figures_of(out32).items()}
+            store(make_sts_cell(FP32, None, 0, res, {**base, "pytorch_metrics": torch_res.metrics, **figs}))
+        else:
+            store(make_cell(FP32, None, 0, res, labels, None, {
+                **base, "pytorch_correct": torch_res.correct, "pytorch_metrics": torch_res.metrics,
+                "pytorch_same_predictions": torch_res.predictions == res.predictions}))
     fp32_codes = cells[FP32]["predictions"]
 
     todo = []  # (method, k, variant, suffix) of every missing cell, variant by variant
@@ -287,8 +331,8 @@ def run_sweep(settings: SweepSettings, methods: Sequence[str], ks: Sequence[int]
         extra: dict = {"variant": variant.record()}
         orders = None
         if k and variant.quantizer == "rtn":
-            orders = ctx.orders(method, k_max[method])
-            extra["score_seconds"] = ctx.score_seconds[method]
+            orders = ctx.orders(method, k_max[method], variant)
+            extra["score_seconds"] = ctx.score_seconds[(method, variant.bits, variant.grid, variant.block_size)]
         t0 = time.perf_counter()
         if (method and get_method(method).needs_calibration) or variant.quantizer != "rtn":
             extra.update(calib=settings.calib_key())
@@ -297,7 +341,9 @@ def run_sweep(settings: SweepSettings, methods: Sequence[str], ks: Sequence[int]
         qg, info = ctx.quantized_cell(config, orders)
         res, logits = ctx.evaluate(qg.model.SerializeToString())
         info.update(ctx.figures(qg, logits), cell_seconds=round(time.perf_counter() - t0, 3))
-        store(make_cell(cell_id(method, k, suffix), method, k, res, labels, fp32_codes, {**base, **extra, **info}))
+        cid = cell_id(method, k, suffix)
+        store(make_sts_cell(cid, method, k, res, {**base, **extra, **info}) if sts else
+              make_cell(cid, method, k, res, labels, fp32_codes, {**base, **extra, **info}))
 
     for method, k, variant, suffix in todo:
         compute(method, k, variant, suffix)

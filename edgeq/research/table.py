@@ -7,6 +7,10 @@ with its own standard error, and (cells that record them) mean and max |Δlogit|
 Figure 1 plots the headline metric against k (log x) with ±1 s.e. bars, one line per method and
 variant, and beside it the agreement with FP32 (a more sensitive view: it counts flips in both
 directions); FP32 and int4 are horizontal lines.
+
+STS-B sweeps (embedding models) give Spearman and Pearson ×100 instead of accuracy, and the mean / min
+cosine of each dev sentence's embedding to FP32's instead of agreement and |Δlogit|; the figure plots
+Spearman and the mean cosine against k.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 from edgeq.research.cells import FP32, cell_id
 
 FIGURES = ("mean_abs_dlogit", "max_abs_dlogit", "recon_error_total")  # in the rows of cells that record them
+STS_FIGURES = ("mean_cosine", "min_cosine", "recon_error_total")
 
 
 def rows(cells: dict[str, dict], methods: Sequence[str], ks: Sequence[int], suffixes: Sequence[str] = ("",)
@@ -34,6 +39,9 @@ def rows(cells: dict[str, dict], methods: Sequence[str], ks: Sequence[int], suff
         c = cells.get(cid)
         if c is None:
             continue
+        if "correct" not in c:  # an STS-B cell
+            out.append(_sts_row(c, label, k))
+            continue
         row = {"row": label, "k": k, "examples": c["examples"], "correct": c.get("correct")}
         for name, v in c["metrics"].items():
             row[name] = v
@@ -46,6 +54,31 @@ def rows(cells: dict[str, dict], methods: Sequence[str], ks: Sequence[int], suff
             row.update({f: c.get(f) for f in FIGURES})
         out.append(row)
     return out
+
+
+def _sts_row(c: dict, label: str, k: int | None) -> dict:
+    row = {"row": label, "k": k, "examples": c["examples"], **c["metrics"]}
+    if "pytorch_metrics" in c:  # FP32: PyTorch's figures, and the export's cosines to PyTorch's embeddings
+        row.update({f"pytorch_{m}": v for m, v in c["pytorch_metrics"].items()})
+        row.update(mean_cosine=c.get("pytorch_mean_cosine"), min_cosine=c.get("pytorch_min_cosine"))
+    else:
+        row.update({f: c.get(f) for f in STS_FIGURES})
+    return row
+
+
+def sts_markdown(rs: list[dict], title: str) -> str:
+    head = ["row", "k", "Spearman", "Pearson", "mean cos vs FP32", "min cos vs FP32", "Σ‖W−Ŵ‖²"]
+    lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rs:
+        vals = [r["row"], "" if r["k"] is None else str(r["k"]), _pct(r.get("spearman")), _pct(r.get("pearson"))]
+        vals += [f"{r[f]:.5f}" if r.get(f) is not None else "" for f in ("mean_cosine", "min_cosine")]
+        vals.append(f"{r['recon_error_total']:.1f}" if r.get("recon_error_total") is not None else "")
+        lines.append("| " + " | ".join(vals) + " |")
+    fp32 = next((r for r in rs if "pytorch_spearman" in r), None)
+    if fp32 is not None:
+        lines += ["", f"FP32 PyTorch: Spearman {_pct(fp32['pytorch_spearman'])}, Pearson "
+                      f"{_pct(fp32.get('pytorch_pearson'))}; the FP32 row's cosines are ONNX Runtime vs PyTorch."]
+    return "\n".join(lines) + "\n"
 
 
 def _pct(v) -> str:
@@ -113,16 +146,20 @@ def figure(cells: dict[str, dict], methods: Sequence[str], ks: Sequence[int], me
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"svd": "tab:blue", "awq": "tab:green", "spqr": "tab:red", "magnitude": "tab:orange", "random": "tab:gray"}
+    sts = metric == "spearman"
+    colors = {"svd": "tab:blue", "awq": "tab:green", "spqr": "tab:red", "magnitude": "tab:orange", "random": "tab:gray",
+              "error": "tab:purple", "error-act": "tab:brown"}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=110)
     pos = [k for k in ks if k > 0]
-    panels = ((metric, "accuracy_se" if metric == "accuracy" else None, f"{metric} (%)"),
-              ("agreement", "agreement_se", "agreement with FP32 predictions (%)"))
+    panels = ((metric, "accuracy_se" if metric == "accuracy" else None, "Spearman ×100" if sts else f"{metric} (%)",
+               100),
+              ("agreement", "agreement_se", "agreement with FP32 predictions (%)", 100) if not sts else
+              ("mean_cosine", None, "mean cosine to FP32 sentence embeddings", 1))
     lines = [(m, s) for s in suffixes for m in methods]
     styles = ["-", "--", "-.", ":"]
-    for ax, (key, se_key, ylabel) in zip(axes, panels):
+    for ax, (key, se_key, ylabel, scale) in zip(axes, panels):
         def value(c, key=key):
-            return c["metrics"][key] if key != "agreement" else c.get("agreement")
+            return c["metrics"][key] if key in c["metrics"] else c.get(key)
 
         for i, (m, s) in enumerate(lines):
             pts = [(k, cells[cell_id(m, k, s)]) for k in pos if cell_id(m, k, s) in cells]
@@ -130,8 +167,8 @@ def figure(cells: dict[str, dict], methods: Sequence[str], ks: Sequence[int], me
                 continue
             jitter = 1.07 ** (i - (len(lines) - 1) / 2)  # overlapping lines stay visible
             x = [k * jitter for k, _ in pts]
-            y = [100 * value(c) for _, c in pts]
-            err = [100 * (c.get(se_key) or 0) if se_key else 0 for _, c in pts]
+            y = [scale * value(c) for _, c in pts]
+            err = [scale * (c.get(se_key) or 0) if se_key else 0 for _, c in pts]
             ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=2, lw=1.4, elinewidth=0.7, label=m + s,
                         color=colors.get(m), ls=styles[suffixes.index(s) % len(styles)])
         refs = [(FP32, "FP32", "--", 1.0)] + [(cell_id(None, 0, s), f"int4{s} (k=0)", ":",
@@ -139,13 +176,13 @@ def figure(cells: dict[str, dict], methods: Sequence[str], ks: Sequence[int], me
                                              for i, s in enumerate(suffixes)]
         for cid, name, style, alpha in refs:
             if cid in cells and value(cells[cid]) is not None:
-                ax.axhline(100 * value(cells[cid]), color="black", ls=style, lw=1, label=name, alpha=alpha)
+                ax.axhline(scale * value(cells[cid]), color="black", ls=style, lw=1, label=name, alpha=alpha)
         ax.set_xscale("log")
         ax.set_xlabel("k (FP32 entries kept per Linear)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="major", alpha=0.3)
     axes[0].legend(fontsize=8, ncol=2)
-    fig.suptitle(title + "  (bars: ±1 binomial s.e.)", fontsize=10)
+    fig.suptitle(title + ("" if sts else "  (bars: ±1 binomial s.e.)"), fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -154,13 +191,18 @@ def figure(cells: dict[str, dict], methods: Sequence[str], ks: Sequence[int], me
 def write_outputs(out: Path, cells: dict[str, dict], methods: Sequence[str], ks: Sequence[int], task, title: str,
                   meta: dict, suffixes: Sequence[str] = ("",)) -> dict[str, Path]:
     """Write table1.md/.csv/.json and figure1.png into ``out``; returns their paths."""
+    from edgeq.evaluation.embedding import is_sts
+
     rs = rows(cells, methods, ks, suffixes)
-    metric = task.metrics[0]
+    sts = is_sts(task)
+    metric = "spearman" if sts else task.metrics[0]  # MTEB's STS headline
     paths = {"md": out / "table1.md", "csv": out / "table1.csv", "json": out / "table1.json",
              "png": out / "figure1.png"}
-    md = markdown(rs, task.metrics, title)
+    md = sts_markdown(rs, title) if sts else markdown(rs, task.metrics, title)
     md += "\n" + pivot_markdown(cells, methods, ks, metric, suffixes)
-    md += ("\nAccuracy ± binomial standard error sqrt(p(1-p)/n); agreement = share of dev examples on which the "
+    md += ("\nSpearman / Pearson ×100 of the cosine of the two sentences' sentence_embedding vs the gold score; "
+           "cosines: each dev sentence's embedding vs FP32 PyTorch's.\n" if sts else
+           "\nAccuracy ± binomial standard error sqrt(p(1-p)/n); agreement = share of dev examples on which the "
            "cell predicts the same label as the FP32 model.\n")
     paths["md"].write_text(md, encoding="utf-8")
     paths["csv"].write_text(to_csv(rs), encoding="utf-8")

@@ -184,3 +184,19 @@ def test_calibrated_quantizer_cells(tiny, tmp_path):
     assert c["quantizer"]["calibration"]["samples"] == 12 and c["plan_parity"] <= 1e-4
     assert c["fp32_entries"] == run.cells["svd-k4"]["fp32_entries"]
     assert "quantizer" not in run.cells["svd-k4"]
+
+
+def test_grid_dependent_selection_is_scored_on_each_variants_grid(tiny, tmp_path):
+    """``error`` selects on the plan's own grid: a -bits2 / -per-channel cell must plan what convert would."""
+    from edgeq.config import ConvertConfig
+    from edgeq.quant.plan import build_plan
+
+    root, model = tiny
+    settings = SweepSettings(str(model), "RTE", block_size="16")
+    grid = [Variant("16"), Variant("16", bits=2), Variant("per-channel")]
+    run = run_sweep(settings, ["error"], [8], tmp_path / "e", root / "glue", 1, True, grid)
+    ctx = _Context(settings, root / "glue", 1, True)
+    for v, cid in zip(grid, ("error-k8", "error-k8-bits2", "error-k8-per-channel")):
+        plan = build_plan(ctx.weights, ConvertConfig(method="error", k=8, block_size=v.block_size, bits=v.bits))
+        assert run.cells[cid]["recon_error_total"] == pytest.approx(plan.total_recon_error, rel=1e-12), cid
+    assert run.cells["error-k8"]["recon_error_total"] != run.cells["error-k8-bits2"]["recon_error_total"]
