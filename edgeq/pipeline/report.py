@@ -57,8 +57,8 @@ def shared_quantization(layers: dict[str, dict]) -> dict | None:
     for name, info in layers.items():
         if info["input_quantized_by"] != name:
             groups.setdefault(info["input_quantized_by"], []).append(name)
-    return {"groups": groups,
-            "not_shared": {name: info["input_not_shared"] for name, info in layers.items() if "input_not_shared" in info}}
+    not_shared = {name: info["input_not_shared"] for name, info in layers.items() if "input_not_shared" in info}
+    return {"groups": groups, "not_shared": not_shared}
 
 
 def memory_report(timer: Timer) -> dict:
