@@ -37,6 +37,7 @@ from edgeq.onnx.corrections import (
     decode_correction,
 )
 from edgeq.onnx.graph import MS_DOMAIN, consumers, metadata, unique_names
+from edgeq.onnx.lossless import float_constant
 from edgeq.onnx.rewrite import LAYERS_KEY, RewriteResult, _bias_adds, commit_rewrite, match_linears
 from edgeq.quant.int4 import QMAX_REDUCED, QuantizedLinear
 from edgeq.quant.integer import WEIGHT_ZERO_POINT
@@ -72,9 +73,10 @@ def _layer_nodes(layer: str, x: str, y_q: str, q: QuantizedLinear, bias: str | N
     if q.act_cols is not None and q.act_cols.size:
         mask = np.ones(k_in, np.float32)
         mask[q.act_cols] = 0
-        inits.append(_tensor(mask, f"{layer}.{MASK}"))
+        m, nodes, tensors = float_constant(f"{layer}.{MASK}", mask, f"/{layer}/{MASK}")  # 0/1: float16, folded Cast
+        inits += tensors
         x_in = f"/{layer}/act_masked"
-        nodes.append(helper.make_node("Mul", [x, f"{layer}.{MASK}"], [x_in], name=f"/{layer}/ActMask"))
+        nodes.append(helper.make_node("Mul", [x, m], [x_in], name=f"/{layer}/ActMask"))
     nodes.append(helper.make_node(OP, [x_in, f"{layer}.qweight", f"{layer}.scales", "", bias or ""], [y_q],
                                   name=f"/{layer}/{OP}", domain=MS_DOMAIN))
     return nodes, inits

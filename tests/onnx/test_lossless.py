@@ -1,0 +1,107 @@
+"""Smaller files, same numbers: the dense correction stored as D itself, and lossless float16 storage
+(edgeq.onnx.lossless) of the values edgeq writes.
+
+Structure (what the file holds, and that ONNX Runtime folds every Cast away at session creation),
+numerics (bit-identical outputs to the other form; read-back == the plan) and the refusal of the
+float16 form for a value float16 cannot hold.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto
+
+from edgeq.onnx import corrections as corr
+from edgeq.onnx.lossless import float_constant, fp16_exact
+from edgeq.onnx.readback import read_back
+from edgeq.onnx.rewrite import rewrite_linears
+from edgeq.quant.int4 import Granularity, quantize_rtn
+from edgeq.quant.integer import column_entries
+from tests.onnx.test_rewrite_properties import _graph
+
+N, K = 24, 80
+
+
+def session(model: onnx.ModelProto, optimized: str | None = None) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if optimized:
+        so.optimized_model_filepath = optimized
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def fp16_weight(seed=0) -> np.ndarray:
+    """A weight whose every value is a float16 value (as a float16 checkpoint loaded in float32)."""
+    return np.random.default_rng(seed).standard_normal((N, K)).astype(np.float16).astype(np.float32)
+
+
+def written(w: np.ndarray, idx: np.ndarray, correction: str = "dense") -> onnx.ModelProto:
+    q = quantize_rtn(w, idx, Granularity("block", 16))
+    model = _graph(w, "MatMul", None, [2, 3, K])
+    assert rewrite_linears(model, {"lin": q}, {"lin": w}, correction=correction).count == 1
+    np.testing.assert_array_equal(read_back(model)["lin"], q.dequantize())  # the file == the plan
+    return model
+
+
+def inits(model) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def test_fp16_exact_rule():
+    assert fp16_exact(np.array([0.0, -0.0, 1.5, 2.0**-24, 65504.0, np.inf], np.float32))
+    assert not fp16_exact(np.array([1.0, 1.0 + 2.0**-12], np.float32))
+    assert not fp16_exact(np.array([np.nan], np.float32)) and not fp16_exact(np.array([1e6], np.float32))
+    name, nodes, tensors = float_constant("v", np.array([0.1], np.float32), "v32")
+    assert name == "v" and nodes == [] and tensors[0].data_type == TensorProto.FLOAT
+
+
+def test_whole_columns_store_d_and_match_the_positions_form_bit_for_bit(monkeypatch):
+    w = fp16_weight(1)
+    idx = column_entries(np.array([3, 17, 40]), N, K)  # whole columns: D is full
+    model = written(w, idx)
+    t = inits(model)
+    assert list(t["lin.corr_dense"].dims) == [3, N] and t["lin.corr_dense"].data_type == TensorProto.FLOAT16
+    assert "lin.corr_pos" not in t and "lin.corr_vals" not in t
+    assert not any(n.op_type == "ScatterND" for n in model.graph.node)
+    matrix = corr._dense_matrix
+    monkeypatch.setattr(corr, "_dense_matrix", lambda q: (*matrix(q)[:3], False))  # force (positions, values)
+    positions = written(w, idx)
+    assert "lin.corr_pos" in inits(positions) and "lin.corr_dense" not in inits(positions)
+    x = np.random.default_rng(2).standard_normal((2, 3, K)).astype(np.float32)
+    np.testing.assert_array_equal(session(model).run(None, {"x": x})[0], session(positions).run(None, {"x": x})[0])
+
+
+def test_scattered_entries_keep_positions():
+    w = fp16_weight(3)
+    model = written(w, np.array([5, 90, 700, 1000]))  # 4 entries in 4 columns: D would be 4 x 24
+    t = inits(model)
+    assert "lin.corr_pos" in t and "lin.corr_dense" not in t and t["lin.corr_vals"].data_type == TensorProto.FLOAT16
+
+
+@pytest.mark.parametrize("correction", ["dense", "rows", "scatter"])
+def test_fp16_values_are_cast_at_load_and_folded(tmp_path, correction):
+    w = fp16_weight(4)
+    idx = np.array([5, 90, 700, 1000, 1001])
+    model = written(w, idx, correction)
+    assert inits(model)["lin.corr_vals"].data_type == TensorProto.FLOAT16
+    assert any(n.op_type == "Cast" and n.input[0] == "lin.corr_vals" for n in model.graph.node)
+    session(model, str(tmp_path / "opt.onnx"))
+    optimized = onnx.load(str(tmp_path / "opt.onnx"))
+    assert [n.name for n in optimized.graph.node if n.op_type == "Cast"] == []  # folded at session creation
+    x = np.random.default_rng(5).standard_normal((2, 3, K)).astype(np.float32)
+    ref = x.astype(np.float64) @ read_back(model)["lin"].astype(np.float64).T
+    np.testing.assert_allclose(session(model).run(None, {"x": x})[0], ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("idx", [np.array([5, 90, 700]), column_entries(np.array([2, 9]), N, K)])
+def test_a_value_float16_cannot_hold_keeps_float32(idx):
+    w = fp16_weight(6)
+    w.reshape(-1)[idx[0]] = np.float32(0.1)  # not a float16 value
+    model = written(w, idx)
+    t = inits(model)
+    stored = t.get("lin.corr_vals") or t.get("lin.corr_dense")
+    assert stored.data_type == TensorProto.FLOAT
+    assert not any(n.op_type == "Cast" and n.input[0] == stored.name for n in model.graph.node)
