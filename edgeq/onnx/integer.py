@@ -39,6 +39,7 @@ from edgeq.onnx.corrections import (
 from edgeq.onnx.graph import MS_DOMAIN, consumers, metadata, unique_names
 from edgeq.onnx.lossless import float_constant
 from edgeq.onnx.rewrite import LAYERS_KEY, RewriteResult, _bias_adds, commit_rewrite, match_linears
+from edgeq.onnx.storage import decode_integer_weight, integer_weight
 from edgeq.quant.int4 import QMAX_REDUCED, QuantizedLinear
 from edgeq.quant.integer import WEIGHT_ZERO_POINT
 
@@ -64,26 +65,27 @@ def check_integer(q: QuantizedLinear) -> str | None:
     return None
 
 
-def _layer_nodes(layer: str, x: str, y_q: str, q: QuantizedLinear, bias: str | None):
+def _layer_nodes(layer: str, x: str, y_q: str, q: QuantizedLinear, bias: str | None, storage: str = "plain"):
     n_out, k_in = q.shape
-    inits = [_tensor((q.codes.astype(np.int16) - WEIGHT_ZERO_POINT).astype(np.int8).T.copy(), f"{layer}.qweight"),
-             _tensor(q.scales[:, 0].astype(np.float32).copy(), f"{layer}.scales")]
-    nodes = []
+    b_name, nodes, inits = integer_weight(layer, (q.codes.astype(np.int16) - WEIGHT_ZERO_POINT).astype(np.int8).T,
+                                          storage)  # plain int8 qᵀ, or 7-bit planes unpacked at load
+    inits.append(_tensor(q.scales[:, 0].astype(np.float32).copy(), f"{layer}.scales"))
     x_in = x
     if q.act_cols is not None and q.act_cols.size:
         mask = np.ones(k_in, np.float32)
         mask[q.act_cols] = 0
-        m, nodes, tensors = float_constant(f"{layer}.{MASK}", mask, f"/{layer}/{MASK}")  # 0/1: float16, folded Cast
+        m, mask_nodes, tensors = float_constant(f"{layer}.{MASK}", mask, f"/{layer}/{MASK}")  # 0/1: fp16 + Cast
+        nodes += mask_nodes
         inits += tensors
         x_in = f"/{layer}/act_masked"
         nodes.append(helper.make_node("Mul", [x, m], [x_in], name=f"/{layer}/ActMask"))
-    nodes.append(helper.make_node(OP, [x_in, f"{layer}.qweight", f"{layer}.scales", "", bias or ""], [y_q],
+    nodes.append(helper.make_node(OP, [x_in, b_name, f"{layer}.scales", "", bias or ""], [y_q],
                                   name=f"/{layer}/{OP}", domain=MS_DOMAIN))
     return nodes, inits
 
 
 def rewrite_integer(model: onnx.ModelProto, layers: Mapping[str, QuantizedLinear], weights: dict[str, np.ndarray],
-                    correction: str = "auto", fold_bias: bool = True) -> RewriteResult:
+                    correction: str = "auto", fold_bias: bool = True, storage: str = "plain") -> RewriteResult:
     """Rewrite, in place, every Linear of ``layers`` to DynamicQuantizeMatMul + correction; raise if one
     cannot be mapped or is refused by :func:`check_integer`."""
     if correction not in CORRECTION_CHOICES:
@@ -129,7 +131,7 @@ def rewrite_integer(model: onnx.ModelProto, layers: Mapping[str, QuantizedLinear
             else:  # a shared or broadcast bias stays a separate Add after the product
                 tail.append(helper.make_node("Add", [f"/{layer}/{OP}_nobias", bias], [y_q], name=f"/{layer}/BiasAdd"))
                 bias = None
-        nodes, tensors = _layer_nodes(layer, x, f"/{layer}/{OP}_nobias" if tail else y_q, q, bias)
+        nodes, tensors = _layer_nodes(layer, x, f"/{layer}/{OP}_nobias" if tail else y_q, q, bias, storage)
         new_nodes += nodes + tail
         new_inits += tensors
         used, nodes, tensors = correction_branch(layer, x, y_q, y, q, correction, result.fallbacks)
@@ -148,7 +150,7 @@ def decode_integer(layer: str, node: onnx.NodeProto, names, arr) -> tuple[np.nda
 
     ``names``: the graph's initializer names; ``arr(name)``: that initializer as a numpy array.
     """
-    q = arr(node.input[1]).astype(np.int32).T
+    q = decode_integer_weight(layer, node.input[1], names, arr).astype(np.int32).T
     scales = arr(node.input[2]).astype(np.float32).reshape(-1)
     if scales.size == 1:
         scales = np.full(q.shape[0], scales[0], np.float32)

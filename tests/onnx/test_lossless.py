@@ -105,3 +105,76 @@ def test_a_value_float16_cannot_hold_keeps_float32(idx):
     stored = t.get("lin.corr_vals") or t.get("lin.corr_dense")
     assert stored.data_type == TensorProto.FLOAT
     assert not any(n.op_type == "Cast" and n.input[0] == stored.name for n in model.graph.node)
+
+
+# --kernel integer --storage compact: 7-bit planes of int8 qᵀ unpacked at load (edgeq.onnx.storage.integer_weight)
+
+def integer_file(storage: str, k: int = 0, bias: bool = True):
+    from edgeq.config import ConvertConfig
+    from edgeq.pipeline.core import quantize_graph
+    from tests.onnx.test_integer import INTEGER
+    from tests.onnx.test_rewrite import N2, linear_graph
+    from tests.onnx.test_rewrite import K as K1
+    from tests.onnx.test_rewrite import N as N1
+    from tests.quant.test_int4 import snapped
+
+    w1, _, _ = snapped(N1, K1, K1, seed=1, qmax=63)
+    w2, _, _ = snapped(N2, N1, N1, seed=2, qmax=63)
+    rng = np.random.default_rng(3)
+    ws = {"lin1": w1, "lin2": w2}
+    b1, b2 = rng.normal(size=N1).astype(np.float32), rng.normal(size=N2).astype(np.float32)
+    qg = quantize_graph(linear_graph(w1, b1, w2, b2), ws, ConvertConfig(k=k, storage=storage, **INTEGER))
+    return qg, ws, K1
+
+
+@pytest.mark.parametrize("k", [0, 5])
+def test_integer_compact_is_the_plain_file_in_7_bits(tmp_path, k):
+    from edgeq.onnx.integer import OP, integer_layers
+
+    compact, ws, k_in = integer_file("compact", k)
+    plain, _, _ = integer_file("plain", k)
+    t, tp = inits(compact.model), inits(plain.model)
+    assert "lin1.qweight" not in t and t["lin1.q7"].data_type == TensorProto.UINT8
+    assert list(t["lin1.q7"].dims) == [-(-tp["lin1.qweight"].dims[0] * tp["lin1.qweight"].dims[1] // 8), 7]
+    for name, w in ws.items():  # the file decodes to the plan (snapped: W itself), in both storages
+        np.testing.assert_array_equal(read_back(compact.model)[name], w)
+        np.testing.assert_array_equal(integer_layers(compact.model)[name].q, integer_layers(plain.model)[name].q)
+    x = np.random.default_rng(4).normal(size=(3, 5, k_in)).astype(np.float32)
+    opt = str(tmp_path / "opt.onnx")
+    got = session(compact.model, opt).run(["y"], {"x": x})[0]
+    np.testing.assert_array_equal(got, session(plain.model).run(["y"], {"x": x})[0])  # same int8 B, same numbers
+    optimized = onnx.load(opt)
+    assert [n.op_type for n in optimized.graph.node if "/unpack/" in n.name] == []  # folded at session creation
+    folded = {t.name for t in optimized.graph.initializer}
+    b_inputs = [n.input[1] for n in optimized.graph.node if n.op_type == OP]
+    assert len(b_inputs) == 2 and all(b in folded for b in b_inputs)  # B is a plain initializer
+
+
+def test_integer_compact_refusals():
+    from edgeq.config import ConvertConfig
+    from edgeq.onnx.storage import integer_weight
+
+    with pytest.raises(ValueError, match=r"holds \|q\| <= 63"):
+        integer_weight("lin", np.array([[64, 0]], np.int8), "compact")
+    with pytest.raises(ValueError, match="--storage compact holds 2, 3 or 4 bits per weight"):
+        ConvertConfig(bits=8, storage="compact")  # the MatMulNBits path has no 8-bit compact form
+    assert ConvertConfig(bits=8, storage="compact", kernel="integer", block_size="per-channel").storage == "compact"
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 3), (8, 8), (80, 24)])
+def test_7bit_groups_roundtrip_in_numpy_and_onnxruntime(shape):
+    """Any size (the last group padded): the unpack subgraph and the numpy decoder both give B back."""
+    from onnx import helper
+
+    from edgeq.onnx.storage import decode_integer_weight, integer_weight
+
+    b = np.random.default_rng(sum(shape)).integers(-63, 64, size=shape).astype(np.int8)
+    b.reshape(-1)[0] = -63
+    name, nodes, tensors = integer_weight("lin", b, "compact")
+    t = {x.name: x for x in tensors}
+    assert list(t["lin.q7"].dims) == [-(-b.size // 8), 7]
+    np.testing.assert_array_equal(decode_integer_weight("lin", name, t, lambda n: onnx.numpy_helper.to_array(t[n])), b)
+    graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info(name, TensorProto.INT8, list(shape))],
+                              tensors)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    np.testing.assert_array_equal(session(model).run(None, {})[0], b)
