@@ -29,11 +29,13 @@ like the codes.  The native kernel is written without them (refused by the confi
 ``compact`` stores ``u = q + 64`` ∈ [1, 127] (7 bits) over B flattened, in groups of 8 values in 7
 bytes ``P [G, 7]`` (``q7``): bytes t < 7 hold u_t in their low 7 bits and bit t of u_7 on top, so::
 
-    u_t = P_t mod 128 (t < 7),   u_7 = Σ_t ⌊P_t / 128⌋ · 2^t,   B = int8(u − 64)
+    u_t = P_t mod 128 (t < 7),   u_7 = Σ_t ⌊P_t / 128⌋ · 2^t,   B = int8(u) − 64
 
-(Cast, Div, Mod, Mul, ReduceSum, Concat, Reshape, Slice, Sub, Cast, Reshape: ~1 element operation
-per weight per node, where bit planes take 8), a constant subgraph ONNX Runtime folds at session
-creation: 7/8 of the bytes, the same int8 B (:func:`integer_weight`, :func:`decode_integer_weight`).
+(Div, Mod, MatMulInteger for the 7-term sum, Concat, [Reshape, Slice: padding], Cast, Sub, Reshape, in
+uint8/int8: one element operation and one byte per weight per node, where bit planes in int32 take
+8 and 4 — ONNX Runtime keeps the folding's intermediates until it finishes, and glibc keeps that
+heap), a constant subgraph ONNX Runtime folds at session creation: 7/8 of the bytes, the same int8
+B (:func:`integer_weight`, :func:`decode_integer_weight`).
 """
 
 from __future__ import annotations
@@ -157,23 +159,27 @@ def integer_weight(layer: str, b: np.ndarray, storage: str) -> tuple[str, list, 
     g.reshape(-1)[: u.size] = u
     packed = g[:, :7] | (((g[:, 7:] >> np.arange(7, dtype=np.uint8)) & 1) << 7)  # 8th value's bits on top
     p, c = f"/{layer}/unpack", f"{layer}.unpack_"
-    const = {
-        f"{c}128": np.array(128, np.int32), f"{c}pow2": (2 ** np.arange(7)).astype(np.int32),
-        f"{c}axis1": np.array([1], np.int64), f"{c}start": np.array([0], np.int64),
-        f"{c}size": np.array([b.size], np.int64), f"{c}flat": np.array([-1], np.int64),
-        f"{c}offset": np.array(offset, np.int32), f"{c}B_shape": np.array(b.shape, np.int64),
+    const = {  # uint8/int8 arithmetic: the folding's intermediates are 1 byte a weight
+        f"{c}128": np.array(128, np.uint8), f"{c}pow2": (2 ** np.arange(7)).astype(np.uint8).reshape(7, 1),
+        f"{c}offset": np.array(offset, np.int8), f"{c}B_shape": np.array(b.shape, np.int64),
     }
+    if b.size % 8:
+        const.update({f"{c}start": np.array([0], np.int64), f"{c}size": np.array([b.size], np.int64),
+                      f"{c}flat": np.array([-1], np.int64)})
     nodes = [
-        helper.make_node("Cast", [f"{layer}.{INTEGER_PACKED}"], [f"{p}/bytes"], name=f"{p}/Cast", to=TensorProto.INT32),
-        helper.make_node("Div", [f"{p}/bytes", f"{c}128"], [f"{p}/top"], name=f"{p}/Top"),
-        helper.make_node("Mod", [f"{p}/bytes", f"{c}128"], [f"{p}/low"], name=f"{p}/Low"),
-        helper.make_node("Mul", [f"{p}/top", f"{c}pow2"], [f"{p}/top_bits"], name=f"{p}/TopBits"),
-        helper.make_node("ReduceSum", [f"{p}/top_bits", f"{c}axis1"], [f"{p}/eighth"], name=f"{p}/Eighth", keepdims=1),
-        helper.make_node("Concat", [f"{p}/low", f"{p}/eighth"], [f"{p}/groups"], name=f"{p}/Groups", axis=1),
-        helper.make_node("Reshape", [f"{p}/groups", f"{c}flat"], [f"{p}/padded"], name=f"{p}/Flat"),
-        helper.make_node("Slice", [f"{p}/padded", f"{c}start", f"{c}size"], [f"{p}/u"], name=f"{p}/Unpad"),
-        helper.make_node("Sub", [f"{p}/u", f"{c}offset"], [f"{p}/q32"], name=f"{p}/Offset"),
-        helper.make_node("Cast", [f"{p}/q32"], [f"{p}/q8"], name=f"{p}/CastInt8", to=TensorProto.INT8),
+        helper.make_node("Div", [f"{layer}.{INTEGER_PACKED}", f"{c}128"], [f"{p}/top"], name=f"{p}/Top"),
+        helper.make_node("Mod", [f"{layer}.{INTEGER_PACKED}", f"{c}128"], [f"{p}/low"], name=f"{p}/Low"),
+        helper.make_node("MatMulInteger", [f"{p}/top", f"{c}pow2"], [f"{p}/eighth32"], name=f"{p}/Eighth"),
+        helper.make_node("Cast", [f"{p}/eighth32"], [f"{p}/eighth"], name=f"{p}/CastEighth", to=TensorProto.UINT8),
+        helper.make_node("Concat", [f"{p}/low", f"{p}/eighth"], [f"{p}/u"], name=f"{p}/Groups", axis=1),
+    ]
+    if b.size % 8:  # the last group is padded
+        nodes += [helper.make_node("Reshape", [f"{p}/u", f"{c}flat"], [f"{p}/padded"], name=f"{p}/Flat"),
+                  helper.make_node("Slice", [f"{p}/padded", f"{c}start", f"{c}size"], [f"{p}/unpadded"],
+                                   name=f"{p}/Unpad")]
+    nodes += [
+        helper.make_node("Cast", [nodes[-1].output[0]], [f"{p}/u8"], name=f"{p}/CastInt8", to=TensorProto.INT8),
+        helper.make_node("Sub", [f"{p}/u8", f"{c}offset"], [f"{p}/q8"], name=f"{p}/Offset"),
         helper.make_node("Reshape", [f"{p}/q8", f"{c}B_shape"], [f"{p}/B"], name=f"{p}/B"),
     ]
     inits = [_tensor(packed, f"{layer}.{INTEGER_PACKED}")] + [_tensor(v, k) for k, v in const.items()]
