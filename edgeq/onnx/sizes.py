@@ -14,7 +14,7 @@ def _component(name: str, gather_data: set[str], linear_weights: set[str], nbits
         return "scales"
     if ".corr_" in name:
         return "fp32_correction"
-    if name in gather_data:
+    if name in gather_data or name.endswith(".emb_scales"):  # float16 scales reach the op through a Cast
         return "embeddings"
     if name in linear_weights:
         return "fp32_linear"

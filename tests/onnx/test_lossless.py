@@ -178,3 +178,29 @@ def test_7bit_groups_roundtrip_in_numpy_and_onnxruntime(shape):
                               tensors)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     np.testing.assert_array_equal(session(model).run(None, {})[0], b)
+
+
+def test_8bit_table_scales_are_float16_and_folded(tmp_path):
+    """8-bit GatherBlockQuantized tables: scales rounded to float16 before the codes, stored float16 and
+    cast at load (folded); ORT's gather == the decoded Ê == the plan; snapped rows come back exactly."""
+    from edgeq.onnx.embeddings import quantize_embeddings, read_embeddings
+    from tests.onnx.test_corrections import emb_graph
+    from tests.quant.test_int4 import snapped
+
+    table, _, _ = snapped(70, 256, 128, seed=8, qmax=127)  # power-of-two scales: float16 values
+    table[3] = np.random.default_rng(9).normal(size=256) * 0.1  # an off-grid row with a non-fp16 max/127
+    model = emb_graph(table)
+    res = quantize_embeddings(model, 32, bits=8)
+    t = inits(model)
+    assert t["E.emb_scales"].data_type == TensorProto.FLOAT16 and list(t["E.emb_scales"].dims) == [70, 2]
+    node = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    assert node.input[2] != "E.emb_scales"  # through the Cast
+    ids = np.random.default_rng(10).integers(0, 70, size=(2, 7))
+    got = session(model, str(tmp_path / "opt.onnx")).run(None, {"input_ids": ids})[0]
+    assert [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node] == ["GatherBlockQuantized"]
+    e_hat = read_embeddings(model)["E"]
+    np.testing.assert_array_equal(got, e_hat[ids])
+    np.testing.assert_array_equal(e_hat, res.tables["E"])
+    rows = np.arange(70) != 3
+    np.testing.assert_array_equal(e_hat[rows], table[rows])
+    assert 0 < np.abs(e_hat[3] - table[3]).max() <= np.abs(table[3]).max() / 254 * 1.001  # half a step
