@@ -144,7 +144,7 @@ class ConvertConfig:
             self._check_integer()
         if self.storage == "compact" and self.bits == 8 and self.kernel != "integer":
             raise ValueError("--storage compact holds 2, 3 or 4 bits per weight; use --bits 2, 3 or 4 "
-                             "(--bits8 layers stay plain), or --kernel integer (7-bit planes)")
+                             "(--bits8 layers stay plain), or --kernel integer (7-bit weights)")
 
     def _check_integer(self) -> None:
         """--kernel integer: 8-bit per-channel RTN weights, activations quantized by the kernel itself."""

@@ -68,7 +68,7 @@ def check_integer(q: QuantizedLinear) -> str | None:
 def _layer_nodes(layer: str, x: str, y_q: str, q: QuantizedLinear, bias: str | None, storage: str = "plain"):
     n_out, k_in = q.shape
     b_name, nodes, inits = integer_weight(layer, (q.codes.astype(np.int16) - WEIGHT_ZERO_POINT).astype(np.int8).T,
-                                          storage)  # plain int8 qᵀ, or 7-bit planes unpacked at load
+                                          storage)  # plain int8 qᵀ, or 7 bits a weight unpacked at load
     inits.append(_tensor(q.scales[:, 0].astype(np.float32).copy(), f"{layer}.scales"))
     x_in = x
     if q.act_cols is not None and q.act_cols.size:
