@@ -142,9 +142,9 @@ class ConvertConfig:
                              f"{self.quantizer} does not plan; use --quantizer {'/'.join(GRID_QUANTIZERS)}")
         if self.kernel == "integer" or self.act_outliers or self.act_outlier_ratio:
             self._check_integer()
-        if self.storage == "compact" and self.bits == 8:
+        if self.storage == "compact" and self.bits == 8 and self.kernel != "integer":
             raise ValueError("--storage compact holds 2, 3 or 4 bits per weight; use --bits 2, 3 or 4 "
-                             "(--bits8 layers stay plain)")
+                             "(--bits8 layers stay plain), or --kernel integer (7-bit weights)")
 
     def _check_integer(self) -> None:
         """--kernel integer: 8-bit per-channel RTN weights, activations quantized by the kernel itself."""

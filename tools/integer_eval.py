@@ -45,7 +45,9 @@ VARIANTS = {
     "edgeq-int-k0-a2-emb8": (0, 2, 0.0, 8),
     "edgeq-int-k0-emb8": (0, 0, 0.0, 8),
     "edgeq-int-k256-a2-r6": (256, 2, 6.0, 0),
+    "edgeq-int-k0-a4-emb8-compact": (0, 4, 0.0, 8),  # --storage compact: 7-bit weights, fp16 exact values
 }
+COMPACT = {name for name in VARIANTS if name.endswith("-compact")}
 
 
 def build(loaded, fp32, outdir: Path, task: str, names: list[str]) -> dict[str, Path]:
@@ -69,7 +71,7 @@ def build(loaded, fp32, outdir: Path, task: str, names: list[str]) -> dict[str, 
         k, act, ratio, emb = VARIANTS[name]
         config = ConvertConfig(k=k, bits=8, kernel="integer", block_size="per-channel", act_outliers=act,
                                act_outlier_ratio=ratio, calib=task if act else None, quantize_embeddings=bool(emb),
-                               embedding_bits=emb or 4)
+                               embedding_bits=emb or 4, storage="compact" if name in COMPACT else "plain")
         plan = build_plan(weights, config, calib.stats)
         qg = quantize_graph(fp32, weights, config, plan, modules)
         paths[name] = outdir / f"{name}.onnx"

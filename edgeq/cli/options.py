@@ -105,7 +105,8 @@ def perf_options(fn):
         click.option("--storage", type=click.Choice(["auto", *STORAGES]), default="auto", show_default=True,
                      help="How codes and scales sit in the file: plain (MatMulNBits inputs, float32 scales) or "
                           "compact (b bits per weight and float16 scales, unpacked by ops ONNX Runtime folds at "
-                          "load). auto: compact for 2 and 3 bits. --bits8 layers stay plain."),
+                          "load; --kernel integer: int8 weights in 7 bits). auto: compact for 2 and 3 bits. "
+                          "--bits8 layers stay plain."),
         click.option("--kernel", type=click.Choice(KERNELS), default="int4", show_default=True,
                      help="int4: every width runs the 4-bit MatMulNBits kernel; native: ONNX Runtime's own "
                           "2-bit kernel (--bits 2 only; slow on x86, for comparison); integer: uint8 dynamic "

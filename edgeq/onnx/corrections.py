@@ -8,9 +8,11 @@ used by ``auto``.  The CLI's ``--correction`` choices are :data:`CORRECTION_CHOI
 The correction has interchangeable graph encodings (``CORRECTIONS``, ``--correction``):
 
 * ``dense`` (default): with C the c distinct columns of S, ``y = y_q + Gather(x, C) @ D`` where
-  ``D [c, N]`` holds v_t at (position of j_t in C, i_t) and zeros elsewhere.  The file stores only
-  (positions, v); D is rebuilt by ``ScatterND(ConstantOfShape([c, N]), positions, v)``, a
-  constant subgraph ONNX Runtime folds once at session creation.  3 run-time nodes.  Refused (the
+  ``D [c, N]`` holds v_t at (position of j_t in C, i_t) and zeros elsewhere.  The file stores
+  whichever form of D is smaller: (positions, v), 8 bytes of positions + v per entry, with D rebuilt
+  by ``ScatterND(ConstantOfShape([c, N]), positions, v)``, a constant subgraph ONNX Runtime folds
+  once at session creation; or D itself (``corr_dense``, c·N values: the smaller one when D is
+  mostly filled, e.g. whole activation-outlier columns).  Same D, same outputs.  3 run-time nodes.  Refused (the
   layer falls back to ``scatter``) when D would hold more than ``DENSE_MAX_FRACTION`` of N·K
   entries — its memory and FLOPs grow with c·N.
 * ``rows``: with R the r distinct output rows of S, ``y = y_q + (x @ A) @ P`` where ``A [K, r]``
@@ -23,6 +25,10 @@ The correction has interchangeable graph encodings (``CORRECTIONS``, ``--correct
   multiply-add equivalents: dense ``c·(N + G)``, rows ``r·(K + N)``, scatter ``2·k·G``, where
   G = GATHER_COST is what one element gathered (or scattered) along the last axis costs ONNX
   Runtime's CPU kernels relative to one MatMul multiply-add (measured, docs/performance.md).
+
+Every encoding stores its values (v, or D) as float16 when that is lossless
+(:func:`edgeq.onnx.lossless.float_constant`: the exact weights of a float16 checkpoint are float16
+values), read through a constant ``Cast`` that ONNX Runtime folds at load.
 """
 
 from __future__ import annotations
@@ -34,9 +40,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeq.onnx.lossless import float_constant, fp16_exact
 from edgeq.quant.int4 import QuantizedLinear
 
 DENSE_MAX_FRACTION = 0.5  # dense (rows) refused when c·N (r·(K+N)) > this · N·K: run-time memory
+DENSE = "corr_dense"  # initializer suffix of a dense correction stored as D itself
 GATHER_COST = 500  # multiply-add equivalents of one element gathered along the last axis (ORT CPU)
 
 
@@ -48,12 +56,17 @@ class Correction:
     summary: str
     check: Callable[[QuantizedLinear], str | None]
     build: Callable[[str, str, str, str, QuantizedLinear], tuple[list, list]]
-    decode: Callable[[str, Callable[[str], np.ndarray]], tuple[np.ndarray, np.ndarray, np.ndarray]]
-    marker: str  # initializer suffix that only this encoding writes: how a file says which one a layer uses
+    decode: Callable[[str, object, Callable[[str], np.ndarray]], tuple[np.ndarray, np.ndarray, np.ndarray]]
+    markers: tuple[str, ...]  # initializer suffixes only this encoding writes: how a file says which one a layer uses
 
 
 def _tensor(a: np.ndarray, name: str) -> onnx.TensorProto:
     return numpy_helper.from_array(a, name)
+
+
+def _values(layer: str, values: np.ndarray, suffix: str = "corr_vals") -> tuple[str, list, list]:
+    """(name, nodes, initializers) of ``layer``'s correction values: float16 + a folded Cast when lossless."""
+    return float_constant(f"{layer}.{suffix}", values, f"/{layer}/correction/{suffix}")
 
 
 def _split(q: QuantizedLinear) -> tuple[np.ndarray, np.ndarray]:
@@ -68,9 +81,10 @@ def _scatter_check(q: QuantizedLinear) -> str | None:
 def _scatter_build(layer: str, x: str, y_q: str, y: str, q: QuantizedLinear):
     p = f"/{layer}/correction"
     rows, cols = _split(q)
-    nodes = [
+    vals, nodes, inits = _values(layer, q.salient_values)
+    nodes += [
         helper.make_node("Gather", [x, f"{layer}.corr_cols"], [f"{p}/x_sel"], name=f"{p}/Gather", axis=-1),
-        helper.make_node("Mul", [f"{p}/x_sel", f"{layer}.corr_vals"], [f"{p}/updates"], name=f"{p}/Mul"),
+        helper.make_node("Mul", [f"{p}/x_sel", vals], [f"{p}/updates"], name=f"{p}/Mul"),
         helper.make_node("Shape", [f"{p}/updates"], [f"{p}/shape"], name=f"{p}/Shape"),
         helper.make_node("Expand", [f"{layer}.corr_rows", f"{p}/shape"], [f"{p}/rows"], name=f"{p}/Expand"),
         helper.make_node(
@@ -78,27 +92,32 @@ def _scatter_build(layer: str, x: str, y_q: str, y: str, q: QuantizedLinear):
             axis=-1, reduction="add",
         ),
     ]
-    inits = [
+    inits += [
         _tensor(cols.astype(np.int32), f"{layer}.corr_cols"),
         _tensor(rows.astype(np.int32), f"{layer}.corr_rows"),
-        _tensor(q.salient_values.astype(np.float32), f"{layer}.corr_vals"),
     ]
     return nodes, inits
 
 
-def _scatter_decode(layer: str, arr) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return arr(f"{layer}.corr_rows"), arr(f"{layer}.corr_cols"), arr(f"{layer}.corr_vals")
+def _vals(layer: str, arr) -> np.ndarray:
+    return arr(f"{layer}.corr_vals").astype(np.float32)  # float16 when that was lossless
 
 
-def _scattered_constant(layer: str, pos: str, out: str, name: str) -> list[onnx.NodeProto]:
-    """``out = ScatterND(zeros(corr_shape), pos, corr_vals)``: a constant subgraph ONNX Runtime folds at load."""
+def _scatter_decode(layer: str, names, arr) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return arr(f"{layer}.corr_rows"), arr(f"{layer}.corr_cols"), _vals(layer, arr)
+
+
+def _scattered_constant(layer: str, pos: str, out: str, name: str, values: np.ndarray) -> tuple[list, list]:
+    """``out = ScatterND(zeros(corr_shape), pos, corr_vals)``: a constant subgraph ONNX Runtime folds at load
+    (nodes, and the initializer(s) of the values)."""
     p = f"/{layer}/correction"
-    return [
+    vals, nodes, inits = _values(layer, values)
+    return nodes + [
         helper.make_node("ConstantOfShape", [f"{layer}.corr_shape"], [f"{p}/zeros"], name=f"{p}/Zeros",
                          value=_tensor(np.zeros(1, np.float32), "zero")),
         helper.make_node("Cast", [pos], [f"{p}/pos64"], name=f"{p}/Cast", to=TensorProto.INT64),
-        helper.make_node("ScatterND", [f"{p}/zeros", f"{p}/pos64", f"{layer}.corr_vals"], [out], name=name),
-    ]
+        helper.make_node("ScatterND", [f"{p}/zeros", f"{p}/pos64", vals], [out], name=name),
+    ], inits
 
 
 def _dense_check(q: QuantizedLinear) -> str | None:
@@ -110,29 +129,42 @@ def _dense_check(q: QuantizedLinear) -> str | None:
     return None
 
 
-def _dense_build(layer: str, x: str, y_q: str, y: str, q: QuantizedLinear):
-    p = f"/{layer}/correction"
-    n_out = q.shape[0]
+def _dense_matrix(q: QuantizedLinear) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct columns C, positions [k, 2] = (position of j_t in C, i_t), D [c, N], whether D is stored)."""
     rows, cols = _split(q)
     distinct, pos = np.unique(cols, return_inverse=True)
-    nodes = _scattered_constant(layer, f"{layer}.corr_pos", f"{p}/D", f"{p}/Dense") + [
-        # run time: y = y_q + x[..., C] @ D
+    d = np.zeros((distinct.size, q.shape[0]), np.float32)
+    d[pos, rows] = q.salient_values
+    value_bytes = 2 if fp16_exact(q.salient_values) else 4  # float16 when lossless (_values)
+    whole = d.size * value_bytes < q.k * (8 + value_bytes)  # D itself vs int32 position pairs + values
+    return distinct, np.stack([pos, rows], axis=1), d, whole
+
+
+def _dense_build(layer: str, x: str, y_q: str, y: str, q: QuantizedLinear):
+    p = f"/{layer}/correction"
+    distinct, pos, d, whole = _dense_matrix(q)
+    if whole:  # D itself: smaller when mostly filled (whole activation-outlier columns)
+        dense, nodes, inits = _values(layer, d, DENSE)
+    else:
+        nodes, inits = _scattered_constant(layer, f"{layer}.corr_pos", f"{p}/D", f"{p}/Dense", q.salient_values)
+        dense = f"{p}/D"
+        inits += [_tensor(pos.astype(np.int32), f"{layer}.corr_pos"),
+                  _tensor(np.array([distinct.size, q.shape[0]], np.int64), f"{layer}.corr_shape")]
+    nodes += [  # run time: y = y_q + x[..., C] @ D
         helper.make_node("Gather", [x, f"{layer}.corr_cols"], [f"{p}/x_sel"], name=f"{p}/Gather", axis=-1),
-        helper.make_node("MatMul", [f"{p}/x_sel", f"{p}/D"], [f"{p}/delta"], name=f"{p}/MatMul"),
+        helper.make_node("MatMul", [f"{p}/x_sel", dense], [f"{p}/delta"], name=f"{p}/MatMul"),
         helper.make_node("Add", [y_q, f"{p}/delta"], [y], name=f"{p}/Add"),
     ]
-    inits = [
-        _tensor(distinct.astype(np.int64), f"{layer}.corr_cols"),
-        _tensor(np.stack([pos, rows], axis=1).astype(np.int32), f"{layer}.corr_pos"),
-        _tensor(q.salient_values.astype(np.float32), f"{layer}.corr_vals"),
-        _tensor(np.array([distinct.size, n_out], np.int64), f"{layer}.corr_shape"),
-    ]
-    return nodes, inits
+    return nodes, inits + [_tensor(distinct.astype(np.int64), f"{layer}.corr_cols")]
 
 
-def _dense_decode(layer: str, arr) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _dense_decode(layer: str, names, arr) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    cols = arr(f"{layer}.corr_cols")
+    if f"{layer}.{DENSE}" in names:  # D itself: every entry (its zeros add nothing)
+        d = arr(f"{layer}.{DENSE}").astype(np.float32)
+        return np.tile(np.arange(d.shape[1]), d.shape[0]), np.repeat(cols, d.shape[1]), d.reshape(-1)
     pos = arr(f"{layer}.corr_pos").astype(np.int64)  # (position in the distinct columns, row)
-    return pos[:, 1], arr(f"{layer}.corr_cols")[pos[:, 0]], arr(f"{layer}.corr_vals")
+    return pos[:, 1], cols[pos[:, 0]], _vals(layer, arr)
 
 
 def _rows_check(q: QuantizedLinear) -> str | None:
@@ -149,7 +181,8 @@ def _rows_build(layer: str, x: str, y_q: str, y: str, q: QuantizedLinear):
     n_out, k_in = q.shape
     rows, cols = _split(q)
     row_ids, row_pos = np.unique(rows, return_inverse=True)
-    nodes = _scattered_constant(layer, f"{layer}.corr_colpos", f"{p}/A", f"{p}/Factor") + [
+    nodes, inits = _scattered_constant(layer, f"{layer}.corr_colpos", f"{p}/A", f"{p}/Factor", q.salient_values)
+    nodes += [
         helper.make_node("OneHot", [f"{layer}.corr_rowids", f"{layer}.corr_depth", f"{layer}.corr_onehot"], [f"{p}/P"],
                          name=f"{p}/OneHot", axis=-1),
         # run time: y = y_q + (x @ A) @ P
@@ -157,9 +190,8 @@ def _rows_build(layer: str, x: str, y_q: str, y: str, q: QuantizedLinear):
         helper.make_node("MatMul", [f"{p}/u", f"{p}/P"], [f"{p}/delta"], name=f"{p}/Spread"),
         helper.make_node("Add", [y_q, f"{p}/delta"], [y], name=f"{p}/Add"),
     ]
-    inits = [
+    inits += [
         _tensor(np.stack([cols, row_pos], axis=1).astype(np.int32), f"{layer}.corr_colpos"),
-        _tensor(q.salient_values.astype(np.float32), f"{layer}.corr_vals"),
         _tensor(np.array([k_in, row_ids.size], np.int64), f"{layer}.corr_shape"),
         _tensor(row_ids.astype(np.int64), f"{layer}.corr_rowids"),
         _tensor(np.array([n_out], np.int64), f"{layer}.corr_depth"),
@@ -168,9 +200,9 @@ def _rows_build(layer: str, x: str, y_q: str, y: str, q: QuantizedLinear):
     return nodes, inits
 
 
-def _rows_decode(layer: str, arr) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _rows_decode(layer: str, names, arr) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     pos = arr(f"{layer}.corr_colpos").astype(np.int64)  # (column, position in the distinct rows)
-    return arr(f"{layer}.corr_rowids")[pos[:, 1]], pos[:, 0], arr(f"{layer}.corr_vals")
+    return arr(f"{layer}.corr_rowids")[pos[:, 1]], pos[:, 0], _vals(layer, arr)
 
 
 def _cost(q: QuantizedLinear, encoding: str) -> float:
@@ -196,12 +228,12 @@ def choose_correction(q: QuantizedLinear, requested: str) -> tuple[str, str | No
 CORRECTIONS: dict[str, Correction] = {
     c.name: c
     for c in (
-        Correction("dense", "Gather(x, distinct cols) @ D[c, N] + Add; D folded at load from (pos, v)",
-                   _dense_check, _dense_build, _dense_decode, "corr_pos"),
+        Correction("dense", "Gather(x, distinct cols) @ D[c, N] + Add; D stored, or folded at load from (pos, v)",
+                   _dense_check, _dense_build, _dense_decode, ("corr_pos", DENSE)),
         Correction("rows", "(x @ A[K, r]) @ one-hot P[r, N] + Add; A and P folded at load",
-                   _rows_check, _rows_build, _rows_decode, "corr_colpos"),
+                   _rows_check, _rows_build, _rows_decode, ("corr_colpos",)),
         Correction("scatter", "Gather(x, cols) * v → ScatterElements(add) into the output rows",
-                   _scatter_check, _scatter_build, _scatter_decode, "corr_rows"),
+                   _scatter_check, _scatter_build, _scatter_decode, ("corr_rows",)),
     )
 }
 DEFAULT_CORRECTION = "auto"  # per layer: the cheapest accepted of dense, rows and scatter (choose_correction)
@@ -230,8 +262,8 @@ def decode_correction(layer: str, names, arr) -> tuple[np.ndarray, np.ndarray, n
 
     ``names``: the graph's initializer names; ``arr(name)``: that initializer as a numpy array.
     """
-    found = [c for c in CORRECTIONS.values() if f"{layer}.{c.marker}" in names]
-    return found[0].decode(layer, arr) if found else None
+    found = [c for c in CORRECTIONS.values() if any(f"{layer}.{m}" in names for m in c.markers)]
+    return found[0].decode(layer, names, arr) if found else None
 
 
 def correction_cost(q: QuantizedLinear, encoding: str) -> float:

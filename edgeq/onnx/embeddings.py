@@ -8,7 +8,10 @@ The table ``E [V, H]`` is quantized like a Linear weight with one scale per bloc
 
 (``bits=8``, ``--embedding-bits 8``: Q8-sym-127, one uint8 code ``q + 128`` a byte, ``data [V, H]``,
 blocks of 128 where H allows (else 64, else ``block_size``): 8 bits need fewer scales, and the
-scales are 10% of an 8-bit table at block 32)
+scales are 10% of an 8-bit table at block 32; ONNX Runtime refuses blocks that are not a power of
+two, so a 384-wide row cannot be one block.  The 8-bit tables' scales are rounded to float16 before
+the codes are computed and stored float16, read through a ``Cast`` to float32 (the op's scales have
+the output's type) that ONNX Runtime folds at load: half the scale bytes, the same Ê as the plan)
 and stored as ONNX Runtime's GatherBlockQuantized expects for ``uint8`` data with ``bits=4``:
 ``data [V, H/2]`` two codes per byte along the last axis (even h in the low nibble), ``scales
 [V, H/block_size]``, no ``zero_points`` input (default 2^(bits−1) = 8), ``gather_axis=0``,
@@ -33,6 +36,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeq.onnx.graph import MS_DOMAIN, attr, consumers, ensure_opset, metadata, set_meta
+from edgeq.onnx.lossless import float_constant
 from edgeq.quant.int4 import Granularity, QuantizedLinear, quantize_rtn
 from edgeq.quant.pack import pack_int4, unpack_int4
 
@@ -48,9 +52,12 @@ class EmbeddingResult:
     tables: dict[str, np.ndarray] = field(default_factory=dict)  # module name → Ê (what ORT computes)
 
 
-def quantize_table(table: np.ndarray, block_size: int = 32, bits: int = 4) -> QuantizedLinear:
-    """Q4-sym-7 (Q8-sym-127 with ``bits=8``) of ``table [V, H]`` with blocks of ``block_size`` along H."""
-    return quantize_rtn(table, np.empty(0, np.int64), Granularity("block", block_size), bits=bits)
+def quantize_table(table: np.ndarray, block_size: int = 32, bits: int = 4,
+                   fp16_scales: bool = False) -> QuantizedLinear:
+    """Q4-sym-7 (Q8-sym-127 with ``bits=8``) of ``table [V, H]`` with blocks of ``block_size`` along H
+    (``fp16_scales``: scales rounded to float16 before the codes)."""
+    return quantize_rtn(table, np.empty(0, np.int64), Granularity("block", block_size), bits=bits,
+                        fp16_scales=fp16_scales)
 
 
 def pack_table(q: QuantizedLinear) -> np.ndarray:
@@ -129,14 +136,13 @@ def quantize_embeddings(model: onnx.ModelProto, block_size: int = 32,
         name = node.input[0]
         table = numpy_helper.to_array(inits[name])
         bs = block_size if bits == 4 else next(b for b in (128, 64, block_size) if table.shape[1] % b == 0)
-        q = quantize_table(table, bs, bits)
-        new_inits += [
-            numpy_helper.from_array(pack_table(q), f"{name}.emb_q{bits}"),
-            numpy_helper.from_array(q.scales.astype(np.float32), f"{name}.emb_scales"),
-        ]
+        q = quantize_table(table, bs, bits, fp16_scales=bits == 8)
         new_name = f"{node.name or name}/GatherBlockQuantized"
+        scales, cast, tensors = float_constant(f"{name}.emb_scales", q.scales, f"{new_name}/scales")  # fp16 if exact
+        new_inits += [numpy_helper.from_array(pack_table(q), f"{name}.emb_q{bits}"), *tensors]
+        new_nodes += cast
         new_nodes.append(helper.make_node(
-            "GatherBlockQuantized", [f"{name}.emb_q{bits}", node.input[1], f"{name}.emb_scales"], list(node.output),
+            "GatherBlockQuantized", [f"{name}.emb_q{bits}", node.input[1], scales], list(node.output),
             name=new_name, domain=MS_DOMAIN, bits=bits, block_size=bs, gather_axis=0, quantize_axis=1,
         ))
         drop.add(name)
@@ -163,7 +169,7 @@ def read_embeddings(model: onnx.ModelProto) -> dict[str, np.ndarray]:
                     if n.op_type == "GatherBlockQuantized" and n.input[0] in (f"{name}.emb_q4", f"{name}.emb_q8"))
         bs, bits = attr(node, "block_size", None), attr(node, "bits", 4)
         data = numpy_helper.to_array(inits[node.input[0]])
-        scales = numpy_helper.to_array(inits[f"{name}.emb_scales"])
+        scales = numpy_helper.to_array(inits[f"{name}.emb_scales"]).astype(np.float32)  # float16 when lossless
         if bits == 8:
             h, codes = data.shape[1], data.astype(np.float32)
         else:

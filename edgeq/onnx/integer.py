@@ -48,7 +48,9 @@ from edgeq.onnx.corrections import (
     decode_correction,
 )
 from edgeq.onnx.graph import MS_DOMAIN, consumers, group_name, metadata, unique_names
+from edgeq.onnx.lossless import float_constant
 from edgeq.onnx.rewrite import LAYERS_KEY, RewriteResult, _bias_adds, commit_rewrite, match_linears
+from edgeq.onnx.storage import decode_integer_weight, integer_weight
 from edgeq.quant.int4 import QMAX_REDUCED, QuantizedLinear
 from edgeq.quant.integer import WEIGHT_ZERO_POINT
 
@@ -76,9 +78,13 @@ def check_integer(q: QuantizedLinear) -> str | None:
     return None
 
 
-def _weights(layer: str, q: QuantizedLinear) -> list[onnx.TensorProto]:
-    return [_tensor((q.codes.astype(np.int16) - WEIGHT_ZERO_POINT).astype(np.int8).T.copy(), f"{layer}.qweight"),
-            _tensor(q.scales[:, 0].astype(np.float32).copy(), f"{layer}.scales")]
+def _weights(layer: str, q: QuantizedLinear, storage: str) -> tuple[str, list, list]:
+    """(B name, nodes, initializers): int8 qᵀ stored ``storage`` (plain, or 7 bits a weight unpacked at load),
+    and the per-channel scales ``{layer}.scales``."""
+    b_name, nodes, inits = integer_weight(layer, (q.codes.astype(np.int16) - WEIGHT_ZERO_POINT).astype(np.int8).T,
+                                          storage)
+    inits.append(_tensor(q.scales[:, 0].astype(np.float32).copy(), f"{layer}.scales"))
+    return b_name, nodes, inits
 
 
 def _has_mask(q: QuantizedLinear) -> bool:
@@ -86,21 +92,24 @@ def _has_mask(q: QuantizedLinear) -> bool:
 
 
 def _mask_nodes(owner: str, x: str, q: QuantizedLinear):
-    """``x ⊙ m`` (m_j = 0 on the activation-outlier columns) as ``/{owner}/ActMask``, or x itself."""
+    """``x ⊙ m`` (m_j = 0 on the activation-outlier columns) as ``/{owner}/ActMask``, or x itself; m is
+    stored float16 behind a folded Cast (0/1 is lossless, edgeq.onnx.lossless)."""
     if not _has_mask(q):
         return x, [], []
     mask = np.ones(q.shape[1], np.float32)
     mask[q.act_cols] = 0
+    m, nodes, inits = float_constant(f"{owner}.{MASK}", mask, f"/{owner}/{MASK}")
     x_in = f"/{owner}/act_masked"
-    return x_in, [helper.make_node("Mul", [x, f"{owner}.{MASK}"], [x_in], name=f"/{owner}/ActMask")], \
-        [_tensor(mask, f"{owner}.{MASK}")]
+    return x_in, nodes + [helper.make_node("Mul", [x, m], [x_in], name=f"/{owner}/ActMask")], inits
 
 
-def _layer_nodes(layer: str, x: str, y_q: str, q: QuantizedLinear, bias: str | None):
+def _layer_nodes(layer: str, x: str, y_q: str, q: QuantizedLinear, bias: str | None, storage: str):
     x_in, nodes, inits = _mask_nodes(layer, x, q)
-    nodes.append(helper.make_node(OP, [x_in, f"{layer}.qweight", f"{layer}.scales", "", bias or ""], [y_q],
+    b_name, w_nodes, w_inits = _weights(layer, q, storage)
+    nodes += w_nodes
+    nodes.append(helper.make_node(OP, [x_in, b_name, f"{layer}.scales", "", bias or ""], [y_q],
                                   name=f"/{layer}/{OP}", domain=MS_DOMAIN))
-    return nodes, inits + _weights(layer, q)
+    return nodes, inits + w_inits
 
 
 def _shared_front(group: str, x: str, q: QuantizedLinear):
@@ -111,11 +120,13 @@ def _shared_front(group: str, x: str, q: QuantizedLinear):
     return (u, a, z), nodes, inits
 
 
-def _part_nodes(layer: str, front: tuple[str, str, str], y_q: str, q: QuantizedLinear, bias: str | None):
+def _part_nodes(layer: str, front: tuple[str, str, str], y_q: str, q: QuantizedLinear, bias: str | None,
+                storage: str):
     u, a, z = front
-    node = helper.make_node(SHARED_OP, [u, f"{layer}.qweight", a, f"{layer}.scales", z, "", bias or ""], [y_q],
-                            name=f"/{layer}/{SHARED_OP}", domain=MS_DOMAIN)
-    return [node], _weights(layer, q)
+    b_name, nodes, inits = _weights(layer, q, storage)
+    nodes.append(helper.make_node(SHARED_OP, [u, b_name, a, f"{layer}.scales", z, "", bias or ""], [y_q],
+                                  name=f"/{layer}/{SHARED_OP}", domain=MS_DOMAIN))
+    return nodes, inits
 
 
 def _own_bias(bias: str | None, inits, uses, n_out: int) -> bool:
@@ -161,7 +172,7 @@ def share_groups(inputs: Mapping[str, str], layers: Mapping[str, QuantizedLinear
 
 
 def rewrite_integer(model: onnx.ModelProto, layers: Mapping[str, QuantizedLinear], weights: dict[str, np.ndarray],
-                    correction: str = "auto", fold_bias: bool = True) -> RewriteResult:
+                    correction: str = "auto", fold_bias: bool = True, storage: str = "plain") -> RewriteResult:
     """Rewrite, in place, every Linear of ``layers`` to DynamicQuantizeMatMul + correction; raise if one
     cannot be mapped or is refused by :func:`check_integer`."""
     if correction not in CORRECTION_CHOICES:
@@ -215,9 +226,9 @@ def rewrite_integer(model: onnx.ModelProto, layers: Mapping[str, QuantizedLinear
                 fronts[group], nodes, tensors = _shared_front(group, x, q)
                 new_nodes += nodes
                 new_inits += tensors
-            nodes, tensors = _part_nodes(layer, fronts[group], y_q, q, bias)
+            nodes, tensors = _part_nodes(layer, fronts[group], y_q, q, bias, storage)
         else:
-            nodes, tensors = _layer_nodes(layer, x, f"/{layer}/{OP}_nobias" if tail else y_q, q, bias)
+            nodes, tensors = _layer_nodes(layer, x, f"/{layer}/{OP}_nobias" if tail else y_q, q, bias, storage)
         new_nodes += nodes + tail
         new_inits += tensors
         used, nodes, tensors = correction_branch(layer, x, y_q, y, q, correction, result.fallbacks)
@@ -243,24 +254,29 @@ def kernel_node(nodes: Mapping[str, onnx.NodeProto], layer: str) -> onnx.NodePro
     return None
 
 
+
 def float_input(node: onnx.NodeProto, producers: Mapping[str, onnx.NodeProto]) -> tuple[str, str | None]:
-    """(the float x a kernel node quantizes, the name of its 0/1 column mask or None), walking back over the
-    group's DynamicQuantizeLinear and the ActMask Mul."""
+    """(the float x a kernel node quantizes, the initializer of its 0/1 column mask or None), walking back over
+    the group's DynamicQuantizeLinear, the ActMask Mul and the mask's float16 Cast."""
     value = node.input[0]
     prev = producers.get(value)
     if prev is not None and prev.op_type == "DynamicQuantizeLinear":
         value = prev.input[0]
         prev = producers.get(value)
     if prev is not None and prev.op_type == "Mul" and prev.name.endswith("/ActMask"):
-        return prev.input[0], prev.input[1]
+        mask = prev.input[1]
+        cast = producers.get(mask)
+        return prev.input[0], cast.input[0] if cast is not None and cast.op_type == "Cast" else mask
     return value, None
 
 
-def decode_integer(node: onnx.NodeProto, arr) -> tuple[np.ndarray, np.ndarray]:
-    """(q ``[N, K]`` int8 as int32, scales ``[N]``) of an integer-kernel ``node``; ``arr(name)``: that
-    initializer as a numpy array."""
+def decode_integer(layer: str, node: onnx.NodeProto, names, arr) -> tuple[np.ndarray, np.ndarray]:
+    """(q ``[N, K]`` int8 as int32, scales ``[N]``) of ``layer``'s integer-kernel ``node``, from either storage.
+
+    ``names``: the graph's initializer names; ``arr(name)``: that initializer as a numpy array.
+    """
     b, s = KERNEL_INPUTS[node.op_type]
-    q = arr(node.input[b]).astype(np.int32).T
+    q = decode_integer_weight(layer, node.input[b], names, arr).astype(np.int32).T
     scales = arr(node.input[s]).astype(np.float32).reshape(-1)
     if scales.size == 1:
         scales = np.full(q.shape[0], scales[0], np.float32)
@@ -297,7 +313,7 @@ def integer_layers(model: onnx.ModelProto) -> dict[str, IntegerLayer]:
         node = kernel_node(nodes, layer)
         if node is None:
             continue
-        q, scales = decode_integer(node, arr)
+        q, scales = decode_integer(layer, node, inits, arr)
         mask = float_input(node, producers)[1]
         cols = np.empty(0, np.int64) if mask is None else np.flatnonzero(arr(mask) == 0).astype(np.int64)
         exact = np.zeros(q.shape, np.float32)

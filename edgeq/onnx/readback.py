@@ -63,7 +63,7 @@ def iter_read_back(model: onnx.ModelProto) -> Iterator[tuple[str, np.ndarray]]:
     def decode(layer: str) -> np.ndarray:
         integer = kernel_node(nodes, layer)
         if integer is not None:  # --kernel integer: int8 qᵀ and per-channel scales (edgeq.onnx.integer)
-            q, scales = decode_integer(integer, arr)
+            q, scales = decode_integer(layer, integer, inits, arr)
             return add_correction(layer, dequantize_integer(q, scales))
         node = nodes.get(f"/{layer}/MatMulNBits")
         if node is None:

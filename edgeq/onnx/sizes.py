@@ -8,13 +8,13 @@ COMPONENTS = ("int4_codes", "scales", "fp32_correction", "embeddings", "fp32_lin
 
 
 def _component(name: str, gather_data: set[str], linear_weights: set[str], nbits: dict[str, str]) -> str:
-    if name.endswith((".qweight", ".qplanes")) or ".unpack_" in name or nbits.get(name) == "int4_codes":
+    if name.endswith((".qweight", ".qplanes", ".q7")) or ".unpack_" in name or nbits.get(name) == "int4_codes":
         return "int4_codes"
     if name.endswith((".scales", ".scales16")) or nbits.get(name) == "scales":
         return "scales"
     if ".corr_" in name:
         return "fp32_correction"
-    if name in gather_data:
+    if name in gather_data or name.endswith(".emb_scales"):  # float16 scales reach the op through a Cast
         return "embeddings"
     if name in linear_weights:
         return "fp32_linear"

@@ -24,6 +24,18 @@ byte, i.e. 0.5 byte per group next to the 2-byte float16 scale); at 2/3 bits the
 like the codes.  The native kernel is written without them (refused by the config).
 
 :func:`decode_weight` reads the quantized part of Ŵ back from any of the three.
+
+``--kernel integer`` (DynamicQuantizeMatMul's int8 ``B = qᵀ [K, N]``, |q| ≤ 63): ``plain`` stores B;
+``compact`` stores ``u = q + 64`` ∈ [1, 127] (7 bits) over B flattened, in groups of 8 values in 7
+bytes ``P [G, 7]`` (``q7``): bytes t < 7 hold u_t in their low 7 bits and bit t of u_7 on top, so::
+
+    u_t = P_t mod 128 (t < 7),   u_7 = Σ_t ⌊P_t / 128⌋ · 2^t,   B = int8(u) − 64
+
+(Div, Mod, MatMulInteger for the 7-term sum, Concat, [Reshape, Slice: padding], Cast, Sub, Reshape, in
+uint8/int8: one element operation and one byte per weight per node, where bit planes in int32 take
+8 and 4 — ONNX Runtime keeps the folding's intermediates until it finishes, and glibc keeps that
+heap), a constant subgraph ONNX Runtime folds at session creation: 7/8 of the bytes, the same int8
+B (:func:`integer_weight`, :func:`decode_integer_weight`).
 """
 
 from __future__ import annotations
@@ -51,6 +63,7 @@ STORAGES = ("plain", "compact")
 KERNELS = ("int4", "native", "integer")  # native: ORT's own 2-bit MatMulNBits (--bits 2 only); integer:
 # DynamicQuantizeMatMul, uint8 dynamic activations x int8 weights (--bits 8 only, edgeq.onnx.integer)
 PLANES, SCALES16 = "qplanes", "scales16"  # initializer suffixes of a compact layer
+INTEGER_BITS, INTEGER_PACKED = 7, "q7"  # --kernel integer --storage compact: 7 bits a weight (|q| <= 63)
 
 _tensor = numpy_helper.from_array
 
@@ -132,6 +145,56 @@ def _compact(layer: str, q: QuantizedLinear):
     inits = [_tensor(pack_planes(q.codes, q.block_size, b), f"{layer}.{PLANES}"), _tensor(s16, f"{layer}.{SCALES16}")]
     inits += [_tensor(v, k) for k, v in const.items()]
     return f"{p}/B", f"{p}/scales", 4, nodes, inits
+
+
+def integer_weight(layer: str, b: np.ndarray, storage: str) -> tuple[str, list, list]:
+    """(B name, nodes, initializers) of ``layer``'s DynamicQuantizeMatMul int8 ``B [K, N]`` stored ``storage``."""
+    if storage == "plain":
+        return f"{layer}.qweight", [], [_tensor(np.ascontiguousarray(b, dtype=np.int8), f"{layer}.qweight")]
+    offset = 1 << (INTEGER_BITS - 1)
+    u = b.astype(np.int16).reshape(-1) + offset
+    if storage != "compact" or u.min(initial=0) < 0 or u.max(initial=0) > 127:
+        raise ValueError(f"{layer}: {storage} storage of the integer kernel's weights holds |q| <= {offset - 1}")
+    g = np.zeros((-(-u.size // 8), 8), np.uint8)
+    g.reshape(-1)[: u.size] = u
+    packed = g[:, :7] | (((g[:, 7:] >> np.arange(7, dtype=np.uint8)) & 1) << 7)  # 8th value's bits on top
+    p, c = f"/{layer}/unpack", f"{layer}.unpack_"
+    const = {  # uint8/int8 arithmetic: the folding's intermediates are 1 byte a weight
+        f"{c}128": np.array(128, np.uint8), f"{c}pow2": (2 ** np.arange(7)).astype(np.uint8).reshape(7, 1),
+        f"{c}offset": np.array(offset, np.int8), f"{c}B_shape": np.array(b.shape, np.int64),
+    }
+    if b.size % 8:
+        const.update({f"{c}start": np.array([0], np.int64), f"{c}size": np.array([b.size], np.int64),
+                      f"{c}flat": np.array([-1], np.int64)})
+    nodes = [
+        helper.make_node("Div", [f"{layer}.{INTEGER_PACKED}", f"{c}128"], [f"{p}/top"], name=f"{p}/Top"),
+        helper.make_node("Mod", [f"{layer}.{INTEGER_PACKED}", f"{c}128"], [f"{p}/low"], name=f"{p}/Low"),
+        helper.make_node("MatMulInteger", [f"{p}/top", f"{c}pow2"], [f"{p}/eighth32"], name=f"{p}/Eighth"),
+        helper.make_node("Cast", [f"{p}/eighth32"], [f"{p}/eighth"], name=f"{p}/CastEighth", to=TensorProto.UINT8),
+        helper.make_node("Concat", [f"{p}/low", f"{p}/eighth"], [f"{p}/u"], name=f"{p}/Groups", axis=1),
+    ]
+    if b.size % 8:  # the last group is padded
+        nodes += [helper.make_node("Reshape", [f"{p}/u", f"{c}flat"], [f"{p}/padded"], name=f"{p}/Flat"),
+                  helper.make_node("Slice", [f"{p}/padded", f"{c}start", f"{c}size"], [f"{p}/unpadded"],
+                                   name=f"{p}/Unpad")]
+    nodes += [
+        helper.make_node("Cast", [nodes[-1].output[0]], [f"{p}/u8"], name=f"{p}/CastInt8", to=TensorProto.INT8),
+        helper.make_node("Sub", [f"{p}/u8", f"{c}offset"], [f"{p}/q8"], name=f"{p}/Offset"),
+        helper.make_node("Reshape", [f"{p}/q8", f"{c}B_shape"], [f"{p}/B"], name=f"{p}/B"),
+    ]
+    inits = [_tensor(packed, f"{layer}.{INTEGER_PACKED}")] + [_tensor(v, k) for k, v in const.items()]
+    return f"{p}/B", nodes, inits
+
+
+def decode_integer_weight(layer: str, b_name: str, names, arr: Callable[[str], np.ndarray]) -> np.ndarray:
+    """DynamicQuantizeMatMul's int8 ``B [K, N]`` of ``layer`` (input ``b_name``), from either storage."""
+    if f"{layer}.{INTEGER_PACKED}" not in names:
+        return arr(b_name)
+    packed = arr(f"{layer}.{INTEGER_PACKED}").astype(np.int32)
+    shape = tuple(int(d) for d in arr(f"{layer}.unpack_B_shape"))
+    eighth = ((packed >> 7) << np.arange(7)).sum(axis=1, keepdims=True)
+    u = np.concatenate([packed & 127, eighth], axis=1).reshape(-1)[: int(np.prod(shape))]
+    return (u - (1 << (INTEGER_BITS - 1))).astype(np.int8).reshape(shape)
 
 
 def zero_point_input(layer: str, q: QuantizedLinear) -> tuple[str, onnx.TensorProto] | None:

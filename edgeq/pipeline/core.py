@@ -150,7 +150,8 @@ def quantize_graph(fp32_model, weights: Mapping[str, np.ndarray], config: Conver
         model = fp32_model
     try:
         if config.kernel == "integer":  # DynamicQuantizeMatMul (edgeq.onnx.integer)
-            result = timer.run("rewrite", rewrite_integer, model, plan.quants, dict(weights), config.correction)
+            result = timer.run("rewrite", rewrite_integer, model, plan.quants, dict(weights), config.correction,
+                               storage=config.storage)
         else:
             result = timer.run("rewrite", rewrite_linears, model, plan.quants, dict(weights), config.accuracy_level,
                                correction=config.correction, storage=config.storage, kernel=config.kernel)

@@ -209,7 +209,8 @@ def test_outlier_columns_ratio_and_ties():
     assert outlier_columns(a, 0).size == 0 and outlier_columns(a, 99).size == a.size
 
 
-def test_readers_of_one_input_share_one_activation_quantization():
+@pytest.mark.parametrize("storage", ["plain", "compact"])
+def test_readers_of_one_input_share_one_activation_quantization(storage):
     """q, k, v reading one x: one ActMask and one DynamicQuantizeLinear feed three MatMulIntegerToFloat, each
     computing what its own DynamicQuantizeMatMul would (numpy), decoded back exactly; parts whose columns
     differ keep their own node, with the reason in the result."""
@@ -220,7 +221,7 @@ def test_readers_of_one_input_share_one_activation_quantization():
     j = 11
     x[..., j] *= 40
     stats = {name: _stats(x) for name in ws}
-    cfg = ConvertConfig(k=0, act_outliers=1, calib="planted", **INTEGER)
+    cfg = ConvertConfig(k=0, act_outliers=1, calib="planted", storage=storage, **INTEGER)
     plan = build_plan(ws, cfg, stats)
     qg = quantize_graph(qkv_graph(ws, bs), ws, cfg, plan)
     onnx.checker.check_model(qg.model)
