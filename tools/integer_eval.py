@@ -201,6 +201,7 @@ def bench(out: Path, names: list[str], threads: int, repeats: int) -> None:
         sys.exit(f"error: {missing[0]} does not exist; build it first (--tasks rte --variants {','.join(names)})")
     shapes = parse_shapes(SHAPES)
     before = load_average()
+    before = None if before is None else round(before, 2)
     log(f"bench: {len(paths)} models, {repeats} rounds, load average {before}")
     results = run_bench(paths, shapes, threads, repeats, 3, True)
     data = to_json(results, shapes, threads, repeats, 3)
