@@ -182,14 +182,20 @@ def main() -> None:
     ap.add_argument("--peers", default=",".join(PEERS), help="models the dominance check compares against")
     ap.add_argument("--reference", default="fp32", help="the model every ratio is taken to")
     ap.add_argument("--variants", help="rows to show (default: the bench run's models)")
-    ap.add_argument("--sizes", type=Path, help="JSON {name: bytes} for rows the bench run lacks")
-    ap.add_argument("--stsb", type=Path, help="JSON {name: {spearman: ρ×100}}: an STS-B column")
+    ap.add_argument("--sizes", type=Path, help="JSON {name: bytes} (or sizes.json: its rte entry) for rows the "
+                    "bench run lacks")
+    ap.add_argument("--stsb", type=Path, help="JSON {name: {spearman: ρ×100}} (or stsb.json): an STS-B column")
     ap.add_argument("--min-agreement", type=float, help="add the acceptance check against --reference")
     args = ap.parse_args()
     print(render(args.accuracy, args.bench, args.shapes.split(","), args.plot_shape, args.md, args.png,
                  tuple(args.peers.split(",")), args.reference, args.variants.split(",") if args.variants else None,
-                 json.loads(args.sizes.read_text()) if args.sizes else None,
-                 json.loads(args.stsb.read_text()) if args.stsb else None, args.min_agreement))
+                 _flat(json.loads(args.sizes.read_text()), "rte") if args.sizes else None,
+                 _flat(json.loads(args.stsb.read_text()), "stsb") if args.stsb else None, args.min_agreement))
+
+
+def _flat(data: dict, key: str) -> dict:
+    """``data[key]`` for the per-task files of tools/integer_eval.py (sizes.json, stsb.json), else ``data``."""
+    return data[key] if key in data and isinstance(data[key], dict) else data
 
 
 def render(acc: Path, bench: Path, shapes: list[str], plot_shape: str, md: Path | None, png: Path | None,
