@@ -12,6 +12,13 @@ shape, one interleaved run), then:
 
     python tools/pareto.py results/bench/accuracy.json results/bench/peers_rte.json \
         --md results/bench/pareto.md --png results/bench/pareto.png
+
+Issue 15 (``tools/integer_eval.py --render``): ``--reference ort-int8-dynamic`` takes the ratios to
+that model instead of FP32, ``--peers`` names the peers, ``--variants`` lists rows even when the
+bench run lacks them (latency "–", size from ``--sizes``), ``--stsb`` adds the STS-B Spearman
+column and ``--min-agreement 0.98`` adds the acceptance check of every edgeq row against the
+reference (size ≤, latency ratio ≤ 1.00 at every shape, agreement with FP32 ≥ the floor, dev
+accuracy ≥ the reference's on every task).
 """
 
 from __future__ import annotations
@@ -23,23 +30,31 @@ from pathlib import Path
 PEERS = ("fp32", "ort-rtn-acc4", "ort-rtn-acc4-emb", "ort-hqq", "ort-int8-dynamic")
 
 
-def load(acc_path: Path, bench_path: Path, shapes: list[str]) -> dict[str, dict]:
+def load(acc_path: Path, bench_path: Path, shapes: list[str], reference: str = "fp32",
+         names: list[str] | None = None, sizes: dict[str, int] | None = None) -> dict[str, dict]:
+    """Rows of ratios to ``reference``: the bench run's models, or ``names`` (latency None when not timed)."""
     acc = json.loads(acc_path.read_text())
-    bench = json.loads(bench_path.read_text())
-    base = next(m for m in bench["models"] if Path(m["path"]).stem == "fp32")
+    bench = {Path(m["path"]).stem: m for m in json.loads(bench_path.read_text())["models"]}
+    nbytes = {**(sizes or {}), **{n: m["file_bytes"] for n, m in bench.items()}}
+    base = bench.get(reference)
     rows = {}
-    for m in bench["models"]:
-        name = Path(m["path"]).stem
-        if not all(name in acc[t] for t in acc):
+    for name in names if names is not None else list(bench):
+        if not all(name in acc[t] for t in acc) or name not in nbytes:
             continue
+        m = bench.get(name)
         rows[name] = {
-            "size": m["file_bytes"] / base["file_bytes"],
-            **{f"lat {s}": m["latency"][s]["median_ms"] / base["latency"][s]["median_ms"] for s in shapes},
+            "size": nbytes[name] / nbytes[reference] if reference in nbytes else None,
+            **{f"lat {s}": m["latency"][s]["median_ms"] / base["latency"][s]["median_ms"] if m and base else None
+               for s in shapes},
             **{f"acc {t}": acc[t][name]["accuracy"] for t in acc},
             **{f"se {t}": acc[t][name]["accuracy_se"] for t in acc},
             **{f"agree {t}": acc[t][name]["agreement_fp32"] for t in acc},
         }
     return rows
+
+
+def _num(x: float | None, fmt: str = ".2f") -> str:
+    return "–" if x is None else format(x, fmt)
 
 
 def shortfalls(e: dict, p: dict, shapes: list[str], tasks: list[str]) -> list[str]:
@@ -48,7 +63,9 @@ def shortfalls(e: dict, p: dict, shapes: list[str], tasks: list[str]) -> list[st
     if e["size"] > p["size"]:
         out.append(f"size {e['size']:.3f} > {p['size']:.3f}")
     for s in shapes:
-        if e[f"lat {s}"] > p[f"lat {s}"]:
+        if e[f"lat {s}"] is None or p[f"lat {s}"] is None:
+            out.append(f"{s} not timed")
+        elif e[f"lat {s}"] > p[f"lat {s}"]:
             out.append(f"{s} {e[f'lat {s}']:.2f} > {p[f'lat {s}']:.2f}")
     for t in tasks:
         if e[f"acc {t}"] < p[f"acc {t}"]:
@@ -59,22 +76,58 @@ def shortfalls(e: dict, p: dict, shapes: list[str], tasks: list[str]) -> list[st
     return out
 
 
-def markdown(rows: dict[str, dict], all_shapes: list[str], shapes: list[str], tasks: list[str]) -> str:
+def acceptance(e: dict, ref: dict, shapes: list[str], tasks: list[str], min_agreement: float) -> list[str]:
+    """Issue 15's criteria for ``e`` against the reference row (ratios to it, so its latency is 1.00)."""
+    out = []
+    if e["size"] > ref["size"]:
+        out.append(f"size {e['size']:.3f}× (+{100 * (e['size'] / ref['size'] - 1):.1f} %)")
+    for s in shapes:
+        if e[f"lat {s}"] is None:
+            out.append(f"{s} not timed")
+        elif e[f"lat {s}"] > ref[f"lat {s}"]:
+            out.append(f"{s} {e[f'lat {s}']:.2f}× (+{100 * (e[f'lat {s}'] / ref[f'lat {s}'] - 1):.0f} %)")
+    for t in tasks:
+        if e[f"agree {t}"] < min_agreement:
+            a = e[f"agree {t}"]
+            out.append(f"{t} agreement {a:.3f} < {min_agreement:.2f} (short by {min_agreement - a:.3f})")
+        if e[f"acc {t}"] < ref[f"acc {t}"]:
+            d = 100 * (ref[f"acc {t}"] - e[f"acc {t}"])
+            out.append(f"{t} acc −{d:.1f} pt ({d / (100 * ref[f'se {t}']):.1f} SE)")
+    return out
+
+
+def markdown(rows: dict[str, dict], all_shapes: list[str], shapes: list[str], tasks: list[str],
+             peers: tuple[str, ...] = PEERS, reference: str = "fp32", stsb: dict[str, float] | None = None,
+             min_agreement: float | None = None) -> str:
     edgeq = [n for n in rows if n.startswith("edgeq")]
-    lines = ["| model | size × | " + " | ".join(f"{s} ×" for s in all_shapes) + " | "
-             + " | ".join(f"{t} acc" for t in tasks) + " | " + " | ".join(f"{t} agree" for t in tasks) + " |",
-             "|" + "---|" * (2 + len(all_shapes) + 2 * len(tasks))]
+    sts = stsb is not None
+    ref = "" if reference == "fp32" else " " + reference
+    lines = [f"| model | size ×{ref} | " + " | ".join(f"{s} ×" for s in all_shapes) + " | "
+             + " | ".join(f"{t} acc" for t in tasks) + " | " + " | ".join(f"{t} agree" for t in tasks)
+             + (" | STS-B ρ×100" if sts else "") + " |",
+             "|" + "---|" * (2 + len(all_shapes) + 2 * len(tasks) + sts)]
     for n, r in rows.items():
-        lines.append(f"| {n} | {r['size']:.3f} | " + " | ".join(f"{r[f'lat {s}']:.2f}" for s in all_shapes) + " | "
-                     + " | ".join(f"{100 * r[f'acc {t}']:.1f} ± {100 * r[f'se {t}']:.1f}" for t in tasks) + " | "
-                     + " | ".join(f"{r[f'agree {t}']:.3f}" for t in tasks) + " |")
+        lines.append(f"| {n} | {_num(r['size'], '.3f')} | " + " | ".join(_num(r[f"lat {s}"]) for s in all_shapes)
+                     + " | " + " | ".join(f"{100 * r[f'acc {t}']:.1f} ± {100 * r[f'se {t}']:.1f}" for t in tasks)
+                     + " | " + " | ".join(f"{r[f'agree {t}']:.3f}" for t in tasks)
+                     + (f" | {_num(stsb.get(n))}" if sts else "") + " |")
+    if min_agreement is not None and reference in rows:
+        lines += ["", f"Acceptance against **{reference}** (size ≤ its size, latency ratio ≤ 1.00 at "
+                  + ", ".join(all_shapes) + f", agreement with FP32 ≥ {min_agreement} and dev accuracy ≥ "
+                  f"{reference}'s on " + ", ".join(tasks) + "):", ""]
+        for e in edgeq:
+            fails = acceptance(rows[e], rows[reference], all_shapes, tasks, min_agreement)
+            lines.append(f"* {e}: " + ("**meets every criterion**." if not fails else "fails on " + "; ".join(fails)
+                                       + "."))
     lines += ["", "Dominance (an edgeq configuration at least as good on size, latency at "
               + ", ".join(shapes) + ", dev accuracy and agreement on " + ", ".join(tasks) + "):", ""]
-    for p in PEERS:
+    for p in peers:
         if p not in rows:
             continue
         fails = {e: shortfalls(rows[e], rows[p], shapes, tasks) for e in edgeq}
         winners = [e for e, f in fails.items() if not f]
+        if not fails:
+            continue
         if winners:
             lines.append(f"* **{p}**: dominated by {', '.join(winners)}.")
         else:
@@ -83,7 +136,8 @@ def markdown(rows: dict[str, dict], all_shapes: list[str], shapes: list[str], ta
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: dict[str, dict], shape: str, tasks: list[str], png: Path, ymax: float = 1.8) -> None:
+def plot(rows: dict[str, dict], shape: str, tasks: list[str], png: Path, ymax: float = 1.8,
+         reference: str = "FP32 ONNX") -> None:
     """Size × vs latency × at ``shape``; points numbered, the key lists name and accuracies."""
     import matplotlib
 
@@ -93,6 +147,9 @@ def plot(rows: dict[str, dict], shape: str, tasks: list[str], png: Path, ymax: f
     fig, (ax, key) = plt.subplots(1, 2, figsize=(11, 5.5), gridspec_kw={"width_ratios": [1.4, 1]})
     lines = []
     for i, (n, r) in enumerate(rows.items(), 1):
+        if r[f"lat {shape}"] is None or r["size"] is None:
+            lines.append(f"{i:2d} {n}: " + "/".join(f"{100 * r[f'acc {t}']:.1f}" for t in tasks) + " (not timed)")
+            continue
         peer = not n.startswith("edgeq")
         y = min(r[f"lat {shape}"], ymax)
         ax.scatter(r["size"], y, marker="s" if peer else "o", color="tab:gray" if peer else "tab:blue",
@@ -103,8 +160,8 @@ def plot(rows: dict[str, dict], shape: str, tasks: list[str], png: Path, ymax: f
         lines.append(f"{i:2d} {n}: {accs}{off}")
     ax.axhline(1.0, color="k", lw=0.5, ls=":")
     ax.set_ylim(top=ymax * 1.03)
-    ax.set_xlabel("file size × FP32 ONNX")
-    ax.set_ylabel(f"median latency at {shape} × FP32 ONNX (same run)")
+    ax.set_xlabel(f"file size × {reference}")
+    ax.set_ylabel(f"median latency at {shape} × {reference} (same run)")
     ax.set_title("squares: FP32 and ONNX Runtime's quantizers; circles: edgeq", fontsize=9)
     ax.grid(alpha=0.3)
     key.axis("off")
@@ -122,17 +179,40 @@ def main() -> None:
     ap.add_argument("--plot-shape", default="1x128")
     ap.add_argument("--md", type=Path)
     ap.add_argument("--png", type=Path)
+    ap.add_argument("--peers", default=",".join(PEERS), help="models the dominance check compares against")
+    ap.add_argument("--reference", default="fp32", help="the model every ratio is taken to")
+    ap.add_argument("--variants", help="rows to show (default: the bench run's models)")
+    ap.add_argument("--sizes", type=Path, help="JSON {name: bytes} (or sizes.json: its rte entry) for rows the "
+                    "bench run lacks")
+    ap.add_argument("--stsb", type=Path, help="JSON {name: {spearman: ρ×100}} (or stsb.json): an STS-B column")
+    ap.add_argument("--min-agreement", type=float, help="add the acceptance check against --reference")
     args = ap.parse_args()
-    shapes = args.shapes.split(",")
-    tasks = list(json.loads(args.accuracy.read_text()))
-    bench_shapes = json.loads(args.bench.read_text())["shapes"]
-    rows = load(args.accuracy, args.bench, bench_shapes)
-    text = markdown(rows, bench_shapes, shapes, tasks)
-    if args.md:
-        args.md.write_text(text, encoding="utf-8")
-    print(text)
-    if args.png:
-        plot(rows, args.plot_shape, tasks, args.png)
+    print(render(args.accuracy, args.bench, args.shapes.split(","), args.plot_shape, args.md, args.png,
+                 tuple(args.peers.split(",")), args.reference, args.variants.split(",") if args.variants else None,
+                 _flat(json.loads(args.sizes.read_text()), "rte") if args.sizes else None,
+                 _flat(json.loads(args.stsb.read_text()), "stsb") if args.stsb else None, args.min_agreement))
+
+
+def _flat(data: dict, key: str) -> dict:
+    """``data[key]`` for the per-task files of tools/integer_eval.py (sizes.json, stsb.json), else ``data``."""
+    return data[key] if key in data and isinstance(data[key], dict) else data
+
+
+def render(acc: Path, bench: Path, shapes: list[str], plot_shape: str, md: Path | None, png: Path | None,
+           peers: tuple[str, ...] = PEERS, reference: str = "fp32", names: list[str] | None = None,
+           sizes: dict[str, int] | None = None, stsb: dict[str, dict] | None = None,
+           min_agreement: float | None = None, header: str = "", tasks: list[str] | None = None) -> str:
+    """The table (and plot) of ``acc`` × ``bench``; returns the markdown (also written to ``md``)."""
+    tasks = tasks or list(json.loads(acc.read_text()))
+    bench_shapes = json.loads(bench.read_text())["shapes"]
+    rows = load(acc, bench, bench_shapes, reference, names, sizes)
+    sts = None if stsb is None else {n: v["spearman"] for n, v in stsb.items()}
+    text = header + markdown(rows, bench_shapes, shapes, tasks, peers, reference, sts, min_agreement)
+    if md:
+        md.write_text(text, encoding="utf-8")
+    if png:
+        plot(rows, plot_shape, tasks, png, *((1.8, "FP32 ONNX") if reference == "fp32" else (2.6, reference)))
+    return text
 
 
 if __name__ == "__main__":
