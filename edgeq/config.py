@@ -52,6 +52,7 @@ class ConvertConfig:
     normalize: bool = False  # plain encoders with --pooling: L2-normalise the sentence embedding
     act_outliers: int = 0  # --kernel integer: input columns of largest calibration max|x| per Linear kept FP32
     act_outlier_ratio: float = 0.0  # ... only those with max|x_j| >= this x the median column's (0: all N)
+    smooth_alpha: float | None = None  # --kernel integer: SmoothQuant migration strength α in (0, 1) (None: off)
     granularity: Granularity = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -140,7 +141,7 @@ class ConvertConfig:
         if self.storage == "compact" and self.quantizer not in GRID_QUANTIZERS:
             raise ValueError(f"--storage compact (and --bits 2/3) needs float16 scales, which --quantizer "
                              f"{self.quantizer} does not plan; use --quantizer {'/'.join(GRID_QUANTIZERS)}")
-        if self.kernel == "integer" or self.act_outliers or self.act_outlier_ratio:
+        if self.kernel == "integer" or self.act_outliers or self.act_outlier_ratio or self.smooth_alpha is not None:
             self._check_integer()
         if self.storage == "compact" and self.bits == 8:
             raise ValueError("--storage compact holds 2, 3 or 4 bits per weight; use --bits 2, 3 or 4 "
@@ -153,10 +154,19 @@ class ConvertConfig:
         if not self.act_outlier_ratio >= 0:
             raise ValueError(f"--act-outlier-ratio must be >= 0, got {self.act_outlier_ratio!r}")
         if self.kernel != "integer":
+            if not (self.act_outliers or self.act_outlier_ratio):
+                raise ValueError("--smooth-alpha rescales the integer kernel's activations; "
+                                 "use it with --kernel integer --bits 8")
             raise ValueError("--act-outliers keeps activation columns out of the integer kernel; "
                              "use it with --kernel integer --bits 8")
         if self.act_outliers and not self.calib:
             raise ValueError("--act-outliers picks columns by calibration max|x|; pass --calib TASK_OR_FILE")
+        if self.smooth_alpha is not None:
+            a = self.smooth_alpha
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a < 1:
+                raise ValueError(f"--smooth-alpha must be a fraction in (0, 1) (e.g. 0.5), got {a!r}")
+            if not self.calib:
+                raise ValueError("--smooth-alpha scales columns by calibration max|x|; pass --calib TASK_OR_FILE")
         if self.bits != 8:
             raise ValueError(f"--kernel integer runs int8 weights (DynamicQuantizeMatMul); use --bits 8, "
                              f"not --bits {self.bits}")

@@ -4,7 +4,8 @@ For a Linear ``y = x Wᵀ (+ b)`` planned with 8-bit codes ``c = q + 128`` (|q| 
 channel scales s, exact entries S, activation-outlier columns C ⊆ columns of S;
 :mod:`edgeq.quant.integer` gives the arithmetic)::
 
-    x'  = Mul(x, m)                       # only when C ≠ ∅: m_j = 0 for j ∈ C, else 1
+    x'  = Mul(x, m)                       # only when C ≠ ∅ or smoothed: m_j = 0 for j ∈ C, r_j = 1/s_j
+                                          # (--smooth-alpha; codes of W diag(s)), else 1: input_factors(q)
     y_q = com.microsoft.DynamicQuantizeMatMul(x', B = int8 qᵀ [K, N], b_scale = s [N], -, bias = b)
     y   = y_q + correction(x)             # edgeq.onnx.corrections, on x itself (C's columns are in S)
 
@@ -16,9 +17,9 @@ here; on x86 without VNNI it sums pairs of u8·s8 products in int16, so the plan
 Pattern → check → rewrite: the Linears are matched as for MatMulNBits
 (:func:`edgeq.onnx.rewrite.match_linears`, bias Adds folded the same way); :func:`check_integer`
 returns why a planned layer cannot be written (codes beyond ±63, scales that vary along K,
-activation columns not wholly exact); :func:`rewrite_integer` writes them.
-:func:`decode_integer` and :func:`integer_layers` read the file back (``edgeq.onnx.readback``,
-plan parity).
+activation columns not wholly exact, smoothing factors not positive); :func:`rewrite_integer`
+writes them.  :func:`decode_integer` and :func:`integer_layers` read the file back
+(``edgeq.onnx.readback``, plan parity): Ŵ = q · s_i · m_j + exact entries, in W's own coordinates.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ from edgeq.onnx.corrections import (
 from edgeq.onnx.graph import MS_DOMAIN, consumers, metadata, unique_names
 from edgeq.onnx.rewrite import LAYERS_KEY, RewriteResult, _bias_adds, commit_rewrite, match_linears
 from edgeq.quant.int4 import QMAX_REDUCED, QuantizedLinear
-from edgeq.quant.integer import WEIGHT_ZERO_POINT
+from edgeq.quant.integer import WEIGHT_ZERO_POINT, input_factors
 
 OP = "DynamicQuantizeMatMul"
-MASK = "act_mask"  # initializer suffix of the 0/1 column mask (only layers with activation-outlier columns)
+MASK = "act_mask"  # initializer suffix of the column factors m (0: outlier column, 1/s_j: smoothed; else absent)
 
 _tensor = numpy_helper.from_array
 
@@ -60,6 +61,9 @@ def check_integer(q: QuantizedLinear) -> str | None:
         need = (np.arange(n_out)[:, None] * k_in + q.act_cols[None, :]).reshape(-1)
         if not np.all(np.isin(need, q.salient_index)):
             return "an activation-outlier column is not wholly in the FP32 correction"
+    if q.smooth is not None and (q.smooth.shape != (q.shape[1],) or not np.all(np.isfinite(q.smooth))
+                                 or not np.all(q.smooth > 0)):
+        return "smoothing factors must be one positive finite number per input column"
     return None
 
 
@@ -69,9 +73,8 @@ def _layer_nodes(layer: str, x: str, y_q: str, q: QuantizedLinear, bias: str | N
              _tensor(q.scales[:, 0].astype(np.float32).copy(), f"{layer}.scales")]
     nodes = []
     x_in = x
-    if q.act_cols is not None and q.act_cols.size:
-        mask = np.ones(k_in, np.float32)
-        mask[q.act_cols] = 0
+    mask = input_factors(q)
+    if mask is not None:
         inits.append(_tensor(mask, f"{layer}.{MASK}"))
         x_in = f"/{layer}/act_masked"
         nodes.append(helper.make_node("Mul", [x, f"{layer}.{MASK}"], [x_in], name=f"/{layer}/ActMask"))
@@ -141,8 +144,9 @@ def rewrite_integer(model: onnx.ModelProto, layers: Mapping[str, QuantizedLinear
     return result
 
 
-def decode_integer(layer: str, node: onnx.NodeProto, names, arr) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(q ``[N, K]`` int8 as int32, scales ``[N]``, act_cols) of ``layer``'s DynamicQuantizeMatMul ``node``.
+def decode_integer(layer: str, node: onnx.NodeProto, names, arr) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(q ``[N, K]`` int8 as int32, scales ``[N]``, factors m ``[K]`` or None) of ``layer``'s DynamicQuantizeMatMul
+    ``node``.
 
     ``names``: the graph's initializer names; ``arr(name)``: that initializer as a numpy array.
     """
@@ -150,15 +154,16 @@ def decode_integer(layer: str, node: onnx.NodeProto, names, arr) -> tuple[np.nda
     scales = arr(node.input[2]).astype(np.float32).reshape(-1)
     if scales.size == 1:
         scales = np.full(q.shape[0], scales[0], np.float32)
-    cols = np.empty(0, np.int64)
+    factors = None
     if f"{layer}.{MASK}" in names:
-        cols = np.flatnonzero(arr(f"{layer}.{MASK}") == 0).astype(np.int64)
-    return q, scales, cols
+        factors = arr(f"{layer}.{MASK}").astype(np.float32).reshape(-1)
+    return q, scales, factors
 
 
-def dequantize_integer(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """The int8 part of Ŵ, ``q · s`` per output channel (float32, as ``QuantizedLinear.dequantize_int4``)."""
-    return (q.astype(np.float32) * scales[:, None]).astype(np.float32)
+def dequantize_integer(q: np.ndarray, scales: np.ndarray, factors: np.ndarray | None = None) -> np.ndarray:
+    """The int8 part of Ŵ, ``q · s_i (· m_j)`` (float32, as ``QuantizedLinear.dequantize_int4``; q is 0 where m is)."""
+    w = (q.astype(np.float32) * scales[:, None]).astype(np.float32)
+    return w if factors is None else (w * factors[None, :]).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -168,7 +173,12 @@ class IntegerLayer:
     q: np.ndarray  # int32 [N, K], |q| <= 63 (0 at exact entries)
     scales: np.ndarray  # float32 [N]
     exact: np.ndarray  # float32 [N, K]: the FP32 correction's entries, zeros elsewhere
-    act_cols: np.ndarray  # int64: input columns zeroed before the activation quantization
+    factors: np.ndarray | None  # float32 [K]: m, x's multiplier before the activation quantization (None: ones)
+
+    @property
+    def act_cols(self) -> np.ndarray:
+        """int64: the input columns zeroed before the activation quantization (m_j = 0)."""
+        return np.empty(0, np.int64) if self.factors is None else np.flatnonzero(self.factors == 0).astype(np.int64)
 
 
 def integer_layers(model: onnx.ModelProto) -> dict[str, IntegerLayer]:
@@ -185,11 +195,11 @@ def integer_layers(model: onnx.ModelProto) -> dict[str, IntegerLayer]:
         node = nodes.get(f"/{layer}/{OP}")
         if node is None:
             continue
-        q, scales, cols = decode_integer(layer, node, inits, arr)
+        q, scales, factors = decode_integer(layer, node, inits, arr)
         exact = np.zeros(q.shape, np.float32)
         entries = decode_correction(layer, inits, arr)
         if entries is not None:
             rows, ecols, vals = entries
             np.add.at(exact, (rows, ecols), vals)
-        out[layer] = IntegerLayer(q, scales, exact, cols)
+        out[layer] = IntegerLayer(q, scales, exact, factors)
     return out

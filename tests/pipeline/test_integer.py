@@ -55,6 +55,8 @@ def test_layer_parity_catches_a_graph_that_differs_from_its_decode(converted):
     assert max(integer_layer_parity(model, loaded, layers, batches).values()) <= 1e-4
     mask = next(t for t in model.graph.initializer if t.name.endswith(f".{MASK}"))
     m = numpy_helper.to_array(mask).copy()
-    m[np.flatnonzero(m)[:8]] = 0.5  # the graph halves columns the decode says pass unchanged
-    mask.CopyFrom(numpy_helper.from_array(m, mask.name))
+    m[np.flatnonzero(m)[:8]] = 0.5  # the graph halves columns the decode (which reads the mask) says pass unchanged
+    model.graph.initializer.append(numpy_helper.from_array(m, "tampered_mask"))
+    mul = next(n for n in model.graph.node if n.op_type == "Mul" and mask.name in n.input)
+    mul.input[list(mul.input).index(mask.name)] = "tampered_mask"
     assert max(integer_layer_parity(model, loaded, integer_layers(model), batches).values()) > 1e-3
