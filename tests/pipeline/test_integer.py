@@ -60,3 +60,21 @@ def test_layer_parity_catches_a_graph_that_differs_from_its_decode(converted):
     mul = next(n for n in model.graph.node if n.op_type == "Mul" and mask.name in n.input)
     mul.input[list(mul.input).index(mask.name)] = "tampered_mask"
     assert max(integer_layer_parity(model, loaded, integer_layers(model), batches).values()) > 1e-3
+
+
+def test_convert_smoothed_and_masked_integer_file(tiny_model, tmp_path):
+    """--smooth-alpha with --act-outliers: m is 0 on the outlier columns, 1/s_j elsewhere (one Mul per Linear),
+    and the per-Linear plan parity and the read-back (Ŵ in W's coordinates) hold."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(f"sentence number {i} about the weather and {i % 7} cats" for i in range(40)))
+    cfg = ConvertConfig(k=0, bits=8, kernel="integer", block_size="per-channel", act_outliers=2, smooth_alpha=0.5,
+                        calib=str(calib))
+    out = tmp_path / "out.onnx"
+    report = convert(tiny_model(hidden=64), out, cfg)
+    model = onnx.load(str(out))
+    masks = [numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith(f".{MASK}")]
+    assert len(masks) == report["linears_quantized"] == Counter(n.op_type for n in model.graph.node)[OP]
+    assert all((m == 0).sum() == 2 and np.unique(m[m != 0]).size > 1 for m in masks)  # masked, and smoothed
+    checks = {c["name"]: c for c in report["parity"]["checks"]}
+    assert report["parity"]["ok"] and checks["plan parity: every Linear on ORT inputs max|d|/max|ref|"]["ok"]
+    assert validate_file(tiny_model(hidden=64), out).ok
