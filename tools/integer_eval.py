@@ -4,7 +4,8 @@ For each task (RTE, MRPC, SST-2): one FP32 export, ``onnxruntime.quantization.qu
 of it (``ort-int8-dynamic``, as tools/bench_peers.py builds it), and edgeq integer-kernel variants
 built in memory (``edgeq.pipeline.core.quantize_graph``: count and read-back checks; the full
 ``edgeq convert`` adds the parity checks) with ``--bits 8 --kernel integer --block-size
-per-channel``, ``--act-outliers c`` calibrated on the task's train split (128 examples, seed 0).
+per-channel``, ``--act-outliers c`` and ``--smooth-alpha α`` calibrated on the task's train split
+(128 examples, seed 0).
 Scored on the GLUE dev set: accuracy and top-1 agreement with the FP32 ONNX model
 (tools/bench_peers.py ``evaluate``).
 
@@ -45,7 +46,14 @@ VARIANTS = {
     "edgeq-int-k0-a2-emb8": (0, 2, 0.0, 8),
     "edgeq-int-k0-emb8": (0, 0, 0.0, 8),
     "edgeq-int-k256-a2-r6": (256, 2, 6.0, 0),
+    "edgeq-int-k0-s50-emb8": (0, 0, 0.0, 8),
+    "edgeq-int-k0-a4-s50-emb8": (0, 4, 0.0, 8),
+    "edgeq-int-k0-s75-emb8": (0, 0, 0.0, 8),
+    "edgeq-int-k0-s25-emb8": (0, 0, 0.0, 8),
 }
+# --smooth-alpha of the variants that smooth (SmoothQuant-style migration, docs/int8.md)
+SMOOTH_ALPHA = {"edgeq-int-k0-s50-emb8": 0.5, "edgeq-int-k0-a4-s50-emb8": 0.5, "edgeq-int-k0-s75-emb8": 0.75,
+                "edgeq-int-k0-s25-emb8": 0.25}
 
 
 def build(loaded, fp32, outdir: Path, task: str, names: list[str]) -> dict[str, Path]:
@@ -67,9 +75,10 @@ def build(loaded, fp32, outdir: Path, task: str, names: list[str]) -> dict[str, 
     modules = module_names(fp32, loaded.model)
     for name in names:
         k, act, ratio, emb = VARIANTS[name]
+        alpha = SMOOTH_ALPHA.get(name)
         config = ConvertConfig(k=k, bits=8, kernel="integer", block_size="per-channel", act_outliers=act,
-                               act_outlier_ratio=ratio, calib=task if act else None, quantize_embeddings=bool(emb),
-                               embedding_bits=emb or 4)
+                               act_outlier_ratio=ratio, calib=task if act or alpha else None,
+                               quantize_embeddings=bool(emb), embedding_bits=emb or 4, smooth_alpha=alpha)
         plan = build_plan(weights, config, calib.stats)
         qg = quantize_graph(fp32, weights, config, plan, modules)
         paths[name] = outdir / f"{name}.onnx"
@@ -98,7 +107,7 @@ def main() -> None:
     for task in args.tasks.split(","):
         loaded = load_model(SHARED / "models" / f"minilm-l6-{task}")
         paths = build(loaded, export_fp32(loaded), args.out / "models" / task, TASKS[task], names)
-        sizes[task] = {n: file_bytes(p) for n, p in paths.items()}
+        sizes[task] = {**sizes.get(task, {}), **{n: file_bytes(p) for n, p in paths.items()}}
         size_path.write_text(json.dumps(sizes, indent=2) + "\n")
         accuracy[task] = {**accuracy.get(task, {}), **evaluate(paths, loaded, task, args.threads)}
         acc_path.write_text(json.dumps(accuracy, indent=2) + "\n")
