@@ -165,12 +165,13 @@ def activation_outliers(name: str, n_in: int, config: ConvertConfig, stats=None)
 def activation_smoothing(weights: Mapping[str, np.ndarray], config: ConvertConfig,
                          stats: Mapping[str, object] | None) -> dict[str, np.ndarray]:
     """``--smooth-alpha``: r per non-excluded Linear (empty without the option); Linears whose calibration
-    statistics are one object (they read one tensor: q/k/v) get one r, from the max of all their rows."""
+    statistics are one object (they read one tensor: q/k/v) get one r, from the max of all their rows;
+    ``--smooth-layers`` leaves the Linears it does not match out."""
     if config.smooth_alpha is None:
         return {}
     groups: dict[int, list[str]] = {}
     for name in weights:
-        if config.is_excluded(name):
+        if config.is_excluded(name) or not config.is_smoothed(name):
             continue
         st = (stats or {}).get(name)
         if getattr(st, "abs_max", None) is None:
@@ -254,7 +255,7 @@ def plan_layer(name: str, weight: np.ndarray, config: ConvertConfig, stats=None,
         order = np.arange(k, dtype=np.int64)
     else:
         order = selection_order(name, weight, config, stats, limit=k)
-    if smooth is None and config.smooth_alpha is not None:
+    if smooth is None and config.is_smoothed(name):
         smooth = activation_smoothing({name: weight}, config, {name: stats})[name]
     return plan_layer_from_order(name, weight, order, config, quantize, k, activation_weights(stats), act_cols,
                                  smooth)

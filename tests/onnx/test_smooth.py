@@ -139,6 +139,17 @@ def test_linears_reading_one_input_share_the_factors(planted):
         activation_smoothing(weights, cfg, {"q": st})
 
 
+def test_smooth_layers_narrows_the_smoothed_linears(planted):
+    ws, b1, b2, _, stats = planted
+    cfg = ConvertConfig(k=0, smooth_layers=("lin1",), **SMOOTH)
+    plan = build_plan(ws, cfg, stats)
+    assert plan.layers["lin1"].quant.smooth is not None and plan.layers["lin2"].quant.smooth is None
+    qg = quantize_graph(linear_graph(ws["lin1"], b1, ws["lin2"], b2), ws, cfg, plan)
+    lay = integer_layers(qg.model)
+    assert lay["lin1"].factors is not None and lay["lin2"].factors is None and ops(qg.model)["Mul"] == 1
+    np.testing.assert_array_equal(read_back(qg.model)["lin2"], ws["lin2"])  # snapped and not smoothed: W itself
+
+
 def test_refusals(planted):
     ws, _, _, _, stats = planted
     q = build_plan(ws, ConvertConfig(k=0, **SMOOTH), stats).layers["lin1"].quant
@@ -155,6 +166,8 @@ def test_refusals(planted):
     (dict(INTEGER, smooth_alpha=1.0, calib="rte"), r"\(0, 1\)"),
     (dict(INTEGER, smooth_alpha=True, calib="rte"), r"\(0, 1\)"),
     (dict(bits=8, smooth_alpha=0.5, calib="rte"), "--smooth-alpha .*--kernel integer"),
+    (dict(INTEGER, smooth_layers=("query",)), "--smooth-layers .*--smooth-alpha"),
+    (dict(INTEGER, smooth_alpha=0.5, calib="rte", smooth_layers=("(",)), "--smooth-layers .*regular expression"),
 ])
 def test_config_refusals(kw, match):
     with pytest.raises(ValueError, match=match):
