@@ -50,10 +50,21 @@ VARIANTS = {
     "edgeq-int-k0-a4-s50-emb8": (0, 4, 0.0, 8),
     "edgeq-int-k0-s75-emb8": (0, 0, 0.0, 8),
     "edgeq-int-k0-s25-emb8": (0, 0, 0.0, 8),
+    "edgeq-int-k0-s50ln-emb8": (0, 0, 0.0, 8),
+    "edgeq-int-k0-a4-s50ln-emb8": (0, 4, 0.0, 8),
+    "edgeq-int-k0-s75ln-emb8": (0, 0, 0.0, 8),
 }
-# --smooth-alpha of the variants that smooth (SmoothQuant-style migration, docs/int8.md)
-SMOOTH_ALPHA = {"edgeq-int-k0-s50-emb8": 0.5, "edgeq-int-k0-a4-s50-emb8": 0.5, "edgeq-int-k0-s75-emb8": 0.75,
-                "edgeq-int-k0-s25-emb8": 0.25}
+LN_FED = (r"attention\.self|intermediate",)  # BERT's LayerNorm-fed Linears (q/k/v, FFN in): SmoothQuant's choice
+# (--smooth-alpha, --smooth-layers) of the variants that smooth (SmoothQuant-style migration, docs/int8.md)
+SMOOTH = {
+    "edgeq-int-k0-s50-emb8": (0.5, ()),
+    "edgeq-int-k0-a4-s50-emb8": (0.5, ()),
+    "edgeq-int-k0-s75-emb8": (0.75, ()),
+    "edgeq-int-k0-s25-emb8": (0.25, ()),
+    "edgeq-int-k0-s50ln-emb8": (0.5, LN_FED),
+    "edgeq-int-k0-a4-s50ln-emb8": (0.5, LN_FED),
+    "edgeq-int-k0-s75ln-emb8": (0.75, LN_FED),
+}
 
 
 def build(loaded, fp32, outdir: Path, task: str, names: list[str]) -> dict[str, Path]:
@@ -75,10 +86,11 @@ def build(loaded, fp32, outdir: Path, task: str, names: list[str]) -> dict[str, 
     modules = module_names(fp32, loaded.model)
     for name in names:
         k, act, ratio, emb = VARIANTS[name]
-        alpha = SMOOTH_ALPHA.get(name)
+        alpha, smooth_layers = SMOOTH.get(name, (None, ()))
         config = ConvertConfig(k=k, bits=8, kernel="integer", block_size="per-channel", act_outliers=act,
                                act_outlier_ratio=ratio, calib=task if act or alpha else None,
-                               quantize_embeddings=bool(emb), embedding_bits=emb or 4, smooth_alpha=alpha)
+                               quantize_embeddings=bool(emb), embedding_bits=emb or 4, smooth_alpha=alpha,
+                               smooth_layers=smooth_layers)
         plan = build_plan(weights, config, calib.stats)
         qg = quantize_graph(fp32, weights, config, plan, modules)
         paths[name] = outdir / f"{name}.onnx"
