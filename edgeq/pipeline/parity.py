@@ -4,8 +4,9 @@
     Ŵ (same codes, scales and FP32 entries): ``max|Δ| ≤ tol · max|y_ref|`` per output.  This proves
     the graph computes the plan.
     For ``--kernel integer`` files the reference also quantizes each Linear's input the way the
-    kernel does (:func:`integer_reference`, :mod:`edgeq.quant.integer`): same weights, same uint8
-    activations, exact integer products.  End to end that comparison is chaotic, not a tolerance:
+    kernel does (:func:`integer_reference`, :mod:`edgeq.quant.integer`): the file's column factors m
+    (outlier mask, ``--smooth-alpha``), same weights, same uint8 activations, exact integer products.
+    End to end that comparison is chaotic, not a tolerance:
     ONNX Runtime and PyTorch differ by ~1e-6 in the float ops between Linears (LayerNorm, softmax,
     GELU), an input within that of a rounding boundary lands on the other uint8 code, and the
     flips multiply layer by layer (measured on MiniLM-SST-2, one example: 0 flips in layer 0, 1 in
