@@ -72,9 +72,12 @@ def test_convert_smoothed_and_masked_integer_file(tiny_model, tmp_path):
     out = tmp_path / "out.onnx"
     report = convert(tiny_model(hidden=64), out, cfg)
     model = onnx.load(str(out))
-    masks = [numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith(f".{MASK}")]
-    assert len(masks) == report["linears_quantized"] == Counter(n.op_type for n in model.graph.node)[OP]
-    assert all((m == 0).sum() == 2 and np.unique(m[m != 0]).size > 1 for m in masks)  # masked, and smoothed
+    masks = [t.name for t in model.graph.initializer if t.name.endswith(f".{MASK}")]
+    assert masks and len(masks) == sum(n.op_type == "Mul" and n.name.endswith("/ActMask") for n in model.graph.node)
+    layers = integer_layers(model)  # every Linear's decoded m: masked, and smoothed
+    assert len(layers) == report["linears_quantized"] == report["linears_total"]
+    assert all((lay.factors == 0).sum() == 2 and np.unique(lay.factors[lay.factors != 0]).size > 1
+               for lay in layers.values())
     checks = {c["name"]: c for c in report["parity"]["checks"]}
     assert report["parity"]["ok"] and checks["plan parity: every Linear on ORT inputs max|d|/max|ref|"]["ok"]
     assert validate_file(tiny_model(hidden=64), out).ok
