@@ -2,6 +2,7 @@
 and the per-Linear plan parity catching a graph that computes something other than its decode."""
 
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -12,6 +13,7 @@ from edgeq.config import ConvertConfig
 from edgeq.model.load import load_model
 from edgeq.model.texts import encode_batches, validation_texts
 from edgeq.onnx.integer import MASK, OP, integer_layers
+from edgeq.onnx.readback import read_back
 from edgeq.pipeline.convert import convert, validate_file
 from edgeq.pipeline.parity import integer_layer_parity
 
@@ -53,13 +55,15 @@ def test_layer_parity_catches_a_graph_that_differs_from_its_decode(converted):
     batches = encode_batches(loaded, validation_texts(None, 4)[0])
     layers = integer_layers(model)
     assert max(integer_layer_parity(model, loaded, layers, batches).values()) <= 1e-4
-    mask = next(t for t in model.graph.initializer if t.name.endswith(f".{MASK}"))
-    m = numpy_helper.to_array(mask).copy()
-    m[np.flatnonzero(m)[:8]] = 0.5  # the graph halves columns the decode (which reads the mask) says pass unchanged
-    model.graph.initializer.append(numpy_helper.from_array(m, "tampered_mask"))
-    mul = next(n for n in model.graph.node if n.op_type == "Mul" and mask.name in n.input)
-    mul.input[list(mul.input).index(mask.name)] = "tampered_mask"
-    assert max(integer_layer_parity(model, loaded, integer_layers(model), batches).values()) > 1e-3
+    name, lay = next((n, lay) for n, lay in layers.items() if lay.factors is not None)
+    m = lay.factors.copy()
+    m[np.flatnonzero(m)[:8]] = 0.5  # a decode that halves columns the graph passes unchanged
+    assert integer_layer_parity(model, loaded, {**layers, name: replace(lay, factors=m)}, batches)[name] > 1e-3
+    # the decode reads the whole m: a file whose m changes decodes to another Ŵ (convert's read-back check)
+    before = read_back(model)[name]
+    mask = next(t for t in model.graph.initializer if t.name.endswith(f".{MASK}") and t.name.startswith(name))
+    mask.CopyFrom(numpy_helper.from_array(m, mask.name))
+    assert not np.array_equal(read_back(model)[name], before)
 
 
 def test_convert_smoothed_and_masked_integer_file(tiny_model, tmp_path):
