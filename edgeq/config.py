@@ -52,6 +52,8 @@ class ConvertConfig:
     normalize: bool = False  # plain encoders with --pooling: L2-normalise the sentence embedding
     act_outliers: int = 0  # --kernel integer: input columns of largest calibration max|x| per Linear kept FP32
     act_outlier_ratio: float = 0.0  # ... only those with max|x_j| >= this x the median column's (0: all N)
+    smooth_alpha: float | None = None  # --kernel integer: SmoothQuant migration strength α in (0, 1) (None: off)
+    smooth_layers: tuple[str, ...] = ()  # ... regexes of the Linears smoothed (empty: every Linear)
     granularity: Granularity = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -100,7 +102,8 @@ class ConvertConfig:
 
         if self.correction not in CORRECTION_CHOICES:
             raise ValueError(f"unknown --correction {self.correction!r}; choose from {', '.join(CORRECTION_CHOICES)}")
-        for option, patterns in (("--exclude", self.exclude), ("--bits8", self.bits8)):
+        for option, patterns in (("--exclude", self.exclude), ("--bits8", self.bits8),
+                                 ("--smooth-layers", self.smooth_layers)):
             for pattern in patterns:
                 try:
                     re.compile(pattern)
@@ -140,7 +143,8 @@ class ConvertConfig:
         if self.storage == "compact" and self.quantizer not in GRID_QUANTIZERS:
             raise ValueError(f"--storage compact (and --bits 2/3) needs float16 scales, which --quantizer "
                              f"{self.quantizer} does not plan; use --quantizer {'/'.join(GRID_QUANTIZERS)}")
-        if self.kernel == "integer" or self.act_outliers or self.act_outlier_ratio:
+        if (self.kernel == "integer" or self.act_outliers or self.act_outlier_ratio or self.smooth_alpha is not None
+                or self.smooth_layers):
             self._check_integer()
         if self.storage == "compact" and self.bits == 8 and self.kernel != "integer":
             raise ValueError("--storage compact holds 2, 3 or 4 bits per weight; use --bits 2, 3 or 4 "
@@ -153,10 +157,21 @@ class ConvertConfig:
         if not self.act_outlier_ratio >= 0:
             raise ValueError(f"--act-outlier-ratio must be >= 0, got {self.act_outlier_ratio!r}")
         if self.kernel != "integer":
+            if not (self.act_outliers or self.act_outlier_ratio):
+                raise ValueError("--smooth-alpha rescales the integer kernel's activations; "
+                                 "use it with --kernel integer --bits 8")
             raise ValueError("--act-outliers keeps activation columns out of the integer kernel; "
                              "use it with --kernel integer --bits 8")
         if self.act_outliers and not self.calib:
             raise ValueError("--act-outliers picks columns by calibration max|x|; pass --calib TASK_OR_FILE")
+        if self.smooth_alpha is not None:
+            a = self.smooth_alpha
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a < 1:
+                raise ValueError(f"--smooth-alpha must be a fraction in (0, 1) (e.g. 0.5), got {a!r}")
+            if not self.calib:
+                raise ValueError("--smooth-alpha scales columns by calibration max|x|; pass --calib TASK_OR_FILE")
+        elif self.smooth_layers:
+            raise ValueError("--smooth-layers picks the Linears --smooth-alpha smooths; pass --smooth-alpha A too")
         if self.bits != 8:
             raise ValueError(f"--kernel integer runs int8 weights (DynamicQuantizeMatMul); use --bits 8, "
                              f"not --bits {self.bits}")
@@ -182,6 +197,11 @@ class ConvertConfig:
     def layer_bits(self, layer: str) -> int:
         """8 when ``--bits8`` matches ``layer``, else ``--bits``."""
         return 8 if any(re.search(p, layer) for p in self.bits8) else self.bits
+
+    def is_smoothed(self, layer: str) -> bool:
+        """``--smooth-alpha`` applies to ``layer`` (every Linear unless ``--smooth-layers`` narrows it)."""
+        return self.smooth_alpha is not None and (not self.smooth_layers
+                                                  or any(re.search(p, layer) for p in self.smooth_layers))
 
     def is_excluded(self, layer: str) -> bool:
         return any(re.search(p, layer) for p in self.exclude)

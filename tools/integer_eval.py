@@ -4,7 +4,8 @@ For each task (RTE, MRPC, SST-2): one FP32 export, ``onnxruntime.quantization.qu
 of it (``ort-int8-dynamic``, as tools/bench_peers.py builds it), and edgeq integer-kernel variants
 built in memory (``edgeq.pipeline.core.quantize_graph``: count and read-back checks; the full
 ``edgeq convert`` adds the parity checks) with ``--bits 8 --kernel integer --block-size
-per-channel``, ``--act-outliers c`` calibrated on the task's train split (128 examples, seed 0).
+per-channel``, ``--act-outliers c`` and ``--smooth-alpha α`` calibrated on the task's train split
+(128 examples, seed 0).
 Scored on the GLUE dev set: accuracy and top-1 agreement with the FP32 ONNX model
 (tools/bench_peers.py ``evaluate``).
 
@@ -58,6 +59,24 @@ VARIANTS = {
     "edgeq-int-k0-emb8": (0, 0, 0.0, 8),
     "edgeq-int-k256-a2-r6": (256, 2, 6.0, 0),
     "edgeq-int-k0-a4-emb8-compact": (0, 4, 0.0, 8),  # --storage compact: 7-bit weights, fp16 exact values
+    "edgeq-int-k0-s50-emb8": (0, 0, 0.0, 8),
+    "edgeq-int-k0-a4-s50-emb8": (0, 4, 0.0, 8),
+    "edgeq-int-k0-s75-emb8": (0, 0, 0.0, 8),
+    "edgeq-int-k0-s25-emb8": (0, 0, 0.0, 8),
+    "edgeq-int-k0-s50ln-emb8": (0, 0, 0.0, 8),
+    "edgeq-int-k0-a4-s50ln-emb8": (0, 4, 0.0, 8),
+    "edgeq-int-k0-s75ln-emb8": (0, 0, 0.0, 8),
+}
+LN_FED = (r"attention\.self|intermediate",)  # BERT's LayerNorm-fed Linears (q/k/v, FFN in): SmoothQuant's choice
+# (--smooth-alpha, --smooth-layers) of the variants that smooth (SmoothQuant-style migration, docs/int8.md)
+SMOOTH = {
+    "edgeq-int-k0-s50-emb8": (0.5, ()),
+    "edgeq-int-k0-a4-s50-emb8": (0.5, ()),
+    "edgeq-int-k0-s75-emb8": (0.75, ()),
+    "edgeq-int-k0-s25-emb8": (0.25, ()),
+    "edgeq-int-k0-s50ln-emb8": (0.5, LN_FED),
+    "edgeq-int-k0-a4-s50ln-emb8": (0.5, LN_FED),
+    "edgeq-int-k0-s75ln-emb8": (0.75, LN_FED),
 }
 COMPACT = {name for name in VARIANTS if name.endswith("-compact")}
 
@@ -135,12 +154,13 @@ def build(loaded, fp32, outdir: Path, calib_spec: str, names: list[str]) -> dict
     stats = None
     for name in (n for n in names if n in VARIANTS):
         k, act, ratio, emb = VARIANTS[name]
+        alpha, smooth_layers = SMOOTH.get(name, (None, ()))
         if stats is None:
             stats = calibrate(loaded, calib_spec, 128, 0, str(SHARED / "data" / "glue"), xtx=0).stats
         config = ConvertConfig(k=k, bits=8, kernel="integer", block_size="per-channel", act_outliers=act,
-                               act_outlier_ratio=ratio, calib=calib_spec if act else None,
-                               quantize_embeddings=bool(emb), embedding_bits=emb or 4,
-                               storage="compact" if name in COMPACT else "plain")
+                               act_outlier_ratio=ratio, calib=calib_spec if act or alpha else None,
+                               quantize_embeddings=bool(emb), embedding_bits=emb or 4, smooth_alpha=alpha,
+                               smooth_layers=smooth_layers, storage="compact" if name in COMPACT else "plain")
         plan = build_plan(weights, config, stats)
         qg = quantize_graph(fp32, weights, config, plan, modules)
         paths[name] = outdir / f"{name}.onnx"

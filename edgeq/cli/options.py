@@ -94,7 +94,8 @@ def quantizer_kwargs(params: dict) -> dict:
 
 
 PERF_OPTION_NAMES = ("bits", "bits8", "grid", "correction", "quantize_embeddings", "storage", "kernel", "fuse_qkv",
-                     "act_outliers", "act_outlier_ratio", "embedding_bits")
+                     "act_outliers", "act_outlier_ratio", "smooth_alpha", "smooth_layers",
+                     "embedding_bits")
 
 
 def perf_options(fn):
@@ -119,6 +120,13 @@ def perf_options(fn):
                      show_default=True, metavar="R",
                      help="With --act-outliers: only columns whose calibration max|x| is at least R times the "
                           "median column's (0: always N); Linears without one keep the plain int8 path."),
+        click.option("--smooth-alpha", type=float, default=None, metavar="A",
+                     help="--kernel integer: SmoothQuant-style migration, 0 < A < 1 (e.g. 0.5): each Linear's input "
+                          "column j is divided by s_j = max|x_j|^A / max|W_j|^(1-A) in the activation Mul and W's "
+                          "column multiplied by it (needs --calib; docs/int8.md)."),
+        click.option("--smooth-layers", multiple=True, metavar="REGEX",
+                     help="With --smooth-alpha: smooth only Linears whose name matches REGEX (repeatable; default "
+                          "all), e.g. 'attention\\.self|intermediate' for the LayerNorm-fed ones."),
         click.option("--bits8", multiple=True, metavar="REGEX",
                      help="Quantize Linears whose name matches REGEX to 8 bits (repeatable)."),
         click.option("--grid", type=click.Choice(GRIDS), default="sym7", show_default=True,
@@ -150,6 +158,8 @@ def perf_kwargs(params: dict) -> dict:
         out["bits"] = int(out["bits"])
     if "bits8" in out:
         out["bits8"] = tuple(out["bits8"])
+    if "smooth_layers" in out:
+        out["smooth_layers"] = tuple(out["smooth_layers"])
     return out
 
 

@@ -4,7 +4,8 @@ For a Linear ``y = x Wᵀ (+ b)`` planned with 8-bit codes ``c = q + 128`` (|q| 
 channel scales s, exact entries S, activation-outlier columns C ⊆ columns of S;
 :mod:`edgeq.quant.integer` gives the arithmetic)::
 
-    x'  = Mul(x, m)                       # only when C ≠ ∅: m_j = 0 for j ∈ C, else 1
+    x'  = Mul(x, m)                       # only when C ≠ ∅ or smoothed: m_j = 0 for j ∈ C, r_j = 1/s_j
+                                          # (--smooth-alpha; codes of W diag(s)), else 1: input_factors(q)
     y_q = com.microsoft.DynamicQuantizeMatMul(x', B = int8 qᵀ [K, N], b_scale = s [N], -, bias = b)
     y   = y_q + correction(x)             # edgeq.onnx.corrections, on x itself (C's columns are in S)
 
@@ -27,9 +28,9 @@ here; on x86 without VNNI it sums pairs of u8·s8 products in int16, so the plan
 Pattern → check → rewrite: the Linears are matched as for MatMulNBits
 (:func:`edgeq.onnx.rewrite.match_linears`, bias Adds folded the same way); :func:`check_integer`
 returns why a planned layer cannot be written (codes beyond ±63, scales that vary along K,
-activation columns not wholly exact); :func:`rewrite_integer` writes them.
-:func:`decode_integer` and :func:`integer_layers` read the file back (``edgeq.onnx.readback``,
-plan parity).
+activation columns not wholly exact, smoothing factors not positive); :func:`rewrite_integer`
+writes them.  :func:`decode_integer` and :func:`integer_layers` read the file back
+(``edgeq.onnx.readback``, plan parity): Ŵ = q · s_i · m_j + exact entries, in W's own coordinates.
 """
 
 from __future__ import annotations
@@ -52,12 +53,12 @@ from edgeq.onnx.lossless import float_constant
 from edgeq.onnx.rewrite import LAYERS_KEY, RewriteResult, _bias_adds, commit_rewrite, match_linears
 from edgeq.onnx.storage import decode_integer_weight, integer_weight
 from edgeq.quant.int4 import QMAX_REDUCED, QuantizedLinear
-from edgeq.quant.integer import WEIGHT_ZERO_POINT
+from edgeq.quant.integer import WEIGHT_ZERO_POINT, input_factors
 
 OP = "DynamicQuantizeMatMul"
 SHARED_OP = "MatMulIntegerToFloat"  # a part of a group that quantizes its input once
 KERNEL_INPUTS = {OP: (1, 2), SHARED_OP: (1, 3)}  # kernel op → input index of B (int8 qᵀ) and of b_scale
-MASK = "act_mask"  # initializer suffix of the 0/1 column mask (only layers with activation-outlier columns)
+MASK = "act_mask"  # initializer suffix of the column factors m (0: outlier column, 1/s_j: smoothed; else absent)
 
 _tensor = numpy_helper.from_array
 
@@ -75,6 +76,9 @@ def check_integer(q: QuantizedLinear) -> str | None:
         need = (np.arange(n_out)[:, None] * k_in + q.act_cols[None, :]).reshape(-1)
         if not np.all(np.isin(need, q.salient_index)):
             return "an activation-outlier column is not wholly in the FP32 correction"
+    if q.smooth is not None and (q.smooth.shape != (q.shape[1],) or not np.all(np.isfinite(q.smooth))
+                                 or not np.all(q.smooth > 0)):
+        return "smoothing factors must be one positive finite number per input column"
     return None
 
 
@@ -87,17 +91,13 @@ def _weights(layer: str, q: QuantizedLinear, storage: str) -> tuple[str, list, l
     return b_name, nodes, inits
 
 
-def _has_mask(q: QuantizedLinear) -> bool:
-    return q.act_cols is not None and q.act_cols.size > 0
-
-
 def _mask_nodes(owner: str, x: str, q: QuantizedLinear):
-    """``x ⊙ m`` (m_j = 0 on the activation-outlier columns) as ``/{owner}/ActMask``, or x itself; m is
-    stored float16 behind a folded Cast (0/1 is lossless, edgeq.onnx.lossless)."""
-    if not _has_mask(q):
+    """``x ⊙ m`` (:func:`edgeq.quant.integer.input_factors`: 0 on the activation-outlier columns, 1/s_j on
+    smoothed ones) as ``/{owner}/ActMask``, or x itself; m is stored float16 behind a folded Cast when that
+    is lossless (0/1 always is; edgeq.onnx.lossless)."""
+    mask = input_factors(q)
+    if mask is None:
         return x, [], []
-    mask = np.ones(q.shape[1], np.float32)
-    mask[q.act_cols] = 0
     m, nodes, inits = float_constant(f"{owner}.{MASK}", mask, f"/{owner}/{MASK}")
     x_in = f"/{owner}/act_masked"
     return x_in, nodes + [helper.make_node("Mul", [x, m], [x_in], name=f"/{owner}/ActMask")], inits
@@ -144,7 +144,8 @@ def share_groups(inputs: Mapping[str, str], layers: Mapping[str, QuantizedLinear
 
     ``inputs``: layer → the value it reads; ``own_bias``: whether its bias is the kernel's own input.
     A part must have its bias inside (a separate bias Add stays with DynamicQuantizeMatMul) and the
-    same activation-outlier columns as the group's first part.
+    same input factors m (outlier columns, smoothing: :func:`edgeq.quant.integer.input_factors`) as the
+    group's first part.
     """
     readers: dict[str, list[str]] = {}
     for layer, x in inputs.items():
@@ -155,13 +156,16 @@ def share_groups(inputs: Mapping[str, str], layers: Mapping[str, QuantizedLinear
             continue
         first = layers[names[0]].act_cols
         cols = np.empty(0, np.int64) if first is None else np.sort(first)
+        m0 = input_factors(layers[names[0]])
         ok = []
         for name in names:
-            c = layers[name].act_cols
+            c, m = layers[name].act_cols, input_factors(layers[name])
             if not own_bias[name]:
                 refused.append((name, "its bias is a separate Add; it keeps its own activation quantization"))
             elif not np.array_equal(cols, np.empty(0, np.int64) if c is None else np.sort(c)):
                 refused.append((name, "its activation-outlier columns differ from the other readers of its input"))
+            elif not (m is None and m0 is None or m is not None and m0 is not None and np.array_equal(m, m0)):
+                refused.append((name, "its smoothing factors differ from the other readers of its input"))
             else:
                 ok.append(name)
         if len(ok) > 1:
@@ -254,10 +258,9 @@ def kernel_node(nodes: Mapping[str, onnx.NodeProto], layer: str) -> onnx.NodePro
     return None
 
 
-
 def float_input(node: onnx.NodeProto, producers: Mapping[str, onnx.NodeProto]) -> tuple[str, str | None]:
-    """(the float x a kernel node quantizes, the initializer of its 0/1 column mask or None), walking back over
-    the group's DynamicQuantizeLinear, the ActMask Mul and the mask's float16 Cast."""
+    """(the float x a kernel node quantizes, the initializer of its column factors m or None), walking back
+    over the group's DynamicQuantizeLinear, the ActMask Mul and the factors' float16 Cast."""
     value = node.input[0]
     prev = producers.get(value)
     if prev is not None and prev.op_type == "DynamicQuantizeLinear":
@@ -270,8 +273,10 @@ def float_input(node: onnx.NodeProto, producers: Mapping[str, onnx.NodeProto]) -
     return value, None
 
 
-def decode_integer(layer: str, node: onnx.NodeProto, names, arr) -> tuple[np.ndarray, np.ndarray]:
-    """(q ``[N, K]`` int8 as int32, scales ``[N]``) of ``layer``'s integer-kernel ``node``, from either storage.
+def decode_integer(layer: str, node: onnx.NodeProto, names, arr,
+                   producers: Mapping[str, onnx.NodeProto]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(q ``[N, K]`` int8 as int32, scales ``[N]``, factors m ``[K]`` or None) of ``layer``'s integer-kernel
+    ``node``, from either storage.
 
     ``names``: the graph's initializer names; ``arr(name)``: that initializer as a numpy array.
     """
@@ -280,12 +285,15 @@ def decode_integer(layer: str, node: onnx.NodeProto, names, arr) -> tuple[np.nda
     scales = arr(node.input[s]).astype(np.float32).reshape(-1)
     if scales.size == 1:
         scales = np.full(q.shape[0], scales[0], np.float32)
-    return q, scales
+    mask = float_input(node, producers)[1]
+    factors = None if mask is None else arr(mask).astype(np.float32).reshape(-1)
+    return q, scales, factors
 
 
-def dequantize_integer(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """The int8 part of Ŵ, ``q · s`` per output channel (float32, as ``QuantizedLinear.dequantize_int4``)."""
-    return (q.astype(np.float32) * scales[:, None]).astype(np.float32)
+def dequantize_integer(q: np.ndarray, scales: np.ndarray, factors: np.ndarray | None = None) -> np.ndarray:
+    """The int8 part of Ŵ, ``q · s_i (· m_j)`` (float32, as ``QuantizedLinear.dequantize_int4``; q is 0 where m is)."""
+    w = (q.astype(np.float32) * scales[:, None]).astype(np.float32)
+    return w if factors is None else (w * factors[None, :]).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -295,7 +303,12 @@ class IntegerLayer:
     q: np.ndarray  # int32 [N, K], |q| <= 63 (0 at exact entries)
     scales: np.ndarray  # float32 [N]
     exact: np.ndarray  # float32 [N, K]: the FP32 correction's entries, zeros elsewhere
-    act_cols: np.ndarray  # int64: input columns zeroed before the activation quantization
+    factors: np.ndarray | None  # float32 [K]: m, x's multiplier before the activation quantization (None: ones)
+
+    @property
+    def act_cols(self) -> np.ndarray:
+        """int64: the input columns zeroed before the activation quantization (m_j = 0)."""
+        return np.empty(0, np.int64) if self.factors is None else np.flatnonzero(self.factors == 0).astype(np.int64)
 
 
 def integer_layers(model: onnx.ModelProto) -> dict[str, IntegerLayer]:
@@ -313,13 +326,11 @@ def integer_layers(model: onnx.ModelProto) -> dict[str, IntegerLayer]:
         node = kernel_node(nodes, layer)
         if node is None:
             continue
-        q, scales = decode_integer(layer, node, inits, arr)
-        mask = float_input(node, producers)[1]
-        cols = np.empty(0, np.int64) if mask is None else np.flatnonzero(arr(mask) == 0).astype(np.int64)
+        q, scales, factors = decode_integer(layer, node, inits, arr, producers)
         exact = np.zeros(q.shape, np.float32)
         entries = decode_correction(layer, inits, arr)
         if entries is not None:
             rows, ecols, vals = entries
             np.add.at(exact, (rows, ecols), vals)
-        out[layer] = IntegerLayer(q, scales, exact, cols)
+        out[layer] = IntegerLayer(q, scales, exact, factors)
     return out

@@ -4,8 +4,8 @@ For each rewritten Linear (listed in the ``edgeq.layers`` metadata)::
 
     Ŵ[i, j] = (code_ij − 2^(bits−1)) · s_{i, ⌊j / block⌋}  +  Σ_t [i = i_t, j = j_t] v_t
 
-(``--kernel integer`` files: ``q_ij · s_i`` from DynamicQuantizeMatMul's int8 ``qᵀ`` and scales,
-``edgeq.onnx.integer``, plus the same FP32 entries)
+(``--kernel integer`` files: ``q_ij · s_i · m_j`` from DynamicQuantizeMatMul's int8 ``qᵀ``, its scales and
+the input factors m of ``--smooth-alpha``, ``edgeq.onnx.integer``, plus the same FP32 entries)
 
 with the codes and scales decoded from however they are stored (``edgeq.onnx.storage``: plain
 MatMulNBits inputs, compact bit planes + float16 scales, or the native 2-bit layout), and
@@ -49,6 +49,7 @@ def iter_read_back(model: onnx.ModelProto) -> Iterator[tuple[str, np.ndarray]]:
         raise ValueError("this ONNX file was not written by edgeq convert (no edgeq.layers metadata)")
     inits = {t.name: t for t in model.graph.initializer}
     nodes = {n.name: n for n in model.graph.node}
+    producers = {o: n for n in model.graph.node for o in n.output}
 
     def arr(name: str) -> np.ndarray:
         return numpy_helper.to_array(inits[name])
@@ -63,8 +64,8 @@ def iter_read_back(model: onnx.ModelProto) -> Iterator[tuple[str, np.ndarray]]:
     def decode(layer: str) -> np.ndarray:
         integer = kernel_node(nodes, layer)
         if integer is not None:  # --kernel integer: int8 qᵀ and per-channel scales (edgeq.onnx.integer)
-            q, scales = decode_integer(layer, integer, inits, arr)
-            return add_correction(layer, dequantize_integer(q, scales))
+            q, scales, factors = decode_integer(layer, integer, inits, arr, producers)
+            return add_correction(layer, dequantize_integer(q, scales, factors))
         node = nodes.get(f"/{layer}/MatMulNBits")
         if node is None:
             raise ValueError(f"the edgeq metadata names {layer}, but the graph has no /{layer}/MatMulNBits")

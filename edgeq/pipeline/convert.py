@@ -135,8 +135,9 @@ def calibrate_if_needed(loaded, config: ConvertConfig, timer: Timer, progress: b
     from edgeq.model.calib import calibrate
     from edgeq.saliency import get_method
 
-    # --act-outliers alone reads max|x|: skip the n x n XᵀX (the slow part on FFN inputs)
-    xtx = not (config.act_outliers and config.quantizer == "rtn" and not get_method(config.method).needs_calibration)
+    # --act-outliers / --smooth-alpha alone read max|x|: skip the n x n XᵀX (the slow part on FFN inputs)
+    xtx = not ((config.act_outliers or config.smooth_alpha) and config.quantizer == "rtn"
+               and not get_method(config.method).needs_calibration)
     return timer.run("calibrate", calibrate, loaded, config.calib, config.calib_samples, config.seed,
                      config.data_dir, xtx=xtx, progress=progress)
 

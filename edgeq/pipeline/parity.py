@@ -4,8 +4,9 @@
     Ŵ (same codes, scales and FP32 entries): ``max|Δ| ≤ tol · max|y_ref|`` per output.  This proves
     the graph computes the plan.
     For ``--kernel integer`` files the reference also quantizes each Linear's input the way the
-    kernel does (:func:`integer_reference`, :mod:`edgeq.quant.integer`): same weights, same uint8
-    activations, exact integer products.  End to end that comparison is chaotic, not a tolerance:
+    kernel does (:func:`integer_reference`, :mod:`edgeq.quant.integer`): the file's column factors m
+    (outlier mask, ``--smooth-alpha``), same weights, same uint8 activations, exact integer products.
+    End to end that comparison is chaotic, not a tolerance:
     ONNX Runtime and PyTorch differ by ~1e-6 in the float ops between Linears (LayerNorm, softmax,
     GELU), an input within that of a rounding boundary lands on the other uint8 code, and the
     flips multiply layer by layer (measured on MiniLM-SST-2, one example: 0 flips in layer 0, 1 in
@@ -94,10 +95,11 @@ def integer_reference(model, layers):
     for name, lay in layers.items():
         mod = modules[name]
         q, scales = torch.from_numpy(lay.q.astype(np.float64)), torch.from_numpy(lay.scales)
-        exact, cols = torch.from_numpy(lay.exact), torch.from_numpy(lay.act_cols)
+        exact = torch.from_numpy(lay.exact)
+        factors = None if lay.factors is None else torch.from_numpy(lay.factors)
 
-        def forward(x, mod=mod, q=q, scales=scales, exact=exact, cols=cols):
-            return integer_linear(x, q, scales, mod.bias, exact, cols)
+        def forward(x, mod=mod, q=q, scales=scales, exact=exact, factors=factors):
+            return integer_linear(x, q, scales, mod.bias, exact, factors)
 
         mod.forward = forward
     return model
@@ -141,7 +143,8 @@ def integer_layer_parity(model, loaded: LoadedModel, layers, batches, threads: i
                 bias = modules[name].bias
                 ref = integer_linear(torch.from_numpy(out[x]), torch.from_numpy(lay.q.astype(np.float64)),
                                      torch.from_numpy(lay.scales), None if bias is None else bias.detach().float(),
-                                     torch.from_numpy(lay.exact), torch.from_numpy(lay.act_cols)).numpy()
+                                     torch.from_numpy(lay.exact),
+                                     None if lay.factors is None else torch.from_numpy(lay.factors)).numpy()
                 diff[name] = max(diff[name], float(np.max(np.abs(out[y] - ref))))
                 peak[name] = max(peak[name], float(np.max(np.abs(ref))))
     return {name: diff[name] / max(peak[name], 1e-12) for name in layers}

@@ -108,6 +108,8 @@ class QuantizedLinear:
     zero_points: np.ndarray | None = None  # uint8 [N, n_blocks] per-group zero points (asym grids), else 2^(bits−1)
     act_cols: np.ndarray | None = None  # int64 sorted input columns kept exact in activation too (integer kernel):
                                         # every entry of them is salient, and x there is zeroed before the int8 path
+    smooth: np.ndarray | None = None  # float32 [K] r = 1/s (SmoothQuant, integer kernel): codes/scales are of W / r,
+                                      # x is multiplied by r before the int8 path; salient values stay W's own
 
     @property
     def stored_bits(self) -> int:
@@ -129,12 +131,14 @@ class QuantizedLinear:
         return np.repeat(self.zero_points, self.block_size, axis=1)[:, : self.codes.shape[1]]
 
     def dequantize_int4(self) -> np.ndarray:
-        """The quantized part alone, ``(code - zero point) * scale`` (salient entries contribute 0)."""
+        """The quantized part alone, ``(code - zero point) * scale`` (salient entries contribute 0), times r_j
+        when smoothed (``edgeq.quant.integer``: Ŵ in the original coordinates)."""
         n, k_in = self.codes.shape
         scale = np.repeat(self.scales, self.block_size, axis=1)[:, :k_in]
         zp = self.zero_point_full()
         zp = zp.astype(np.float32) if isinstance(zp, np.ndarray) else np.float32(zp)
-        return ((self.codes.astype(np.float32) - zp) * scale).astype(np.float32)
+        w = ((self.codes.astype(np.float32) - zp) * scale).astype(np.float32)
+        return w if self.smooth is None else (w * self.smooth[None, :]).astype(np.float32)
 
     def dequantize(self) -> np.ndarray:
         """Ŵ: the int4 part with the salient entries replaced by their exact FP32 values."""

@@ -17,6 +17,10 @@ decide k per layer; the plan's ``budget`` section records them.
 ``reduce_range``); with ``--act-outliers c`` the c input columns of largest calibration max|x_j|
 (:func:`edgeq.quant.integer.outlier_columns`) join S whole (S ∪ {(i, j): j ∈ C}) and are recorded
 as ``act_cols``: the graph zeroes them before quantizing x and carries them in the FP32 correction.
+``--smooth-alpha α`` (:func:`activation_smoothing`): the SmoothQuant factors r = 1/s of each input
+(:func:`edgeq.quant.integer.smoothing_factors`; one r for the Linears sharing an input, s from the max
+over all their rows); the codes are those of W / r (column-wise), the exact entries W's own, so
+``quant.dequantize()`` is Ŵ in the original coordinates.
 
 Per-layer statistics recorded: k, the reconstruction error ``‖W − Ŵ‖²_F`` and that of plain
 int4 (k = 0) on the same quantizer, and the number of distinct rows/columns the selection
@@ -35,7 +39,7 @@ from edgeq.config import ConvertConfig
 from edgeq.quant.budget import allocate, budget_total
 from edgeq.quant.grid_error import GridSpec, order_gains
 from edgeq.quant.int4 import QuantizedLinear, quantize_rtn
-from edgeq.quant.integer import column_entries, outlier_columns
+from edgeq.quant.integer import column_entries, outlier_columns, smoothing_factors
 from edgeq.saliency import ScoreContext, descending_order, get_method, topk_from_order
 
 
@@ -158,19 +162,51 @@ def activation_outliers(name: str, n_in: int, config: ConvertConfig, stats=None)
     return cols
 
 
+def activation_smoothing(weights: Mapping[str, np.ndarray], config: ConvertConfig,
+                         stats: Mapping[str, object] | None) -> dict[str, np.ndarray]:
+    """``--smooth-alpha``: r per non-excluded Linear (empty without the option); Linears whose calibration
+    statistics are one object (they read one tensor: q/k/v) get one r, from the max of all their rows;
+    ``--smooth-layers`` leaves the Linears it does not match out."""
+    if config.smooth_alpha is None:
+        return {}
+    groups: dict[int, list[str]] = {}
+    for name in weights:
+        if config.is_excluded(name) or not config.is_smoothed(name):
+            continue
+        st = (stats or {}).get(name)
+        if getattr(st, "abs_max", None) is None:
+            raise ValueError(f"{name}: --smooth-alpha needs calibration statistics with max|x| (--calib)")
+        groups.setdefault(id(st), []).append(name)
+    out = {}
+    for names in groups.values():
+        st = stats[names[0]]
+        w_max = np.max([np.abs(np.asarray(weights[n], np.float64)).max(axis=0) for n in names], axis=0)
+        if w_max.size != len(st.abs_max):
+            raise ValueError(f"{names[0]}: calibration statistics have {len(st.abs_max)} columns, "
+                             f"the weight {w_max.size}")
+        cols = activation_outliers(names[0], w_max.size, config, st)
+        r = smoothing_factors(np.asarray(st.abs_max, np.float64), w_max, config.smooth_alpha, cols)
+        out.update(dict.fromkeys(names, r))
+    return out
+
+
 def plan_layer_from_order(name: str, weight: np.ndarray, order: np.ndarray, config: ConvertConfig,
                           quantize: Callable[[np.ndarray, np.ndarray], QuantizedLinear] | None = None,
                           k: int | None = None, act: np.ndarray | None = None,
-                          act_cols: np.ndarray | None = None) -> LayerPlan:
+                          act_cols: np.ndarray | None = None, smooth: np.ndarray | None = None) -> LayerPlan:
     """Plan one Linear whose salient set is ``sort(order[:k])``, k (default ``config.k``) clipped to N·K.
 
     ``order``: a descending selection order of at least k entries (:func:`selection_order`), so one
     order serves every k.  ``quantize(w, idx)`` defaults to RTN (see edgeq.quant.registry) on the
     layer's grid (``ConvertConfig.layer_grid``).  ``k``: this layer's own k (``--budget``:
     :func:`budget_allocation`); ``act``: the mse grids' activation weights; ``act_cols``
-    (:func:`activation_outliers`): input columns kept exact whole (integer kernel).
+    (:func:`activation_outliers`): input columns kept exact whole (integer kernel); ``smooth``
+    (:func:`activation_smoothing`): r, the codes quantize W / r and Ŵ = (their part) · r + exact W entries.
     """
     w = np.ascontiguousarray(weight, dtype=np.float32)
+    wq = w if smooth is None else (w.astype(np.float64) / smooth.astype(np.float64)[None, :]).astype(np.float32)
+    if smooth is not None and act is not None:
+        act = act * smooth.astype(np.float64) ** 2  # E[(x_j r_j)²]: what the smoothed columns see
     k = min(config.k if k is None else k, w.size)
     if len(order) < k:
         raise ValueError(f"{name}: the selection order holds {len(order)} entries, fewer than k = {k}")
@@ -180,14 +216,18 @@ def plan_layer_from_order(name: str, weight: np.ndarray, order: np.ndarray, conf
     bits, grid, fp16 = config.layer_grid(name)
     integer = config.kernel == "integer"  # the reduced 8-bit grid (edgeq.quant.int4 reduce_range)
     if quantize is None:
-        quant = quantize_rtn(w, idx, config.granularity, config.exclude_salient_from_scale,
+        quant = quantize_rtn(wq, idx, config.granularity, config.exclude_salient_from_scale,
                              bits=bits, grid=grid, fp16_scales=fp16, act=act, reduce_range=integer)
     else:
-        quant = quantize(w, idx)
+        quant = quantize(wq, idx)
     if act_cols is not None:
         quant = replace(quant, act_cols=np.asarray(act_cols, dtype=np.int64))
-    base = quantize_rtn(w, idx[:0], config.granularity, bits=bits, grid=grid, fp16_scales=fp16, act=act,
+    base = quantize_rtn(wq, idx[:0], config.granularity, bits=bits, grid=grid, fp16_scales=fp16, act=act,
                         reduce_range=integer)
+    if smooth is not None:  # exact entries in W's own coordinates; Ŵ = dequantize() multiplies the codes by r
+        r = np.asarray(smooth, np.float32)
+        quant = replace(quant, smooth=r, salient_values=w.reshape(-1)[quant.salient_index].copy())
+        base = replace(base, smooth=r)
     k_in = w.shape[1]
     return LayerPlan(
         name=name,
@@ -201,10 +241,11 @@ def plan_layer_from_order(name: str, weight: np.ndarray, order: np.ndarray, conf
 
 def plan_layer(name: str, weight: np.ndarray, config: ConvertConfig, stats=None,
                quantize: Callable[[np.ndarray, np.ndarray], QuantizedLinear] | None = None,
-               k: int | None = None) -> LayerPlan:
+               k: int | None = None, smooth: np.ndarray | None = None) -> LayerPlan:
     """Select the salient entries (scored only when 0 < k < N·K), then :func:`plan_layer_from_order`.
 
-    ``k``: this layer's own k instead of ``config.k`` (``--budget``)."""
+    ``k``: this layer's own k instead of ``config.k`` (``--budget``); ``smooth``: r of the layer's input
+    group (:func:`activation_smoothing`; by default, with ``--smooth-alpha``, from this Linear alone)."""
     size = int(np.prod(np.shape(weight)))
     act_cols = activation_outliers(name, int(np.shape(weight)[1]), config, stats)
     k = min(config.k if k is None else k, size)
@@ -214,7 +255,10 @@ def plan_layer(name: str, weight: np.ndarray, config: ConvertConfig, stats=None,
         order = np.arange(k, dtype=np.int64)
     else:
         order = selection_order(name, weight, config, stats, limit=k)
-    return plan_layer_from_order(name, weight, order, config, quantize, k, activation_weights(stats), act_cols)
+    if smooth is None and config.is_smoothed(name):
+        smooth = activation_smoothing({name: weight}, config, {name: stats})[name]
+    return plan_layer_from_order(name, weight, order, config, quantize, k, activation_weights(stats), act_cols,
+                                 smooth)
 
 
 def build_plan(
@@ -236,6 +280,7 @@ def build_plan(
     layers: dict[str, LayerPlan] = {}
     excluded = []
     alloc = budget_allocation(weights, config, stats) if config.budget is not None else None
+    smooth = activation_smoothing(weights, config, stats)
     for name, w in weights.items():
         if config.is_excluded(name):
             excluded.append(name)
@@ -244,11 +289,12 @@ def build_plan(
         act_cols = activation_outliers(name, int(np.shape(w)[1]), config, (stats or {}).get(name))
         if alloc is not None:
             layers[name] = plan_layer_from_order(name, w, alloc.orders[name], config, k=alloc.ks[name], act=act,
-                                                 act_cols=act_cols)
+                                                 act_cols=act_cols, smooth=smooth.get(name))
         elif orders is not None:
-            layers[name] = plan_layer_from_order(name, w, orders[name], config, act=act, act_cols=act_cols)
+            layers[name] = plan_layer_from_order(name, w, orders[name], config, act=act, act_cols=act_cols,
+                                                 smooth=smooth.get(name))
         else:
-            layers[name] = plan_layer(name, w, config, (stats or {}).get(name))
+            layers[name] = plan_layer(name, w, config, (stats or {}).get(name), smooth=smooth.get(name))
         if progress:
             progress(name)
     return QuantPlan(layers=layers, excluded=tuple(excluded), budget=alloc.report if alloc else None)

@@ -107,7 +107,7 @@ def test_torch_reference_equals_onnx_runtime(weights):
         lt = lay[name]
         return integer_linear(torch.from_numpy(inp), torch.from_numpy(lt.q.astype(np.float64)),
                               torch.from_numpy(lt.scales), torch.from_numpy(b), torch.from_numpy(lt.exact),
-                              torch.from_numpy(lt.act_cols)).numpy()
+                              None if lt.factors is None else torch.from_numpy(lt.factors)).numpy()
 
     h = np.maximum(layer("lin1", x, b1), 0)
     np.testing.assert_allclose(run(qg.model, x), layer("lin2", np.ascontiguousarray(h[:, 0, :]), b2),

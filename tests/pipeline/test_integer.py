@@ -2,6 +2,7 @@
 and the per-Linear plan parity catching a graph that computes something other than its decode."""
 
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -12,6 +13,7 @@ from edgeq.config import ConvertConfig
 from edgeq.model.load import load_model
 from edgeq.model.texts import encode_batches, validation_texts
 from edgeq.onnx.integer import MASK, OP, SHARED_OP, integer_layers
+from edgeq.onnx.readback import read_back
 from edgeq.pipeline.convert import convert, validate_file
 from edgeq.pipeline.parity import integer_layer_parity
 
@@ -58,8 +60,35 @@ def test_layer_parity_catches_a_graph_that_differs_from_its_decode(converted):
     batches = encode_batches(loaded, validation_texts(None, 4)[0])
     layers = integer_layers(model)
     assert max(integer_layer_parity(model, loaded, layers, batches).values()) <= 1e-4
-    mask = next(t for t in model.graph.initializer if t.name.endswith(f".{MASK}"))
-    m = numpy_helper.to_array(mask).copy()
-    m[np.flatnonzero(m)[:8]] = 0.5  # the graph halves columns the decode says pass unchanged
+    name, lay = next((n, lay) for n, lay in layers.items() if lay.factors is not None)
+    m = lay.factors.copy()
+    m[np.flatnonzero(m)[:8]] = 0.5  # a decode that halves columns the graph passes unchanged
+    assert integer_layer_parity(model, loaded, {**layers, name: replace(lay, factors=m)}, batches)[name] > 1e-3
+    # the decode reads the whole m: a file whose m changes decodes to another Ŵ (convert's read-back check)
+    before = read_back(model)[name]
+    mask = next(t for t in model.graph.initializer if t.name.endswith(f".{MASK}") and t.name.startswith(name))
     mask.CopyFrom(numpy_helper.from_array(m, mask.name))
-    assert max(integer_layer_parity(model, loaded, integer_layers(model), batches).values()) > 1e-3
+    assert not np.array_equal(read_back(model)[name], before)
+
+
+def test_convert_smoothed_and_masked_integer_file(tiny_model, tmp_path):
+    """--smooth-alpha with --act-outliers: m is 0 on the outlier columns, 1/s_j elsewhere (one Mul per Linear),
+    and the per-Linear plan parity and the read-back (Ŵ in W's coordinates) hold."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(f"sentence number {i} about the weather and {i % 7} cats" for i in range(40)))
+    cfg = ConvertConfig(k=0, bits=8, kernel="integer", block_size="per-channel", act_outliers=2, smooth_alpha=0.5,
+                        calib=str(calib))
+    out = tmp_path / "out.onnx"
+    report = convert(tiny_model(hidden=64), out, cfg)
+    model = onnx.load(str(out))
+    masks = [t.name for t in model.graph.initializer if t.name.endswith(f".{MASK}")]
+    assert masks and len(masks) == sum(n.op_type == "Mul" and n.name.endswith("/ActMask") for n in model.graph.node)
+    layers = integer_layers(model)  # every Linear's decoded m: masked, and smoothed
+    assert len(layers) == report["linears_quantized"] == report["linears_total"]
+    assert all((lay.factors == 0).sum() == 2 and np.unique(lay.factors[lay.factors != 0]).size > 1
+               for lay in layers.values())
+    blocks = sum(n.endswith(".attention.self.query") for n in report["layers"])  # q/k/v keep one m: still shared
+    assert Counter(n.op_type for n in model.graph.node)["DynamicQuantizeLinear"] == blocks > 0
+    checks = {c["name"]: c for c in report["parity"]["checks"]}
+    assert report["parity"]["ok"] and checks["plan parity: every Linear on ORT inputs max|d|/max|ref|"]["ok"]
+    assert validate_file(tiny_model(hidden=64), out).ok
