@@ -5,40 +5,124 @@ Why: it is in the pinned stack already (no optimum at convert time), it handles 
 and heads alike, node names keep the module paths (``/m/bert/encoder/layer.0/.../MatMul``) and
 the graph is deterministic; ``dynamo=True`` produced an invalid BERT graph here and renames
 every node.  Linear weights are found again by content, not by these names (see rewrite.py).
+
+Memory (results/memory.md): with its weights, the exporter's C++ side holds about three copies of
+them for a moment (its ModelProto, the serialized string, the Python bytes) and its Python side
+parses the bytes once more.  :func:`export_parts` runs the same export without the weights
+(``export_params=False``: the weights become graph inputs) and keeps the exporter's own weight
+tensors (``params_dict`` after tracing and constant folding, e.g. the folded Wᵀ of every Linear)
+through a hook on the exporter's ``_model_to_graph``; :func:`attach_weights` then turns those
+inputs back into initializers, in the exporter's order and encoding, one tensor at a time.  The
+result is the ModelProto that ``export_params=True`` writes, byte for byte (``tests/onnx/test_export.py``).
 """
 
 from __future__ import annotations
 
-import tempfile
+import contextlib
+import io
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from edgeq.model.load import LoadedModel
 
 TOKEN_OUTPUTS = ("last_hidden_state", "token_embeddings")  # [batch, sequence, hidden]; the others [batch, ...]
+_EXPORTER = "torch.onnx._internal.torchscript_exporter.utils"  # holds _model_to_graph (torch 2.9+)
+
+
+@dataclass
+class Fp32Parts:
+    """The exported graph without its weights, and the weights by initializer name, in the exporter's order."""
+
+    model: object  # onnx.ModelProto; the weights are graph inputs until attach_weights
+    weights: dict[str, np.ndarray]  # C-contiguous; the exporter's own tensors (model parameters or folded)
 
 
 def export_fp32(loaded: LoadedModel, opset: int = 17, external_data_threshold: int = 2_000_000_000):
-    """Export ``loaded.model`` and return the ``onnx.ModelProto`` (FP32, dynamic axes).
+    """Export ``loaded.model`` and return the ``onnx.ModelProto`` (FP32, dynamic axes, weights inside).
 
-    Written to a temporary file (:func:`export_fp32_file`) and loaded back with its external data:
-    the exporter writes external data above 2 GB, which an in-memory buffer cannot hold, and a file
-    spares a buffer's copy and its ``getvalue()`` copy of the whole model.  ``external_data_threshold``
-    is accepted for the callers' sake; the exporter alone decides when it needs external data.
+    ``external_data_threshold`` is accepted for the callers' sake: the proto is built in memory at
+    any size; only saving it decides on external data.
     """
-    import onnx
-
-    with tempfile.TemporaryDirectory(prefix="edgeq-export-") as tmp:
-        path = export_fp32_file(loaded, Path(tmp) / "fp32.onnx", opset)
-        return onnx.load(str(path), load_external_data=True)  # exporter-written, trusted locations
+    return attach_weights(export_parts(loaded, opset))
 
 
 def export_fp32_file(loaded: LoadedModel, path: Path, opset: int = 17) -> Path:
-    """Export ``loaded.model`` to the ONNX file ``path`` (FP32, dynamic axes) and return ``path``.
+    """Export ``loaded.model`` to the ONNX file ``path`` and return ``path`` (above 2 GB: external data beside it)."""
+    from edgeq.onnx.safe_load import save_onnx, weight_bytes
 
-    Models above 2 GB get their weights in external data files beside ``path`` (the exporter's own
-    layout), so ``path``'s directory should be private.
+    model = export_fp32(loaded, opset)
+    save_onnx(model, path, weight_bytes(model) > 2_000_000_000)
+    return path
+
+
+def attach_weights(parts: Fp32Parts):
+    """Move ``parts.weights`` into ``parts.model`` as initializers (emptying the dict) and return the model.
+
+    As the exporter writes them: the graph keeps only the model's own inputs, the initializers
+    follow the order of the weight inputs, each with its name, dims, data type and raw data.
     """
+    import onnx
+
+    model, weights = parts.model, parts.weights
+    inputs = [i for i in model.graph.input if i.name not in weights]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    for name in list(weights):
+        arr = weights.pop(name)
+        t = model.graph.initializer.add()
+        t.name = name
+        t.dims.extend(arr.shape)
+        t.data_type = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
+        t.raw_data = arr.tobytes()  # one tensor's bytes at a time; the exporter's tensor goes with ``arr``
+        del arr
+    return model
+
+
+def export_parts(loaded: LoadedModel, opset: int = 17) -> Fp32Parts:
+    """The FP32 export of ``loaded.model`` with its weights apart (see the module docstring)."""
+    import onnx
+    import torch
+
+    names = list(loaded.input_names)
+    buf = io.BytesIO()
+    with _params_hook() as captured:
+        torch_export(loaded, buf, opset, export_params=False)
+    model = onnx.load_model_from_string(buf.getvalue())
+    params = captured.get("params")
+    weight_inputs = [i.name for i in model.graph.input if i.name not in names]
+    missing = [n for n in weight_inputs if params is None or n not in params]
+    if missing:
+        raise RuntimeError(f"the exporter's weight {missing[0]!r} was not captured (torch {torch.__version__})")
+    weights = {n: np.ascontiguousarray(params[n].detach().cpu().numpy()) for n in weight_inputs}
+    return Fp32Parts(model, weights)
+
+
+@contextlib.contextmanager
+def _params_hook():
+    """Keep the ``params_dict`` that the exporter's ``_model_to_graph`` returns (its weights after folding)."""
+    import importlib
+
+    mod = importlib.import_module(_EXPORTER)
+    real = mod._model_to_graph
+    captured: dict = {}
+
+    def hooked(*args, **kwargs):
+        graph, params, out = real(*args, **kwargs)
+        captured["params"] = params
+        return graph, params, out
+
+    mod._model_to_graph = hooked
+    try:
+        yield captured
+    finally:
+        mod._model_to_graph = real
+
+
+def torch_export(loaded: LoadedModel, f, opset: int = 17, export_params: bool = True) -> None:
+    """``torch.onnx.export`` (TorchScript) of ``loaded.model`` to ``f`` (a path or a buffer), as edgeq configures it."""
     import torch
 
     names = list(loaded.input_names)
@@ -73,8 +157,9 @@ def export_fp32_file(loaded: LoadedModel, path: Path, opset: int = 17) -> Path:
         torch.onnx.export(
             _Wrapper(loaded.model).eval(),  # export restores the wrapper's mode afterwards: keep it eval
             args,
-            str(path),  # the exporter writes the same bytes to a path as to a buffer (> 2 GB: external data)
+            f,
             dynamo=False,
+            export_params=export_params,
             input_names=names,
             output_names=outputs,
             dynamic_axes=dynamic_axes,
@@ -82,4 +167,3 @@ def export_fp32_file(loaded: LoadedModel, path: Path, opset: int = 17) -> Path:
             do_constant_folding=True,
         )
     loaded.model.eval()
-    return path

@@ -20,17 +20,27 @@ def make_session(model, threads: int = 0, spinning: bool = True, optimized_path:
     ONNX Runtime optimized it (to check what it folded).  A model ONNX Runtime cannot load is an
     :class:`EdgeqError` naming it.
     """
+    so = _options(threads)
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    return _session(str(model) if isinstance(model, Path) else model, so)
+
+
+def _options(threads: int):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
-    if not spinning:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if optimized_path is not None:
-        so.optimized_model_filepath = str(optimized_path)
-    source = str(model) if isinstance(model, Path) else model
+    return so
+
+
+def _session(source, so):
+    import onnxruntime as ort
+
     try:
         return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - ORT raises several types for unreadable models
@@ -48,3 +58,35 @@ def session_of_model(model, threads: int = 0, external_data_threshold: int = PRO
         path = Path(d) / "model.onnx"
         save_onnx(model, path, True)
         return make_session(path, threads)  # ORT has read the weights; the files can go
+
+
+def session_with_weights(model, weights, threads: int = 0):
+    """A session of ``model`` (a ModelProto whose weights are graph inputs named in ``weights``) that reads
+    the numpy arrays ``weights`` in place as its initializers: no serialized or parsed copy of them.
+
+    ONNX Runtime gets placeholder initializers (external data) and the arrays through
+    ``add_external_initializers``; it optimizes and prepacks them as it does initializers read from
+    a file (same outputs, ``tests/onnx/test_export.py``).  The arrays must outlive the session.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    graph = onnx.GraphProto()
+    graph.CopyFrom(model.graph)  # no weights inside: small
+    del graph.input[:]
+    graph.input.extend(i for i in model.graph.input if i.name not in weights)
+    for name, arr in weights.items():
+        t = graph.initializer.add()
+        t.name, t.data_type, t.data_location = name, onnx.helper.np_dtype_to_tensor_dtype(arr.dtype), onnx.TensorProto.EXTERNAL
+        t.dims.extend(arr.shape)
+        entry = t.external_data.add()
+        entry.key, entry.value = "location", "edgeq-in-memory"  # never read: every one is given below
+    shell = onnx.ModelProto()
+    shell.CopyFrom(model)
+    shell.graph.CopyFrom(graph)
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()]  # views of the arrays
+    so = _options(threads)
+    so.add_external_initializers(list(weights), values)
+    session = _session(shell.SerializeToString(), so)
+    session._edgeq_weights = values  # keep the OrtValues (and so the arrays) as long as the session
+    return session

@@ -153,23 +153,19 @@ def reference_outputs(loaded, data: Path | None, limit: int | None) -> Reference
 def export_checked(loaded, config: ConvertConfig, ref: Reference, threads: int, timer: Timer):
     """The FP32 ONNX export and its max|Δ| per output against PyTorch (refused beyond EXPORT_TOLERANCE).
 
-    Memory: the export goes to a temporary file, ONNX Runtime checks it from that file and is released
-    before the ModelProto is read, so no serialized copy and no session sit beside the proto.
+    Memory (results/memory.md): the export comes without its weights serialized
+    (:func:`edgeq.onnx.export.export_parts`); ONNX Runtime checks it reading the exporter's weight
+    arrays in place, and only after that session is released do the weights move into the ModelProto.
     """
-    import tempfile
-
-    import onnx
-
-    from edgeq.onnx.export import export_fp32_file
-    from edgeq.onnx.session import make_session
+    from edgeq.onnx.export import attach_weights, export_parts
+    from edgeq.onnx.session import session_with_weights
     from edgeq.pipeline.parity import run_onnx
 
-    with tempfile.TemporaryDirectory(prefix="edgeq-export-") as tmp:
-        path = timer.run("export", export_fp32_file, loaded, Path(tmp) / "fp32.onnx", config.opset)
-        session = make_session(path, threads)
-        got = run_onnx(session, ref.batches)
-        del session
-        model = onnx.load(str(path), load_external_data=True)  # exporter-written, trusted locations
+    parts = timer.run("export", export_parts, loaded, config.opset)
+    session = session_with_weights(parts.model, parts.weights, threads)
+    got = run_onnx(session, ref.batches)
+    del session
+    model = attach_weights(parts)
     diff = {k: float(np.max(np.abs(got[k] - v))) for k, v in ref.outputs.items()}
     for k, d in diff.items():
         scale = max(1.0, float(np.max(np.abs(ref.outputs[k]))))
@@ -203,12 +199,12 @@ class Converted:
 
     model_dir: Path
     config: ConvertConfig
-    loaded: object  # edgeq.model.load.LoadedModel
+    loaded: object  # edgeq.model.load.LoadedModel, carrying the planned Ŵ (parity.carry_planned)
     calibration: object | None
     ref: Reference
     export_diff: dict[str, float]
     fp32_sizes: dict
-    weights: dict[str, np.ndarray]
+    weights: dict[str, np.ndarray]  # every Linear's weight as loaded.model now carries it (planned: Ŵ)
     graph: object  # edgeq.pipeline.core.QuantizedGraph
     quantizer_report: dict
 
@@ -217,14 +213,16 @@ def prepare(model_dir: Path, config: ConvertConfig, data, limit, threads: int, p
             timer: Timer) -> Converted:
     """Stages 1–4: load, calibrate, reference outputs, checked export, plan and checked rewrite."""
     from edgeq.onnx.sizes import size_by_component
+    from edgeq.pipeline.parity import carry_planned
 
     loaded = timer.run("load", load_checked, model_dir, config.allow_pickle, config.pooling, config.normalize)
     calibration = calibrate_if_needed(loaded, config, timer, progress)
     ref = timer.run("reference", reference_outputs, loaded, data, limit)  # the PyTorch FP32 pass on --data
     fp32_model, export_diff = export_checked(loaded, config, ref, threads, timer)
     fp32_sizes = size_by_component(fp32_model)
+    qg, quantizer_report = quantize(loaded, fp32_model, loaded.linear_weights(), config, calibration, timer, progress)
+    carry_planned(loaded, qg.planned)  # the FP32 weights are done with: only Ŵ from here on (results/memory.md)
     weights = loaded.linear_weights()
-    qg, quantizer_report = quantize(loaded, fp32_model, weights, config, calibration, timer, progress)
     return Converted(model_dir, config, loaded, calibration, ref, export_diff, fp32_sizes, weights, qg,
                      quantizer_report)
 

@@ -93,7 +93,7 @@ class QuantizedGraph:
     model: object  # onnx.ModelProto: the rewritten copy
     plan: QuantPlan
     rewrite: RewriteResult
-    planned: Mapping[str, np.ndarray]  # Ŵ per Linear and Ê per embedding module = read_back(model)
+    planned: Mapping[str, np.ndarray]  # Ŵ per Linear and Ê per embedding module = read_back(model) (PlannedWeights)
     embeddings: dict | None  # the report's "embeddings" section (None without --quantize-embeddings)
     timings_s: dict[str, float] = field(default_factory=dict)  # "rewrite" (and "fuse_qkv", "embeddings")
     fusion: FuseResult | None = None  # --fuse-qkv: the fused groups and the refused ones with their reasons
@@ -188,21 +188,46 @@ def quantize_graph(fp32_model, weights: Mapping[str, np.ndarray], config: Conver
     return QuantizedGraph(model, plan, result, planned, embeddings, stages, fusion)
 
 
-def _check_read_back(model, plan: QuantPlan, tables: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
-                                                                                     list[str]]:
+class PlannedWeights(Mapping):
+    """Ŵ per Linear then Ê per table, in plan order: each decoded from the plan on first access, then kept.
+
+    Lazy so that convert can release each FP32 weight as its Ŵ comes (results/memory.md) instead of
+    holding both sets at once; every access after the first returns the same array.
+    """
+
+    def __init__(self, plan: QuantPlan, tables: Mapping[str, np.ndarray], order: list[str]):
+        self._plan, self._tables, self._order, self._done = plan, tables, order, {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._done:
+            if name not in self._order:
+                raise KeyError(name)
+            self._done[name] = self._plan.layers[name].quant.dequantize() if name in self._plan.layers \
+                else self._tables[name]
+        return self._done[name]
+
+    def __iter__(self):
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
+def _check_read_back(model, plan: QuantPlan, tables: Mapping[str, np.ndarray]) -> tuple[PlannedWeights, list[str]]:
     """(Ŵ per Linear then Ê per table, in plan order; the names whose decoding differs or is missing).
 
-    Layer by layer: each decoded weight is compared and dropped, so only the planned Ŵ are kept.
+    Layer by layer: each decoded weight is compared with the plan's and both are dropped; the planned
+    Ŵ are decoded again when asked for (:class:`PlannedWeights`).
     """
     order = [*plan.layers, *tables]
-    planned: dict[str, np.ndarray] = {}
+    seen: set[str] = set()
     differs: set[str] = set()
     for name, got in iter_read_back(model):
-        if name in planned or (name not in plan.layers and name not in tables):
+        if name in seen or (name not in plan.layers and name not in tables):
             continue
         want = plan.layers[name].quant.dequantize() if name in plan.layers else tables[name]
         if not np.array_equal(want, got):
             differs.add(name)
-        planned[name] = want
-    bad = [n for n in order if n not in planned or n in differs]
-    return {n: planned[n] for n in order if n in planned}, bad
+        seen.add(name)
+    bad = [n for n in order if n not in seen or n in differs]
+    return PlannedWeights(plan, tables, [n for n in order if n in seen]), bad
