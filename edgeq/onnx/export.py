@@ -37,7 +37,7 @@ class Fp32Parts:
     """The exported graph without its weights, and the weights by initializer name, in the exporter's order."""
 
     model: object  # onnx.ModelProto; the weights are graph inputs until attach_weights
-    weights: dict[str, np.ndarray]  # C-contiguous; the exporter's own tensors (model parameters or folded)
+    weights: dict[str, np.ndarray]  # exporter tensors (parameters or folded) or views (share_linear_weights)
 
 
 def export_fp32(loaded: LoadedModel, opset: int = 17, external_data_threshold: int = 2_000_000_000):
@@ -79,6 +79,32 @@ def attach_weights(parts: Fp32Parts):
         t.raw_data = arr.tobytes()  # one tensor's bytes at a time; the exporter's tensor goes with ``arr``
         del arr
     return model
+
+
+def share_linear_weights(parts: Fp32Parts, model) -> int:
+    """Replace each folded weight of ``parts`` that is exactly Wᵀ of its ``nn.Linear`` by the view ``W.T``.
+
+    The exporter's folded copies go (the model's own weights stand in: same values, and C-order bytes
+    of the view are the folded tensor's bytes).  The Linear is the module of the MatMul that reads the
+    weight (``/m/<module path>/MatMul``); a weight is replaced only when equal bit for bit.  Returns
+    how many were replaced.
+    """
+    import torch
+
+    modules = dict(model.named_modules())
+    readers = {n.input[1]: n.name for n in parts.model.graph.node if n.op_type == "MatMul" and len(n.input) == 2}
+    shared = 0
+    for name, arr in list(parts.weights.items()):
+        path = readers.get(name, "")
+        module = modules.get(path[len("/m/"):-len("/MatMul")].replace("/", ".")) if path.startswith("/m/") \
+            and path.endswith("/MatMul") else None
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        w = module.weight.detach().numpy()
+        if w.dtype == arr.dtype and w.T.shape == arr.shape and np.array_equal(w.T, arr):
+            parts.weights[name] = w.T
+            shared += 1
+    return shared
 
 
 def export_parts(loaded: LoadedModel, opset: int = 17) -> Fp32Parts:

@@ -61,32 +61,36 @@ def session_of_model(model, threads: int = 0, external_data_threshold: int = PRO
 
 
 def session_with_weights(model, weights, threads: int = 0):
-    """A session of ``model`` (a ModelProto whose weights are graph inputs named in ``weights``) that reads
-    the numpy arrays ``weights`` in place as its initializers: no serialized or parsed copy of them.
+    """A session of ``model`` (a ModelProto whose weights are graph inputs named in ``weights``) with the numpy
+    arrays ``weights`` as its initializers, without a serialized copy of them in memory.
 
-    ONNX Runtime gets placeholder initializers (external data) and the arrays through
-    ``add_external_initializers``; it optimizes and prepacks them as it does initializers read from
-    a file (same outputs, ``tests/onnx/test_export.py``).  The arrays must outlive the session.
+    The arrays (views allowed: written in C order) go straight to a temporary external-data file beside
+    the weightless graph, which ONNX Runtime loads as any file with external data (it copies the data,
+    so the arrays may go once this returns; same outputs as a session of the whole model,
+    ``tests/onnx/test_export.py``).
     """
+    import numpy as np
     import onnx
-    import onnxruntime as ort
 
-    graph = onnx.GraphProto()
-    graph.CopyFrom(model.graph)  # no weights inside: small
-    del graph.input[:]
-    graph.input.extend(i for i in model.graph.input if i.name not in weights)
-    for name, arr in weights.items():
-        t = graph.initializer.add()
-        t.name, t.data_type, t.data_location = name, onnx.helper.np_dtype_to_tensor_dtype(arr.dtype), onnx.TensorProto.EXTERNAL
-        t.dims.extend(arr.shape)
-        entry = t.external_data.add()
-        entry.key, entry.value = "location", "edgeq-in-memory"  # never read: every one is given below
     shell = onnx.ModelProto()
-    shell.CopyFrom(model)
-    shell.graph.CopyFrom(graph)
-    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()]  # views of the arrays
-    so = _options(threads)
-    so.add_external_initializers(list(weights), values)
-    session = _session(shell.SerializeToString(), so)
-    session._edgeq_weights = values  # keep the OrtValues (and so the arrays) as long as the session
-    return session
+    shell.CopyFrom(model)  # no weights inside: small
+    inputs = [i for i in model.graph.input if i.name not in weights]
+    del shell.graph.input[:]
+    shell.graph.input.extend(inputs)
+    with tempfile.TemporaryDirectory(prefix="edgeq-session-") as d:
+        offset = 0
+        with open(Path(d) / "weights.bin", "wb") as f:
+            for name, arr in weights.items():
+                data = np.ascontiguousarray(arr)  # a view's bytes, one tensor at a time
+                t = shell.graph.initializer.add()
+                t.name, t.data_type = name, onnx.helper.np_dtype_to_tensor_dtype(data.dtype)
+                t.dims.extend(data.shape)
+                t.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (("location", "weights.bin"), ("offset", str(offset)), ("length", str(data.nbytes))):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = key, value
+                data.tofile(f)
+                offset += data.nbytes
+        path = Path(d) / "model.onnx"
+        path.write_bytes(shell.SerializeToString())
+        return make_session(path, threads)  # ORT has read the weights; the files can go

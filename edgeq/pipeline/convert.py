@@ -29,7 +29,7 @@ import numpy as np
 from edgeq import __version__
 from edgeq.config import ConvertConfig
 from edgeq.errors import EdgeqError, ValidationFailed
-from edgeq.pipeline.core import Timer
+from edgeq.pipeline.core import Timer, trim_heap
 from edgeq.pipeline.parity import Check, ParityReport
 from edgeq.pipeline.report import make_report, memory_report
 
@@ -154,17 +154,20 @@ def export_checked(loaded, config: ConvertConfig, ref: Reference, threads: int, 
     """The FP32 ONNX export and its max|Δ| per output against PyTorch (refused beyond EXPORT_TOLERANCE).
 
     Memory (results/memory.md): the export comes without its weights serialized
-    (:func:`edgeq.onnx.export.export_parts`); ONNX Runtime checks it reading the exporter's weight
-    arrays in place, and only after that session is released do the weights move into the ModelProto.
+    (:func:`edgeq.onnx.export.export_parts`), the folded Linear weights are views of the model's own,
+    ONNX Runtime checks it from a weightless graph plus an external-data file written from the arrays,
+    and only after that session is released are the weights copied into the ModelProto.
     """
-    from edgeq.onnx.export import attach_weights, export_parts
+    from edgeq.onnx.export import attach_weights, export_parts, share_linear_weights
     from edgeq.onnx.session import session_with_weights
     from edgeq.pipeline.parity import run_onnx
 
     parts = timer.run("export", export_parts, loaded, config.opset)
+    share_linear_weights(parts, loaded.model)  # the folded Wᵀ copies go: views of the model's W stand in
     session = session_with_weights(parts.model, parts.weights, threads)
     got = run_onnx(session, ref.batches)
     del session
+    trim_heap()
     model = attach_weights(parts)
     diff = {k: float(np.max(np.abs(got[k] - v))) for k, v in ref.outputs.items()}
     for k, d in diff.items():

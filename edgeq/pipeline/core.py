@@ -66,6 +66,28 @@ def memory_bytes() -> tuple[int, int]:
         return peak, peak
 
 
+def trim_heap() -> None:
+    """Give freed heap memory back to the system: glibc's ``malloc_trim(0)`` (elsewhere nothing).
+
+    glibc serves blocks below its dynamic mmap threshold (up to 32 MiB, so every weight of a base
+    model) from its heaps and keeps them when freed; without a trim RSS still counts the exporter's
+    and ONNX Runtime's freed buffers (results/memory.md).
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
 @dataclass
 class Timer:
     """Runs named stages, logs their start, duration and memory, and keeps both for the report."""
@@ -79,6 +101,7 @@ class Timer:
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
         self.stages[name] = round(time.perf_counter() - t0, 3)
+        trim_heap()  # what the stage freed leaves RSS
         rss, peak = memory_bytes()
         self.memory[name] = {"rss_bytes": rss, "peak_rss_bytes": peak}
         logger.log(self.level, f"{name}: {self.stages[name]:.1f} s (RSS {rss / 2**20:.0f} MiB, "
