@@ -284,6 +284,7 @@ def convert(
     """
     t_start, timer = time.perf_counter(), Timer()
     converted = prepare(model_dir, config, data, limit, threads or 0, progress, timer)
+    trim_heap()  # the FP32 export went with prepare's frame
     return write_validated(converted, out, thresholds, threads or 0, ort_format, timer, t_start, overwrite)
 
 
