@@ -204,6 +204,7 @@ def quantize_graph(fp32_model, weights: Mapping[str, np.ndarray], config: Conver
     if bad:
         raise EdgeqError(f"the written graph does not encode the plan for {', '.join(bad[:3])}; please report this")
     if not copy:  # upb frees removed initializers only with their message: a fresh one holds just the live graph
+        trim_heap()  # before the copy: the read-back's freed buffers leave RSS first
         fresh = onnx.ModelProto()
         fresh.CopyFrom(model)
         model = fresh
