@@ -22,7 +22,6 @@ import contextlib
 import io
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -47,15 +46,6 @@ def export_fp32(loaded: LoadedModel, opset: int = 17, external_data_threshold: i
     any size; only saving it decides on external data.
     """
     return attach_weights(export_parts(loaded, opset))
-
-
-def export_fp32_file(loaded: LoadedModel, path: Path, opset: int = 17) -> Path:
-    """Export ``loaded.model`` to the ONNX file ``path`` and return ``path`` (above 2 GB: external data beside it)."""
-    from edgeq.onnx.safe_load import save_onnx, weight_bytes
-
-    model = export_fp32(loaded, opset)
-    save_onnx(model, path, weight_bytes(model) > 2_000_000_000)
-    return path
 
 
 def attach_weights(parts: Fp32Parts):
