@@ -29,7 +29,7 @@ import numpy as np
 from edgeq import __version__
 from edgeq.config import ConvertConfig
 from edgeq.errors import EdgeqError, ValidationFailed
-from edgeq.pipeline.core import Timer, trim_heap
+from edgeq.pipeline.core import Timer, heap_mmap_threshold, trim_heap
 from edgeq.pipeline.parity import Check, ParityReport
 from edgeq.pipeline.report import make_report, memory_report
 
@@ -283,6 +283,7 @@ def convert(
     ``overwrite=False`` refuses to replace files that appear at ``out`` while the conversion runs.
     """
     t_start, timer = time.perf_counter(), Timer()
+    heap_mmap_threshold()  # freed weights and temporaries leave RSS at once (results/memory.md)
     converted = prepare(model_dir, config, data, limit, threads or 0, progress, timer)
     trim_heap()  # the FP32 export went with prepare's frame
     return write_validated(converted, out, thresholds, threads or 0, ort_format, timer, t_start, overwrite)

@@ -29,7 +29,8 @@ def test_fp32_export_matches_pytorch(mpnet_dir):
     from edgeq.pipeline.core import Timer
 
     loaded = load_model(mpnet_dir)
-    assert (loaded.model_type, loaded.head, loaded.input_names) == ("mpnet", "encoder", ("input_ids", "attention_mask"))
+    assert (loaded.model_type, loaded.head, loaded.input_names) == ("mpnet", "sentence-embedding",
+                                                                     ("input_ids", "attention_mask"))
     ref = reference_outputs(loaded, None, None)
     _, diff = export_checked(loaded, ConvertConfig(), ref, 0, Timer())
     # convert's own gate: max|Δ| ≤ 1e-4 · max(1, max|ref|).  On these single sentences it holds relative to
