@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeq.errors import EdgeqError
 from edgeq.model.load import LoadedModel
 
 TOKEN_OUTPUTS = ("last_hidden_state", "token_embeddings")  # [batch, sequence, hidden]; the others [batch, ...]
@@ -111,7 +112,9 @@ def export_parts(loaded: LoadedModel, opset: int = 17) -> Fp32Parts:
     weight_inputs = [i.name for i in model.graph.input if i.name not in names]
     missing = [n for n in weight_inputs if params is None or n not in params]
     if missing:
-        raise RuntimeError(f"the exporter's weight {missing[0]!r} was not captured (torch {torch.__version__})")
+        raise EdgeqError(f"the exporter's weight {missing[0]!r} was not captured: edgeq's export hooks "
+                         f"{_EXPORTER}._model_to_graph, which torch {torch.__version__} does not call; "
+                         "use the pinned torch or report this")
     weights = {n: np.ascontiguousarray(params[n].detach().cpu().numpy()) for n in weight_inputs}
     return Fp32Parts(model, weights)
 
@@ -121,9 +124,13 @@ def _params_hook():
     """Keep the ``params_dict`` that the exporter's ``_model_to_graph`` returns (its weights after folding)."""
     import importlib
 
-    mod = importlib.import_module(_EXPORTER)
-    real = mod._model_to_graph
     captured: dict = {}
+    try:
+        mod = importlib.import_module(_EXPORTER)
+        real = mod._model_to_graph
+    except (ImportError, AttributeError):  # another torch: export_parts then names what is missing
+        yield captured
+        return
 
     def hooked(*args, **kwargs):
         graph, params, out = real(*args, **kwargs)

@@ -64,3 +64,13 @@ def test_carry_planned_gives_the_model_its_w_hat_in_place_ties_included(tiny_mod
     assert modules[key].weight is modules[query].weight
     got = run_torch(loaded.model, loaded, batches)
     assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_export_parts_refuses_a_torch_whose_exporter_it_cannot_hook(tiny_model, monkeypatch):
+    from edgeq.errors import EdgeqError
+    from edgeq.onnx import export
+
+    loaded = load_model(tiny_model("BertModel", "bert"))
+    monkeypatch.setattr(export, "_EXPORTER", "torch.onnx._no_such_exporter")  # as if torch had moved it
+    with pytest.raises(EdgeqError, match=r"was not captured: .*_no_such_exporter\._model_to_graph"):
+        export.export_parts(loaded)
