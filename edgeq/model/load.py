@@ -202,6 +202,25 @@ def check_model_dir(model_dir: str | Path, allow_pickle: bool = False, pooling: 
     return cfg, _check_weight_files(hf_dir, allow_pickle)
 
 
+def _own_memory(model) -> None:
+    """Copy every parameter and buffer out of the checkpoint's memory map, one at a time.
+
+    A float32 safetensors checkpoint loads as views of the file's map (no dtype conversion), and the
+    map stays resident while any one of them lives, so convert's releasing the FP32 Linear weights
+    (``edgeq.pipeline.parity.carry_planned``) would free nothing (all-mpnet-base-v2: 418 MiB,
+    results/memory.md).  The map goes with the last view; ties are kept (one Parameter, one copy).
+    """
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()
+        for module in model.modules():
+            for key, b in module._buffers.items():
+                if b is not None:
+                    module._buffers[key] = b.clone()
+
+
 def load_model(model_dir: str | Path, allow_pickle: bool = False, pooling: str = "none",
                normalize: bool = False) -> LoadedModel:
     """Load ``model_dir`` in float32 with its tokenizer, refusing anything unsafe or unsupported.
@@ -265,6 +284,7 @@ def load_model(model_dir: str | Path, allow_pickle: bool = False, pooling: str =
             "use the config.json and weights saved together"
         )
     model.eval()
+    _own_memory(model)
     _check_finite(model, model_dir)
 
     try:

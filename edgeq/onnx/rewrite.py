@@ -243,9 +243,9 @@ def commit_rewrite(model: onnx.ModelProto, new_nodes: list, new_inits: list, dro
     graph = model.graph
     del graph.node[:]
     graph.node.extend(new_nodes)
-    kept = [t for t in graph.initializer if t.name not in drop]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
+    for i in reversed([i for i, t in enumerate(graph.initializer) if t.name in drop]):
+        del graph.initializer[i]  # in place: re-adding the kept ones would copy them (results/memory.md)
+    graph.initializer.extend(new_inits)
     ensure_opset(model, MS_DOMAIN)
     set_meta(model, LAYERS_KEY, json.dumps(sorted(result.layers)))
 

@@ -29,7 +29,7 @@ import numpy as np
 from edgeq import __version__
 from edgeq.config import ConvertConfig
 from edgeq.errors import EdgeqError, ValidationFailed
-from edgeq.pipeline.core import Timer
+from edgeq.pipeline.core import Timer, heap_mmap_threshold, trim_heap
 from edgeq.pipeline.parity import Check, ParityReport
 from edgeq.pipeline.report import make_report, memory_report
 
@@ -154,23 +154,22 @@ def reference_outputs(loaded, data: Path | None, limit: int | None) -> Reference
 def export_checked(loaded, config: ConvertConfig, ref: Reference, threads: int, timer: Timer):
     """The FP32 ONNX export and its max|Δ| per output against PyTorch (refused beyond EXPORT_TOLERANCE).
 
-    Memory: the export goes to a temporary file, ONNX Runtime checks it from that file and is released
-    before the ModelProto is read, so no serialized copy and no session sit beside the proto.
+    Memory (results/memory.md): the export comes without its weights serialized
+    (:func:`edgeq.onnx.export.export_parts`), the folded Linear weights are views of the model's own,
+    ONNX Runtime checks it from a weightless graph plus an external-data file written from the arrays,
+    and only after that session is released are the weights copied into the ModelProto.
     """
-    import tempfile
-
-    import onnx
-
-    from edgeq.onnx.export import export_fp32_file
-    from edgeq.onnx.session import make_session
+    from edgeq.onnx.export import attach_weights, export_parts, share_linear_weights
+    from edgeq.onnx.session import session_with_weights
     from edgeq.pipeline.parity import run_onnx
 
-    with tempfile.TemporaryDirectory(prefix="edgeq-export-") as tmp:
-        path = timer.run("export", export_fp32_file, loaded, Path(tmp) / "fp32.onnx", config.opset)
-        session = make_session(path, threads)
-        got = run_onnx(session, ref.batches)
-        del session
-        model = onnx.load(str(path), load_external_data=True)  # exporter-written, trusted locations
+    parts = timer.run("export", export_parts, loaded, config.opset)
+    share_linear_weights(parts, loaded.model)  # the folded Wᵀ copies go: views of the model's W stand in
+    session = session_with_weights(parts.model, parts.weights, threads)
+    got = run_onnx(session, ref.batches)
+    del session
+    trim_heap()
+    model = attach_weights(parts)
     diff = {k: float(np.max(np.abs(got[k] - v))) for k, v in ref.outputs.items()}
     for k, d in diff.items():
         scale = max(1.0, float(np.max(np.abs(ref.outputs[k]))))
@@ -204,12 +203,12 @@ class Converted:
 
     model_dir: Path
     config: ConvertConfig
-    loaded: object  # edgeq.model.load.LoadedModel
+    loaded: object  # edgeq.model.load.LoadedModel, carrying the planned Ŵ (parity.carry_planned)
     calibration: object | None
     ref: Reference
     export_diff: dict[str, float]
     fp32_sizes: dict
-    weights: dict[str, np.ndarray]
+    weights: dict[str, np.ndarray]  # every Linear's weight as loaded.model now carries it (planned: Ŵ)
     graph: object  # edgeq.pipeline.core.QuantizedGraph
     quantizer_report: dict
 
@@ -218,14 +217,16 @@ def prepare(model_dir: Path, config: ConvertConfig, data, limit, threads: int, p
             timer: Timer) -> Converted:
     """Stages 1–4: load, calibrate, reference outputs, checked export, plan and checked rewrite."""
     from edgeq.onnx.sizes import size_by_component
+    from edgeq.pipeline.parity import carry_planned
 
     loaded = timer.run("load", load_checked, model_dir, config.allow_pickle, config.pooling, config.normalize)
     calibration = calibrate_if_needed(loaded, config, timer, progress)
     ref = timer.run("reference", reference_outputs, loaded, data, limit)  # the PyTorch FP32 pass on --data
     fp32_model, export_diff = export_checked(loaded, config, ref, threads, timer)
     fp32_sizes = size_by_component(fp32_model)
+    qg, quantizer_report = quantize(loaded, fp32_model, loaded.linear_weights(), config, calibration, timer, progress)
+    carry_planned(loaded, qg.planned)  # the FP32 weights are done with: only Ŵ from here on (results/memory.md)
     weights = loaded.linear_weights()
-    qg, quantizer_report = quantize(loaded, fp32_model, weights, config, calibration, timer, progress)
     return Converted(model_dir, config, loaded, calibration, ref, export_diff, fp32_sizes, weights, qg,
                      quantizer_report)
 
@@ -283,7 +284,9 @@ def convert(
     ``overwrite=False`` refuses to replace files that appear at ``out`` while the conversion runs.
     """
     t_start, timer = time.perf_counter(), Timer()
+    heap_mmap_threshold()  # freed weights and temporaries leave RSS at once (results/memory.md)
     converted = prepare(model_dir, config, data, limit, threads or 0, progress, timer)
+    trim_heap()  # the FP32 export went with prepare's frame
     return write_validated(converted, out, thresholds, threads or 0, ort_format, timer, t_start, overwrite)
 
 

@@ -66,6 +66,44 @@ def memory_bytes() -> tuple[int, int]:
         return peak, peak
 
 
+def trim_heap() -> None:
+    """Give freed heap memory back to the system: glibc's ``malloc_trim(0)`` (elsewhere nothing).
+
+    glibc serves blocks below its dynamic mmap threshold (up to 32 MiB, so every weight of a base
+    model) from its heaps and keeps them when freed; without a trim RSS still counts the exporter's
+    and ONNX Runtime's freed buffers (results/memory.md).
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
+def heap_mmap_threshold(nbytes: int = 1 << 20) -> None:
+    """Have glibc map every block of ``nbytes`` or more on its own (``mallopt(M_MMAP_THRESHOLD)``; elsewhere nothing).
+
+    By default the threshold follows the largest block freed so far (up to 32 MiB), so weights and
+    their temporaries come from the heap, which fragments and keeps freed pages between the trims
+    of :func:`trim_heap` (all-mpnet-base-v2's plan: +200 MiB at its peak).  Mapped blocks go back to
+    the system when freed.  Process-wide; convert sets it once.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, int(nbytes))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass
 class Timer:
     """Runs named stages, logs their start, duration and memory, and keeps both for the report."""
@@ -79,6 +117,7 @@ class Timer:
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
         self.stages[name] = round(time.perf_counter() - t0, 3)
+        trim_heap()  # what the stage freed leaves RSS
         rss, peak = memory_bytes()
         self.memory[name] = {"rss_bytes": rss, "peak_rss_bytes": peak}
         logger.log(self.level, f"{name}: {self.stages[name]:.1f} s (RSS {rss / 2**20:.0f} MiB, "
@@ -93,7 +132,7 @@ class QuantizedGraph:
     model: object  # onnx.ModelProto: the rewritten copy
     plan: QuantPlan
     rewrite: RewriteResult
-    planned: Mapping[str, np.ndarray]  # Ŵ per Linear and Ê per embedding module = read_back(model)
+    planned: Mapping[str, np.ndarray]  # Ŵ per Linear and Ê per embedding module = read_back(model) (PlannedWeights)
     embeddings: dict | None  # the report's "embeddings" section (None without --quantize-embeddings)
     timings_s: dict[str, float] = field(default_factory=dict)  # "rewrite" (and "fuse_qkv", "embeddings")
     fusion: FuseResult | None = None  # --fuse-qkv: the fused groups and the refused ones with their reasons
@@ -182,6 +221,7 @@ def quantize_graph(fp32_model, weights: Mapping[str, np.ndarray], config: Conver
     if bad:
         raise EdgeqError(f"the written graph does not encode the plan for {', '.join(bad[:3])}; please report this")
     if not copy:  # upb frees removed initializers only with their message: a fresh one holds just the live graph
+        trim_heap()  # before the copy: the read-back's freed buffers leave RSS first
         fresh = onnx.ModelProto()
         fresh.CopyFrom(model)
         model = fresh
@@ -189,21 +229,46 @@ def quantize_graph(fp32_model, weights: Mapping[str, np.ndarray], config: Conver
     return QuantizedGraph(model, plan, result, planned, embeddings, stages, fusion)
 
 
-def _check_read_back(model, plan: QuantPlan, tables: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
-                                                                                     list[str]]:
+class PlannedWeights(Mapping):
+    """Ŵ per Linear then Ê per table, in plan order: each decoded from the plan on first access, then kept.
+
+    Lazy so that convert can release each FP32 weight as its Ŵ comes (results/memory.md) instead of
+    holding both sets at once; every access after the first returns the same array.
+    """
+
+    def __init__(self, plan: QuantPlan, tables: Mapping[str, np.ndarray], order: list[str]):
+        self._plan, self._tables, self._order, self._done = plan, tables, order, {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._done:
+            if name not in self._order:
+                raise KeyError(name)
+            self._done[name] = self._plan.layers[name].quant.dequantize() if name in self._plan.layers \
+                else self._tables[name]
+        return self._done[name]
+
+    def __iter__(self):
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
+def _check_read_back(model, plan: QuantPlan, tables: Mapping[str, np.ndarray]) -> tuple[PlannedWeights, list[str]]:
     """(Ŵ per Linear then Ê per table, in plan order; the names whose decoding differs or is missing).
 
-    Layer by layer: each decoded weight is compared and dropped, so only the planned Ŵ are kept.
+    Layer by layer: each decoded weight is compared with the plan's and both are dropped; the planned
+    Ŵ are decoded again when asked for (:class:`PlannedWeights`).
     """
     order = [*plan.layers, *tables]
-    planned: dict[str, np.ndarray] = {}
+    seen: set[str] = set()
     differs: set[str] = set()
     for name, got in iter_read_back(model):
-        if name in planned or (name not in plan.layers and name not in tables):
+        if name in seen or (name not in plan.layers and name not in tables):
             continue
         want = plan.layers[name].quant.dequantize() if name in plan.layers else tables[name]
         if not np.array_equal(want, got):
             differs.add(name)
-        planned[name] = want
-    bad = [n for n in order if n not in planned or n in differs]
-    return {n: planned[n] for n in order if n in planned}, bad
+        seen.add(name)
+    bad = [n for n in order if n not in seen or n in differs]
+    return PlannedWeights(plan, tables, [n for n in order if n in seen]), bad

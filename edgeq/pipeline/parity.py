@@ -84,6 +84,30 @@ def reference_model(loaded: LoadedModel, weights: dict[str, np.ndarray]):
     return model.eval()
 
 
+def carry_planned(loaded: LoadedModel, planned) -> None:
+    """Give ``loaded.model`` the planned weights, in place: each module named in ``planned`` gets Ŵ (no copy).
+
+    What convert does once the rewrite is checked: from then on it needs the FP32 model only through
+    its cached outputs, so its FP32 Linear weights (and Ê's FP32 tables) are released, one as each Ŵ
+    is decoded (``planned`` may be lazy: :class:`edgeq.pipeline.core.PlannedWeights`; results/memory.md).
+    A tied parameter is replaced everywhere it appears, as in :func:`reference_model`, which gives
+    the same model afterwards.
+    """
+    import torch
+
+    modules = dict(loaded.model.named_modules())
+    owners: dict[int, list] = {}
+    for module in loaded.model.modules():
+        for key, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((module, key))
+    for name in planned:
+        new = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(planned[name], np.float32)),
+                                 requires_grad=False)
+        for module, key in owners.pop(id(modules[name].weight), []):
+            module._parameters[key] = new
+
+
 def integer_reference(model, layers):
     """``model`` (a reference copy) with the Linears of ``layers`` (name → :class:`edgeq.onnx.integer.IntegerLayer`)
     computing :func:`edgeq.quant.integer.integer_linear`: dynamic uint8 x, int8 q, exact FP32 entries."""

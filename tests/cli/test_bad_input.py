@@ -559,7 +559,7 @@ CASES = [
          r"interrupted; no output was written"),
     Case("SIGINT during save", _signal_during("edgeq.onnx.safe_load:save_onnx", signal.SIGINT), CONVERT, 130,
          r"interrupted; no output was written"),
-    Case("SIGTERM during export", _signal_during("edgeq.onnx.export:export_fp32_file", signal.SIGTERM), CONVERT, 143,
+    Case("SIGTERM during export", _signal_during("edgeq.onnx.export:export_parts", signal.SIGTERM), CONVERT, 143,
          r"interrupted; no output was written"),
     Case("SIGTERM during commit", _fail_second_replace(lambda: os.kill(os.getpid(), signal.SIGTERM)), CONVERT, 143,
          r"interrupted; no output was written"),

@@ -148,3 +148,16 @@ def test_tiny_model_with_4bit_embeddings(tiny_model):
     assert set(qg.planned) == set(weights) | set(qg.embeddings["int4"])
     assert set(qg.timings_s) == {"rewrite", "embeddings"}
     assert ops(fp32)["MatMulNBits"] == 0  # the export itself is untouched
+
+
+def test_planned_weights_are_decoded_on_first_access_and_kept(graph):
+    model, ws, _, _ = graph
+    qg = quantize_graph(model, ws, ConvertConfig(k=3, method="random"))
+    planned = qg.planned
+    assert list(planned) == list(qg.plan.layers) and len(planned) == 2 and "nope" not in planned
+    assert planned._done == {}  # nothing decoded yet: convert releases each FP32 weight as its Ŵ comes
+    first = planned["lin1"]
+    assert planned["lin1"] is first and set(planned._done) == {"lin1"}
+    np.testing.assert_array_equal(first, qg.plan.layers["lin1"].quant.dequantize())
+    with pytest.raises(KeyError):
+        planned["nope"]
