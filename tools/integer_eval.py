@@ -59,6 +59,7 @@ VARIANTS = {
     "edgeq-int-k0-emb8": (0, 0, 0.0, 8),
     "edgeq-int-k256-a2-r6": (256, 2, 6.0, 0),
     "edgeq-int-k0-a4-emb8-compact": (0, 4, 0.0, 8),  # --storage compact: 7-bit weights, fp16 exact values
+    "edgeq-int-k0-a4-r3-emb8-compact": (0, 4, 3.0, 8),
     "edgeq-int-k0-s50-emb8": (0, 0, 0.0, 8),
     "edgeq-int-k0-a4-s50-emb8": (0, 4, 0.0, 8),
     "edgeq-int-k0-s75-emb8": (0, 0, 0.0, 8),
@@ -90,7 +91,8 @@ PEERS = {
     "edgeq-int4-k0": "edgeq's default int4 MatMulNBits file at k = 0 (ConvertConfig(k=0))",
 }
 FINAL = ["fp32", "fp32-fused", "ort-int8-dynamic", "ort-int8-perchannel", "ort-rtn-int4", "edgeq-int4-k0",
-         "edgeq-int-k0-emb8", "edgeq-int-k0-a4-emb8", "edgeq-int-k0-a4-r3-emb8", "edgeq-int-k0-a4-emb8-compact"]
+         "edgeq-int-k0-emb8", "edgeq-int-k0-a4-emb8", "edgeq-int-k0-a4-r3-emb8", "edgeq-int-k0-a4-emb8-compact",
+         "edgeq-int-k0-a4-r3-emb8-compact"]
 SHAPES = "1x16,1x128,8x128"
 REFERENCE = "ort-int8-dynamic"
 
