@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
@@ -21,16 +20,9 @@ from edgeq.onnx.rewrite import rewrite_linears
 from edgeq.quant.int4 import Granularity, quantize_rtn
 from edgeq.quant.integer import column_entries
 from tests.onnx.test_rewrite_properties import _graph
+from tests.onnx.test_storage import _session as session
 
 N, K = 24, 80
-
-
-def session(model: onnx.ModelProto, optimized: str | None = None) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if optimized:
-        so.optimized_model_filepath = optimized
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def fp16_weight(seed=0) -> np.ndarray:
