@@ -177,8 +177,9 @@ def share_groups(inputs: Mapping[str, str], layers: Mapping[str, QuantizedLinear
 
 def rewrite_integer(model: onnx.ModelProto, layers: Mapping[str, QuantizedLinear], weights: dict[str, np.ndarray],
                     correction: str = "auto", fold_bias: bool = True, storage: str = "plain") -> RewriteResult:
-    """Rewrite, in place, every Linear of ``layers`` to DynamicQuantizeMatMul + correction; raise if one
-    cannot be mapped or is refused by :func:`check_integer`."""
+    """Rewrite, in place, every Linear of ``layers`` to DynamicQuantizeMatMul + correction (the readers of one
+    input that :func:`share_groups` accepts: one shared quantization + MatMulIntegerToFloat each); raise if
+    one cannot be mapped or is refused by :func:`check_integer`."""
     if correction not in CORRECTION_CHOICES:
         raise ValueError(f"unknown correction encoding {correction!r}; choose from {', '.join(CORRECTION_CHOICES)}")
     refusals = [(n, r) for n, q in layers.items() if (r := check_integer(q))]
@@ -200,7 +201,7 @@ def rewrite_integer(model: onnx.ModelProto, layers: Mapping[str, QuantizedLinear
     bias_of = {m.layer: bias_adds[n][1] if n in bias_adds else m.bias for n, m in planned.items()}
     own_bias = {name: _own_bias(bias_of[name], inits, uses, layers[name].shape[0]) for name in bias_of}
     groups, not_shared = share_groups({m.layer: m.node.input[0] for m in planned.values()}, layers, own_bias)
-    group_of = {layer: (group_name(parts), x) for x, parts in groups.items() for layer in parts}
+    group_of = {layer: group_name(parts) for parts in groups.values() for layer in parts}
     fronts: dict[str, tuple[str, str, str]] = {}  # group → its (u, a, z), once its nodes are written
     drop, new_inits, new_nodes = set(), [], []
     for node in graph.node:
@@ -214,7 +215,7 @@ def rewrite_integer(model: onnx.ModelProto, layers: Mapping[str, QuantizedLinear
         x, y, bias = node.input[0], node.output[0], bias_of[match.layer]
         if node.name in bias_adds:
             y = bias_adds[node.name][0].output[0]
-        y_q = f"/{layer}/{OP}_output" if q.k else y
+        y_q = f"/{layer}/{SHARED_OP if layer in group_of else OP}_output" if q.k else y
         tail = []
         if bias and own_bias[layer]:
             b = numpy_helper.to_array(inits[bias]).reshape(-1).astype(np.float32)
@@ -225,7 +226,7 @@ def rewrite_integer(model: onnx.ModelProto, layers: Mapping[str, QuantizedLinear
             tail.append(helper.make_node("Add", [f"/{layer}/{OP}_nobias", bias], [y_q], name=f"/{layer}/BiasAdd"))
             bias = None
         if layer in group_of:
-            group, _ = group_of[layer]
+            group = group_of[layer]
             if group not in fronts:
                 fronts[group], nodes, tensors = _shared_front(group, x, q)
                 new_nodes += nodes
@@ -241,7 +242,7 @@ def rewrite_integer(model: onnx.ModelProto, layers: Mapping[str, QuantizedLinear
         drop.add(match.weight)
         result.layers[layer] = {"node": node.name, "k": q.k, "bits": 8, "correction": used, "kernel": "integer",
                                 "act_cols": [] if q.act_cols is None else q.act_cols.tolist(),
-                                "input_quantized_by": group_of[layer][0] if layer in group_of else layer}
+                                "input_quantized_by": group_of.get(layer, layer)}
         result.count += 1
     for layer, reason in not_shared:
         result.layers[layer]["input_not_shared"] = reason
