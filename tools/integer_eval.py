@@ -98,7 +98,7 @@ REFERENCE = "ort-int8-dynamic"
 
 
 def fused_fp32(fp32_path: Path, config):
-    """The FP32 graph with ONNX Runtime's BERT fusions (/work/shared/docs/PEERS.md: MultiHeadAttention,
+    """The FP32 graph with ONNX Runtime's BERT fusions (../shared/docs/PEERS.md: MultiHeadAttention,
     SkipLayerNormalization, BiasGelu, EmbedLayerNormalization), as ``python -m
     onnxruntime.transformers.optimizer --model_type bert --use_multi_head_attention`` writes it."""
     from onnxruntime.transformers.fusion_options import FusionOptions
