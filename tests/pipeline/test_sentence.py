@@ -135,6 +135,16 @@ def test_sentence_transformers_loads_the_folder(st_folder_out, sentence_transfor
     np.testing.assert_array_equal(np.asarray(feat(**feed).last_hidden_state), lhs)
 
 
+def _st_and_ort(sentence_transformers, out, texts):
+    """(SentenceTransformer(out, backend="onnx").encode(texts), ONNX Runtime's sentence_embedding of the same
+    tokenisation) for a folder edgeq wrote."""
+    model = sentence_transformers.SentenceTransformer(str(out), backend="onnx", device="cpu")
+    got = model.encode(texts, convert_to_numpy=True)
+    sess = _session(out / "model.onnx")
+    (feed,) = encode_texts(model.tokenizer, [(t, None) for t in texts], max_length=model.max_seq_length)
+    return got, sess.run(["sentence_embedding"], {i.name: feed[i.name] for i in sess.get_inputs()})[0]
+
+
 @pytest.mark.deploy
 @pytest.mark.parametrize("pooling", [("cls", "max"), ("weightedmean",), ("mean_sqrt_len_tokens",)])
 def test_sentence_transformers_agrees_for_every_pooling_mode(tiny_model, sentence_transformers, tmp_path, pooling):
@@ -143,11 +153,7 @@ def test_sentence_transformers_agrees_for_every_pooling_mode(tiny_model, sentenc
     res = _run("convert", "-q", "--k", "4", str(src), str(out))
     assert res.exit_code == 0, res.output
     texts = ["the quick brown fox", "a man is playing guitar on stage today"]
-    model = sentence_transformers.SentenceTransformer(str(out), backend="onnx", device="cpu")
-    got = model.encode(texts, convert_to_numpy=True)
-    sess = _session(out / "model.onnx")
-    (feed,) = encode_texts(model.tokenizer, [(t, None) for t in texts], max_length=model.max_seq_length)
-    want = sess.run(["sentence_embedding"], {i.name: feed[i.name] for i in sess.get_inputs()})[0]
+    got, want = _st_and_ort(sentence_transformers, out, texts)
     assert got.shape == want.shape == (2, 48 * len(pooling)) and np.max(np.abs(got - want)) <= 1e-5
 
 
@@ -156,11 +162,6 @@ def test_pooling_option_folder_loads_in_sentence_transformers(tiny_model, senten
     out = tmp_path / "deploy"
     res = _run("convert", "-q", "--k", "4", "--pooling", "cls", "--normalize", str(tiny_model("BertModel")), str(out))
     assert res.exit_code == 0, res.output
-    texts = ["the quick brown fox", "paris is the capital of france"]
-    model = sentence_transformers.SentenceTransformer(str(out), backend="onnx", device="cpu")
-    got = model.encode(texts, convert_to_numpy=True)
-    sess = _session(out / "model.onnx")
-    (feed,) = encode_texts(model.tokenizer, [(t, None) for t in texts], max_length=model.max_seq_length)
-    want = sess.run(["sentence_embedding"], {i.name: feed[i.name] for i in sess.get_inputs()})[0]
+    got, want = _st_and_ort(sentence_transformers, out, ["the quick brown fox", "paris is the capital of france"])
     assert np.max(np.abs(got - want)) <= 1e-5
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
